@@ -1,0 +1,57 @@
+"""python -m fasttin.info: what this machine offers fasttin (versions, GPU, pillow-simd, cores)."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def pillow_simd() -> bool:
+    """pillow-simd marks its version with '.postN' on top of the Pillow release it forks."""
+    import PIL
+    return ".post" in PIL.__version__
+
+
+def environment() -> dict:
+    """One dict of facts, shared by the info command, run configs and benchmark records."""
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+    try:
+        import nvidia.dali as dali
+        dali_version = dali.__version__
+    except Exception as e:  # not installed, or a CUDA library missing
+        dali_version = f"unavailable ({type(e).__name__})"
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "dali": dali_version,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "pillow_simd": pillow_simd(),
+        "cuda_build": torch.version.cuda,
+        "cuda_available": cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def main() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fasttin environment", show_header=False)
+    for k, v in environment().items():
+        table.add_row(k, str(v))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

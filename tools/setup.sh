@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates .venv and installs fasttin with all it needs, from this repository's own files.
+# Idempotent: a second run finds the stamp up to date and returns in about a second.
+# Overrides: PYTHON (interpreter for the venv), TORCH_SPEC (e.g. "torch torchvision" to keep a
+# preinstalled build), FASTTIN_NO_SIMD=1 (keep plain pillow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip=".venv/bin/python -m pip"
+stamp=.venv/.fasttin-setup
+want=$(cat pyproject.toml tools/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+echo "setup: installing into .venv (first run takes a few minutes)" >&2
+$pip install -q ${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
+$pip install -q -e '.[test,bench]'
+# pillow-simd: same API as Pillow, SIMD resize and faster decode paths. Only where AVX2 exists;
+# plain Pillow stays if it cannot build (no compiler or no libjpeg headers).
+if [ -z "${FASTTIN_NO_SIMD:-}" ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null \
+   && ! .venv/bin/python -c 'import PIL,sys; sys.exit(".post" not in PIL.__version__)' 2>/dev/null; then
+  $pip uninstall -q -y pillow
+  if ! CC="cc -mavx2" $pip install -q --no-cache-dir pillow-simd; then
+    echo "setup: pillow-simd did not build; keeping plain Pillow" >&2
+    $pip install -q pillow
+  fi
+fi
+echo "$want" > "$stamp"
