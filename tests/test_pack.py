@@ -1,0 +1,305 @@
+"""The packer and the shard reader: round trips, labels, subsets, bad input, atomicity, verify."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_cli
+from fasttin.pack import PackError, is_complete, pack, verify
+from fasttin.shards import FormatError, open_split
+from fasttin.source import SourceError, download_official
+from fasttin.synthetic import make_layout
+
+
+def source_file(src, split, key, wnid=None):
+    if split == "train":
+        return src / "train" / wnid / "images" / key
+    return src / split / "images" / key
+
+
+@pytest.mark.parametrize("fixture", ["packed", "packed_raw"])
+def test_round_trip_matches_pil_decode_of_source(request, synth_src, fixture):
+    out = request.getfixturevalue(fixture)
+    for split in ("train", "val", "test"):
+        ds = open_split(out, split)
+        assert len(ds) == {"train": 200, "val": 50, "test": 30}[split]
+        for i in range(0, len(ds), 7):
+            wnid = ds.classes[ds.labels[i]] if split == "train" else None
+            expected = np.asarray(Image.open(source_file(synth_src, split, ds.keys[i], wnid)).convert("RGB"))
+            img = ds.image(i)
+            assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+            np.testing.assert_array_equal(img, expected)
+
+
+def test_jpeg_payload_is_the_original_bytes_and_zero_copy(packed, synth_src):
+    ds = open_split(packed, "val")
+    view = ds.encoded(3)
+    assert view.dtype == np.uint8 and not view.flags.owndata and not view.flags.writeable
+    assert view.tobytes() == (synth_src / "val" / "images" / ds.keys[3]).read_bytes()
+
+
+def test_labels_classes_and_order(packed, synth_src):
+    ds = open_split(packed, "train")
+    assert ds.classes == sorted(ds.classes) and len(ds.classes) == 10
+    for key, label in zip(ds.keys, ds.labels):
+        assert key.split("_")[0] == ds.classes[label]  # train label comes from the folder
+    assert list(ds.keys) != sorted(ds.keys, key=lambda k: (k.split("_")[0], int(k.split("_")[1][:-5])))  # shuffled
+    ann = dict(line.split("\t")[:2] for line in (synth_src / "val" / "val_annotations.txt").read_text().splitlines())
+    val = open_split(packed, "val")
+    assert [val.classes[lab] for lab in val.labels] == [ann[k] for k in val.keys]
+    assert (open_split(packed, "test").labels == -1).all()
+    m = json.loads((packed / "manifest.json").read_text())
+    assert m["classes"][0]["words"] == "synthetic class 0"
+    assert m["splits"]["val"]["shuffle_seed"] == [0, 1]
+
+
+def test_same_seed_same_order_other_seed_other_order(synth_src, packed, tmp_path):
+    again = pack(synth_src, tmp_path / "a", workers=2, quiet=True)
+    other = pack(synth_src, tmp_path / "b", workers=1, seed=1, quiet=True)
+    assert open_split(tmp_path / "a", "train").keys == open_split(packed, "train").keys
+    assert open_split(tmp_path / "b", "train").keys != open_split(packed, "train").keys
+    assert again["options"]["seed"] == 0 and other["options"]["seed"] == 1
+
+
+def test_overhead_under_two_percent(packed):
+    m = json.loads((packed / "manifest.json").read_text())
+    for split in m["splits"].values():
+        total = sum(s["bytes"] for s in split["shards"])
+        assert (total - split["payload_bytes"]) / split["payload_bytes"] < 0.02
+
+
+def test_several_shards_random_access(synth_src, tmp_path):
+    pack(synth_src, tmp_path, shard_mb=0.05, workers=1, quiet=True)
+    ds = open_split(tmp_path, "train")
+    assert len(ds.manifest["splits"]["train"]["shards"]) > 3
+    ref = open_split(tmp_path, "train")
+    for i in (0, 57, 123, 199):
+        np.testing.assert_array_equal(ds.image(i), ref.image(i))
+    assert sum(len(ds.encoded(i)) for i in range(len(ds))) == ds.manifest["splits"]["train"]["payload_bytes"]
+
+
+def test_subsets(synth_src, tmp_path):
+    m = pack(synth_src, tmp_path, classes=3, per_class=4, workers=1, quiet=True)
+    tr, va = open_split(tmp_path, "train"), open_split(tmp_path, "val")
+    assert len(tr) == 12 and set(tr.labels) == {0, 1, 2}
+    assert sorted(k for k in tr.keys if k.startswith(tr.classes[0])) == sorted(
+        f"{tr.classes[0]}_{k}.JPEG" for k in range(4))  # the first 4 by file name (natural order)
+    assert len(va) == 15 and set(va.labels) == {0, 1, 2}
+    assert "test" not in m["splits"]
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        open_split(tmp_path, "test")
+
+
+def test_rerun_is_noop_unless_force(synth_src, tmp_path):
+    pack(synth_src, tmp_path, workers=1, quiet=True)
+    mtime = (tmp_path / "manifest.json").stat().st_mtime_ns
+    r = run_cli("fasttin.pack", "--src", synth_src, "--out", tmp_path)
+    assert r.returncode == 0 and "nothing to do" in r.stdout
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns == mtime
+    with pytest.raises(PackError, match="other options"):
+        pack(synth_src, tmp_path, classes=2, quiet=True)
+    pack(synth_src, tmp_path, workers=1, force=True, quiet=True)
+    assert (tmp_path / "manifest.json").stat().st_mtime_ns != mtime
+
+
+def test_out_inside_src_refused(synth_src):
+    with pytest.raises(PackError, match="inside --src"):
+        pack(synth_src, synth_src / "packed", quiet=True)
+    assert not (synth_src / "packed").exists()
+
+
+def test_zip_source_read_in_place(synth_src, packed, tmp_path):
+    z = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for p in sorted(synth_src.rglob("*")):
+            zf.write(p, "tiny-imagenet-200/" + str(p.relative_to(synth_src)))
+    m = pack(z, tmp_path / "out", workers=2, quiet=True)
+    assert m["source"]["kind"] == "zip" and len(m["source"]["sha256"]) == 64
+    assert open_split(tmp_path / "out", "val").keys == open_split(packed, "val").keys
+    np.testing.assert_array_equal(open_split(tmp_path / "out", "train").image(5), open_split(packed, "train").image(5))
+
+
+def test_synthetic_flag(tmp_path):
+    r = run_cli("fasttin.pack", "--synthetic", "6", "--classes", "4", "--out", tmp_path, "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["source"]["kind"] == "synthetic" and m["splits"]["train"]["count"] == 24
+
+
+# ---- conversions and bad input -------------------------------------------------------------------
+
+@pytest.fixture
+def bad_src(tmp_path):
+    return make_layout(tmp_path / "src", n_classes=3, per_class=4, val_per_class=2, test_count=2)
+
+
+def test_png_and_cmyk_are_reencoded_as_444_jpeg(bad_src, tmp_path):
+    png = bad_src / "train" / "n90000000" / "images" / "n90000000_0.JPEG"
+    rgb = np.asarray(Image.open(png).convert("RGB"))
+    Image.fromarray(rgb).save(png, "PNG")
+    cmyk = bad_src / "train" / "n90000001" / "images" / "n90000001_1.JPEG"
+    Image.open(cmyk).convert("CMYK").save(cmyk, "JPEG", quality=95)
+    gray = bad_src / "val" / "images" / "val_0.JPEG"
+    Image.open(gray).convert("L").save(gray, "JPEG")
+    m = pack(bad_src, tmp_path / "out", workers=1, quiet=True)
+    assert sorted(m["splits"]["train"]["converted"]) == [
+        "train/n90000000/images/n90000000_0.JPEG", "train/n90000001/images/n90000001_1.JPEG"]
+    assert m["splits"]["val"]["converted"] == []  # grayscale JPEG is kept as is
+    ds = open_split(tmp_path / "out", "train")
+    i = ds.keys.index("n90000000_0.JPEG")
+    with Image.open(io.BytesIO(ds.encoded(i).tobytes())) as im:
+        assert im.format == "JPEG" and im.mode == "RGB"
+        assert im.layer[0][1:3] == (1, 1)  # 4:4:4: no chroma subsampling
+    assert np.abs(ds.image(i).astype(int) - rgb).mean() < 2
+    val = open_split(tmp_path / "out", "val")
+    j = val.keys.index("val_0.JPEG")
+    assert val.encoded(j).tobytes() == gray.read_bytes() and val.image(j).shape == (64, 64, 3)
+
+
+def break_everything(src):
+    (src / "train" / "n90000000" / "images" / "n90000000_1.JPEG").write_bytes(b"not an image at all")
+    t = src / "train" / "n90000001" / "images" / "n90000001_2.JPEG"
+    t.write_bytes(t.read_bytes()[:300])  # truncated
+    Image.new("RGB", (64, 48)).save(src / "train" / "n90000002" / "images" / "n90000002_3.JPEG")
+    (src / "val" / "images" / "val_1.JPEG").unlink()  # annotated but missing
+    stray = src / "train" / "n99999999" / "images"
+    stray.mkdir(parents=True)
+    shutil.copy(src / "train" / "n90000000" / "images" / "n90000000_0.JPEG", stray / "n99999999_0.JPEG")
+    return ["n90000000_1.JPEG", "n90000001_2.JPEG", "n90000002_3.JPEG", "val_1.JPEG", "n99999999_0.JPEG"]
+
+
+def test_bad_files_fail_naming_every_one_and_write_nothing_complete(bad_src, tmp_path):
+    culprits = break_everything(bad_src)
+    r = run_cli("fasttin.pack", "--src", bad_src, "--out", tmp_path / "out")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    for name in culprits:
+        assert name in r.stderr, name
+    assert "not 64x64" in r.stderr and "not in wnids.txt" in r.stderr and "missing" in r.stderr
+    assert not is_complete(tmp_path / "out")
+    assert not list((tmp_path / "out").glob("*.shard*"))
+
+
+def test_skip_bad_packs_the_rest_and_counts_add_up(bad_src, tmp_path):
+    culprits = break_everything(bad_src)
+    m = pack(bad_src, tmp_path / "out", skip_bad=True, workers=2, quiet=True)
+    skipped = [s["file"].rsplit("/", 1)[1] for sp in m["splits"].values() for s in sp["skipped"]]
+    assert sorted(skipped) == sorted(culprits)
+    for name, sp in m["splits"].items():
+        assert sp["count"] + len(sp["skipped"]) == sp["found"]
+        assert len(open_split(tmp_path / "out", name)) == sp["count"]
+    assert m["splits"]["train"]["count"] == 12 - 3
+
+
+@pytest.mark.parametrize("missing", ["wnids.txt", "val/val_annotations.txt"])
+def test_missing_index_files(bad_src, tmp_path, missing):
+    (bad_src / missing).unlink()
+    r = run_cli("fasttin.pack", "--src", bad_src, "--out", tmp_path / "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert missing.split("/")[-1] in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not is_complete(tmp_path / "out")
+
+
+def test_killed_pack_leaves_nothing_complete_and_rerun_completes(tmp_path):
+    src = make_layout(tmp_path / "src", n_classes=20, per_class=60, val_per_class=5, test_count=10)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fasttin.pack", "--src", str(src), "--out", str(out),
+                             "--shard-mb", "0.02", "--workers", "1"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("train-00[2-9].shard.tmp*")):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob("*.tmp*")), "the pack was killed before it wrote anything; test is void"
+    assert not is_complete(out)
+    with pytest.raises(FileNotFoundError, match="not a packed data set"):
+        open_split(out, "train")
+    r = run_cli("fasttin.pack", "--src", src, "--out", out, "--shard-mb", "0.02")
+    assert r.returncode == 0, r.stderr
+    assert len(open_split(out, "train")) == 1200 and not list(out.glob("*.tmp*"))
+
+
+def test_verify_catches_one_flipped_byte(synth_src, tmp_path):
+    pack(synth_src, tmp_path, workers=1, quiet=True)
+    assert verify(tmp_path) == []
+    shard = tmp_path / "train-000.shard"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    problems = verify(tmp_path)
+    assert len(problems) == 1 and "train-000.shard" in problems[0] and "sha256" in problems[0]
+    r = run_cli("fasttin.pack", "--verify", tmp_path)
+    assert r.returncode == 1 and "train-000.shard" in r.stderr
+    with pytest.raises(FormatError, match="sha256"):
+        open_split(tmp_path, "train", verify=True)
+
+
+def test_reader_refuses_truncated_missing_and_foreign(packed, tmp_path):
+    shutil.copytree(packed, tmp_path / "c")
+    shard = tmp_path / "c" / "val-000.shard"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(FormatError, match="truncated"):
+        open_split(tmp_path / "c", "val")
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="missing shard"):
+        open_split(tmp_path / "c", "val")
+    with pytest.raises(FileNotFoundError, match="not a packed data set"):
+        open_split(tmp_path, "val")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    m["version"] = 99
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FormatError, match="version 99"):
+        open_split(tmp_path / "c", "train")
+
+
+def test_download_refuses_mismatch_and_offline_names_src(tmp_path):
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"x" * 1000)
+    with pytest.raises(SourceError, match="refused"):
+        download_official(tmp_path / "cache", url=fake.as_uri())
+    assert not list((tmp_path / "cache").glob("*"))
+    with pytest.raises(SourceError, match="--src"):
+        download_official(tmp_path / "cache", url="http://127.0.0.1:9/tiny-imagenet-200.zip")
+
+
+def test_info_runs():
+    r = run_cli("fasttin.info")
+    assert r.returncode == 0 and "torch" in r.stdout and "pillow_simd" in r.stdout
+
+
+# ---- the real archive ---------------------------------------------------------------------------
+
+@pytest.mark.realdata
+def test_real_archive(real_packed, tin_zip):
+    m = json.loads((real_packed / "manifest.json").read_text())
+    assert {k: v["count"] for k, v in m["splits"].items()} == {"train": 100_000, "val": 10_000, "test": 10_000}
+    assert len(m["classes"]) == 200 and all(c["words"] for c in m["classes"])
+    with zipfile.ZipFile(tin_zip) as z:
+        wnids = sorted(z.read("tiny-imagenet-200/wnids.txt").decode().split())
+        ann = dict(line.split("\t")[:2] for line in
+                   z.read("tiny-imagenet-200/val/val_annotations.txt").decode().splitlines())
+        tr, va, te = (open_split(real_packed, s) for s in ("train", "val", "test"))
+        assert tr.classes == wnids
+        assert all(k.split("_")[0] == wnids[lab] for k, lab in zip(tr.keys, tr.labels))
+        assert all(wnids[lab] == ann[k] for k, lab in zip(va.keys, va.labels))
+        assert (te.labels == -1).all() and np.bincount(tr.labels).tolist() == [500] * 200
+        gray = 0
+        for i in range(0, len(va), 10):
+            raw = z.read(f"tiny-imagenet-200/val/images/{va.keys[i]}")
+            assert va.encoded(i).tobytes() == raw
+            with Image.open(io.BytesIO(raw)) as im:
+                if im.mode == "L":
+                    gray += 1
+                    rgb = va.image(i)
+                    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
+        assert gray > 0  # about 1.8% of the images are grayscale
