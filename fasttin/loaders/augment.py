@@ -1,0 +1,137 @@
+"""Augmentation, one definition for every backend: plans drawn on the host, applied per backend.
+
+A plan says, for each sample of a batch, which box of the 64x64 image to upscale to `res` and
+whether to mirror it. The dali, resident and pil backends all read the same plan, so they differ
+only in their resampling arithmetic, never in what they do. The box is in source pixels
+(x0, y0, w, h); `crop` boxes may reach 8 px outside the image, where the pixels are black.
+
+Bicubic everywhere, with PIL's conventions (Keys a = -0.5, pixel centres at +0.5, taps outside the
+image dropped and the rest renormalised): `cubic_weights` builds the interpolation matrices that
+the resident backend multiplies on the device, so its output matches PIL's to rounding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTS = ("none", "flip", "crop", "rrc")
+CROP_PAD = 8  # `crop`: a random 64x64 window of the image padded by this many black pixels
+RRC_SCALE = (0.35, 1.0)  # `rrc`: area fraction of the box
+RRC_RATIO = (3 / 4, 4 / 3)  # `rrc`: aspect ratio w/h, drawn log-uniformly
+SIZE = 64
+
+
+def plan(rng: np.random.Generator, n: int, augment: str) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes float32 [n, 4] as x0, y0, w, h; flips bool [n]) for one batch, vectorised."""
+    boxes = np.tile(np.array([0, 0, SIZE, SIZE], np.float32), (n, 1))
+    if augment == "none":
+        return boxes, np.zeros(n, bool)
+    flips = rng.random(n) < 0.5
+    if augment == "crop":
+        boxes[:, :2] = rng.integers(-CROP_PAD, CROP_PAD + 1, (n, 2))
+    elif augment == "rrc":
+        boxes[:] = _rrc_boxes(rng, n)
+    return boxes, flips
+
+
+def _rrc_boxes(rng: np.random.Generator, n: int, tries: int = 10) -> np.ndarray:
+    """torchvision's RandomResizedCrop rule (first of 10 tries that fits, else a centre crop)."""
+    area = SIZE * SIZE * rng.uniform(*RRC_SCALE, (n, tries))
+    ratio = np.exp(rng.uniform(math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1]), (n, tries)))
+    w, h = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
+    ok = (w <= SIZE) & (h <= SIZE) & (w > 0) & (h > 0)
+    first = np.where(ok.any(1), ok.argmax(1), -1)
+    rows = np.arange(n)
+    w, h = np.where(first >= 0, w[rows, first], SIZE), np.where(first >= 0, h[rows, first], SIZE)
+    x0 = np.floor(rng.random(n) * (SIZE - w + 1))
+    y0 = np.floor(rng.random(n) * (SIZE - h + 1))
+    return np.stack([x0, y0, w, h], 1).astype(np.float32)
+
+
+def _keys_cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def cubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """[B, out_size, in_size] bicubic interpolation matrices for boxes [start, start + length).
+
+    PIL's rule: output pixel i samples at centre start + (i + 0.5) * scale; when downscaling the
+    kernel widens by the scale (antialias); taps that fall outside the input are dropped and the
+    remaining weights renormalised, so each row sums to one (which also lets normalisation happen
+    before the resize, at 64x64, where it is 12x cheaper).
+    """
+    scale = (length / out_size)[:, None, None]
+    centre = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
+    x = (torch.arange(in_size, device=start.device) + 0.5)[None, None, :]
+    w = _keys_cubic((x - centre) / scale.clamp(min=1))
+    return w / w.sum(-1, keepdim=True)
+
+
+_NORM: dict = {}
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 3, H, W] channels_last (uint8 or float, 0-255) -> ImageNet-normalised `dtype`, channels_last.
+
+    One fused multiply-add against per-position scale and shift vectors: broadcasting a 3-vector
+    over the channel axis is several times slower on the CPU. uint8 -> bf16 is exact, so uint8
+    input is computed in `dtype` directly; float input in float32, then cast.
+    """
+    b, c, h, w = x.shape
+    work = dtype if x.dtype == torch.uint8 else torch.float32
+    key = (h, w, str(x.device), work)
+    if key not in _NORM:
+        std = torch.tensor(IMAGENET_STD, device=x.device) * 255
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device) * 255
+        _NORM[key] = ((1 / std).repeat(h * w).to(work), (-mean / std).repeat(h * w).to(work))
+    scale, shift = _NORM[key]
+    nhwc = x.permute(0, 2, 3, 1).reshape(b, h * w * c)  # a view for channels_last input
+    out = torch.addcmul(shift, nhwc.to(work), scale).to(dtype)
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
+def _crop_flip(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Whole-pixel 64x64 windows of the black-padded NHWC images, mirrored where asked; gathers only."""
+    b = x.shape[0]
+    xp = torch.nn.functional.pad(x, (0, 0, CROP_PAD, CROP_PAD, CROP_PAD, CROP_PAD))
+    r = torch.arange(SIZE, device=x.device)
+    off = boxes[:, :2].long() + CROP_PAD
+    cols = off[:, 0, None] + torch.where(flips[:, None], SIZE - 1 - r, r)
+    rows = off[:, 1, None] + r
+    return xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def resize_batch(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, res: int,
+                 dtype: torch.dtype, augment: str = "none") -> torch.Tensor:
+    """uint8 NHWC [B, 64, 64, 3] on any device -> normalised [B, 3, res, res] channels_last `dtype`.
+
+    `none`, `flip` and `crop` boxes are whole 64x64 windows: they are cut and mirrored at 64x64,
+    then every sample takes the same bicubic upscale, torch's antialiased bicubic (PIL's kernel
+    and rules; on the CPU its uint8 SIMD path is bit-exact to PIL). `rrc` boxes differ per sample:
+    per-sample interpolation matrices, two batched products. No loop over samples, nothing read
+    back from the device.
+    """
+    if augment != "rrc":
+        x = _crop_flip(images, boxes, flips) if augment in ("flip", "crop") else images
+        x = x.permute(0, 3, 1, 2)  # channels_last view
+        if res != SIZE:
+            x = x if x.device.type == "cpu" else x.float()  # CUDA has no uint8 antialiased kernel
+            x = torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True,
+                                                align_corners=False)
+        return normalize(x, dtype)
+    b = images.shape[0]
+    x = images.float().permute(0, 3, 1, 2)  # [B, 3, 64, 64]
+    wy = cubic_weights(boxes[:, 1], boxes[:, 3], SIZE, res)  # [B, res, 64]
+    wx = cubic_weights(boxes[:, 0], boxes[:, 2], SIZE, res)
+    wx = torch.where(flips[:, None, None], wx.flip(1), wx)
+    t = torch.matmul(x, wx.transpose(1, 2)[:, None])  # columns: [B, 3, 64, res]
+    t = t.permute(0, 2, 3, 1).reshape(b, SIZE, res * 3)
+    out = torch.bmm(wy, t).view(b, res, res, 3).permute(0, 3, 1, 2)  # rows: NHWC, seen as channels_last
+    return normalize(out, dtype)

@@ -1,0 +1,56 @@
+"""What every loader backend shares: the epoch counter, batch count, and how a batch is handed out."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fasttin.loaders.sampler import PAD_LABEL, BatchPlan, EpochSampler
+from fasttin.shards import SplitDataset
+
+
+class Loader:
+    """Iterating yields (images, labels[, indices]) for one epoch, then moves to the next epoch.
+
+    images: [B, 3, res, res] `dtype` channels_last on `device`, ImageNet-normalised; labels: int64
+    (PAD_LABEL where a sample only pads this rank); indices: int64 positions in the split, -1 for
+    padding. `set_epoch(e)` picks the permutation explicitly (DistributedSampler style).
+    """
+
+    backend = "?"
+
+    def __init__(self, ds: SplitDataset, sampler: EpochSampler, *, res: int, device: torch.device,
+                 dtype: torch.dtype, augment: str, return_index: bool):
+        self.ds, self.sampler, self.res, self.device = ds, sampler, res, device
+        self.dtype, self.augment, self.return_index = dtype, augment, return_index
+        self.epoch = 0
+        self.batch_size = sampler.batch_size
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        epoch = self.epoch
+        yield from self._epoch(epoch)
+        if self.epoch == epoch:  # not moved by set_epoch meanwhile: the next pass is a new epoch
+            self.epoch = epoch + 1
+
+    def _epoch(self, epoch: int):
+        raise NotImplementedError
+
+    def host_targets(self, p: BatchPlan) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, indices) of a planned batch, padding marked."""
+        labels = np.where(p.pad, PAD_LABEL, self.ds.labels[p.index])
+        return labels, np.where(p.pad, -1, p.index)
+
+    def to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A small host array on the device without stalling it (pinned, non-blocking on CUDA)."""
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def output(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
+        return (images, labels, index) if self.return_index else (images, labels)

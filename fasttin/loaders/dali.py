@@ -1,0 +1,134 @@
+"""The dali backend: shards -> nvJPEG decode -> augmentation -> bicubic upscale -> normalise, all in
+one NVIDIA DALI pipeline (the same graph on DALI's CPU operators when there is no GPU).
+
+Payloads are zero-copy slices of the memory-mapped shards, fed a batch at a time through
+`external_source`; DALI prefetches, so decoding batch k+1 overlaps the training step on batch k.
+The output reaches torch through DLPack without a copy (DALI's default executor keeps each
+output alive for as long as torch holds it, and makes torch's stream wait for it).
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import numpy as np
+import torch
+
+from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
+from fasttin.loaders.base import Loader
+
+
+def available() -> str | None:
+    """None if DALI imports, else why not (for `auto`, skipped benchmark records, errors)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        return None
+    except Exception as e:
+        return f"NVIDIA DALI is not importable ({type(e).__name__}: {e})"
+
+
+class _Feed:
+    """external_source's iterable (cycle="raise"): DALI calls iter() again as soon as an epoch
+    ends, before the trainer has said which epoch comes next, so the batches are drawn lazily
+    at the first next() of an epoch."""
+
+    def __init__(self, loader: "DaliLoader"):
+        self.loader, self.batches = loader, None
+
+    def __iter__(self):
+        self.batches = None
+        return self
+
+    def __next__(self):
+        if self.batches is None:
+            self.batches = self.loader.sampler.batches(self.loader.feeding_epoch)
+        p = next(self.batches)
+        self.loader.in_flight.append(p)
+        ds, augment = self.loader.ds, self.loader.augment
+        out = [ds.encoded_batch(p.index)]
+        if augment == "crop":
+            out.append(p.boxes[:, :2].astype(np.int32))  # slice anchor (x, y), whole pixels
+        if augment == "rrc":
+            start = np.ascontiguousarray(p.boxes[:, [1, 0]])  # resize ROI in (y, x) order
+            out += [start, start + p.boxes[:, [3, 2]]]
+        if augment != "none":
+            out.append(p.flips.astype(np.int32))
+        return out
+
+
+def build_pipeline(feed, *, payload: str, gpu: bool, res: int, augment: str, batch_size: int,
+                   threads: int, device_id, seed: int):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    n_inputs = 1 + (augment == "crop") + 2 * (augment == "rrc") + (augment != "none")
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed,
+                  prefetch_queue_depth=2)
+    def tin_pipeline():
+        inputs = list(fn.external_source(source=feed, num_outputs=n_inputs, batch=True, cycle="raise"))
+        data = inputs.pop(0)
+        if payload == "jpeg":
+            images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        else:
+            images = fn.reshape(data.gpu() if gpu else data, shape=[SIZE, SIZE, 3], layout="HWC")
+        if augment == "crop":
+            images = fn.slice(images, start=inputs.pop(0), shape=[SIZE, SIZE], axis_names="WH",
+                              out_of_bounds_policy="pad", fill_values=0)
+        if augment == "rrc":
+            images = fn.resize(images, size=[res, res], roi_start=inputs.pop(0), roi_end=inputs.pop(0),
+                               roi_relative=False, interp_type=types.INTERP_CUBIC, antialias=True)
+        elif res != SIZE:
+            images = fn.resize(images, size=[res, res], interp_type=types.INTERP_CUBIC, antialias=True)
+        mirror = inputs.pop(0) if augment != "none" else 0
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT16, output_layout="HWC", mirror=mirror,
+                                        mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+
+    return tin_pipeline()
+
+
+class DaliLoader(Loader):
+    backend = "dali"
+
+    def __init__(self, ds, sampler, *, threads: int | None = None, **kw):
+        super().__init__(ds, sampler, **kw)
+        why = available()
+        if why:
+            raise RuntimeError(f"backend='dali': {why}; use backend='resident' or 'pil'")
+        gpu = self.device.type == "cuda"
+        self.in_flight: deque = deque()
+        self.feeding_epoch = 0
+        self.feed = _Feed(self)
+        self.pipe = build_pipeline(
+            self.feed, payload=ds.payload, gpu=gpu, res=self.res, augment=self.augment,
+            batch_size=sampler.batch_size, threads=threads or os.cpu_count() or 1,
+            device_id=(self.device.index or 0) if gpu else None, seed=sampler.seed * 1000 + sampler.rank)
+        self.pipe.build()
+
+    def _epoch(self, epoch: int):
+        self.feeding_epoch = epoch
+        self.pipe.reset()
+        finished = False
+        try:
+            while True:
+                try:
+                    (out,) = self.pipe.run()
+                except StopIteration:
+                    finished = True
+                    return
+                p = self.in_flight.popleft()
+                images = torch.from_dlpack(out.as_tensor())  # [B, res, res, 3] fp16, no copy
+                if images.dtype != self.dtype:
+                    images = images.to(self.dtype)
+                labels, index = self.host_targets(p)
+                yield self.output(images.permute(0, 3, 1, 2), self.to_device(labels), self.to_device(index))
+        finally:
+            if not finished:  # the consumer stopped early: drop what DALI prefetched for this epoch
+                self.feed.batches = iter(())
+                try:
+                    while True:
+                        self.pipe.run()
+                except StopIteration:
+                    pass
+                self.in_flight.clear()

@@ -1,0 +1,78 @@
+"""The pil backend: DataLoader workers decode with pillow(-simd), cut, mirror and upscale bicubically
+on the CPU into uint8 batches (pinned on CUDA); normalisation happens on the target device.
+
+The portable path, and the one the classic ImageFolder pipeline is compared with.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fasttin.loaders.augment import normalize
+from fasttin.loaders.base import Loader
+from fasttin.loaders.sampler import BatchPlan
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Maps a BatchPlan to a uint8 NHWC batch; runs inside the DataLoader workers."""
+
+    def __init__(self, ds, res: int, augment: str):
+        self.ds, self.res, self.augment = ds, res, augment
+
+    def __getitem__(self, p: BatchPlan):
+        res, out = self.res, np.empty((len(p.index), self.res, self.res, 3), np.uint8)
+        for j, (i, box, flip) in enumerate(zip(p.index.tolist(), p.boxes.tolist(), p.flips.tolist())):
+            with Image.open(io.BytesIO(self.ds.encoded(i))) as im:
+                im = im.convert("RGB")
+            x0, y0, w, h = box
+            if self.augment == "crop":  # PIL pads a crop outside the image with black
+                im, x0, y0 = im.crop((x0, y0, x0 + w, y0 + h)), 0, 0
+            if res != w or res != h or x0 or y0:
+                im = im.resize((res, res), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
+            if flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            out[j] = np.asarray(im)
+        return torch.from_numpy(out), p
+
+
+def _identity(x):
+    return x
+
+
+class _Plans:
+    """The DataLoader's sampler: this epoch's batch plans, drawn in the main process."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def __iter__(self):
+        return self.sampler.batches(self.epoch)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class PilLoader(Loader):
+    backend = "pil"
+
+    def __init__(self, ds, sampler, *, workers: int | None = None, **kw):
+        super().__init__(ds, sampler, **kw)
+        workers = os.cpu_count() if workers is None else workers
+        self._plans = _Plans(sampler)
+        self._loader = torch.utils.data.DataLoader(  # workers persist across epochs; plans are read per epoch
+            _Batches(ds, self.res, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
+            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+            persistent_workers=workers > 0, collate_fn=_identity,
+            multiprocessing_context="fork" if workers else None)
+
+    def _epoch(self, epoch: int):
+        self._plans.epoch = epoch
+        for images, p in self._loader:
+            labels, index = self.host_targets(p)
+            images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
+            yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),
+                              self.to_device(index))
