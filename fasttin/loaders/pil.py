@@ -5,6 +5,7 @@ The portable path, and the one the classic ImageFolder pipeline is compared with
 """
 from __future__ import annotations
 
+import gc
 import io
 import os
 
@@ -26,8 +27,11 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, p: BatchPlan):
         res, out = self.res, np.empty((len(p.index), self.res, self.res, 3), np.uint8)
         for j, (i, box, flip) in enumerate(zip(p.index.tolist(), p.boxes.tolist(), p.flips.tolist())):
-            with Image.open(io.BytesIO(self.ds.encoded(i))) as im:
-                im = im.convert("RGB")
+            if self.ds.payload == "raw":
+                im = Image.fromarray(self.ds.image(i))
+            else:
+                with Image.open(io.BytesIO(self.ds.encoded(i))) as im:
+                    im = im.convert("RGB")
             x0, y0, w, h = box
             if self.augment == "crop":  # PIL pads a crop outside the image with black
                 im, x0, y0 = im.crop((x0, y0, x0 + w, y0 + h)), 0, 0
@@ -71,6 +75,10 @@ class PilLoader(Loader):
 
     def _epoch(self, epoch: int):
         self._plans.epoch = epoch
+        if self._loader.num_workers:
+            # Workers are forked: collect unreachable objects first, so that none (a dropped DALI
+            # pipeline, say) runs its finaliser in a child, where its threads do not exist.
+            gc.collect()
         for images, p in self._loader:
             labels, index = self.host_targets(p)
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA

@@ -6,6 +6,7 @@ device in one copy at the start of the epoch, so a batch costs no host work at a
 """
 from __future__ import annotations
 
+import gc
 import io
 import multiprocessing as mp
 import os
@@ -61,6 +62,7 @@ def decode_all(ds, workers: int | None = None) -> np.ndarray:
     if workers == 1 or len(ds) < 4096:
         parts = [_decode_chunk(c) for c in chunks]
     else:
+        gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
         with mp.get_context("fork").Pool(workers) as pool:
             parts = pool.map(_decode_chunk, chunks)
     return np.concatenate(parts)

@@ -1,0 +1,197 @@
+"""make_loader and its backends on the CPU (DALI in its CPU mode)."""
+import logging
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttin.loaders import PAD_LABEL, make_loader
+from fasttin.loaders import resident as resident_mod
+from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
+from fasttin.shards import FormatError, open_split
+from fasttin.synthetic import class_of_pixels
+
+BACKENDS = ["resident", "pil", "dali"]
+
+
+def pixels(images: torch.Tensor) -> np.ndarray:
+    """Normalised [B, 3, H, W] -> float 0-255 NHWC numpy."""
+    x = images.float().permute(0, 2, 3, 1).numpy()
+    return x * np.array(IMAGENET_STD) * 255 + np.array(IMAGENET_MEAN) * 255
+
+
+def loader(data, split="val", **kw):
+    kw = {"device": "cpu", "res": 32, "batch_size": 8, "workers": 1, **kw}
+    return make_loader(data, split, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world_size", [1, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_exact_epochs_over_ranks(packed, backend, world_size, drop_last):
+    n = len(open_split(packed, "val"))  # 50
+    seen, counts = [], []
+    for rank in range(world_size):
+        ld = loader(packed, backend=backend, rank=rank, world_size=world_size, drop_last=drop_last,
+                    return_index=True, seed=3)
+        ld.set_epoch(2)
+        batches = list(ld)
+        assert len(batches) == len(ld)
+        counts.append(len(batches))
+        for images, labels, index in batches:
+            assert len(images) == len(labels) == len(index) <= 8
+            valid = index >= 0
+            assert ((labels == PAD_LABEL) == ~valid).all()
+            seen += index[valid].tolist()
+    assert len(set(counts)) == 1  # ranks stay in step
+    assert len(seen) == len(set(seen))  # never twice
+    if drop_last:
+        assert len(seen) == n // (8 * world_size) * 8 * world_size
+    else:
+        assert sorted(seen) == list(range(n))  # nothing dropped
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_match_pixels(packed, backend):
+    ld = loader(packed, "train", backend=backend, augment="flip", return_index=True)
+    ds = open_split(packed, "train")
+    for images, labels, index in ld:
+        assert (labels.numpy() == ds.labels[index.numpy()]).all()
+        assert (class_of_pixels(pixels(images), 10) == labels.numpy()).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_dtype_normalisation(packed, backend):
+    ds = open_split(packed, "val")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        ld = loader(packed, backend=backend, res=64, dtype=dtype, shuffle=False, return_index=True)
+        images, labels, index = next(iter(ld))
+        assert images.shape == (8, 3, 64, 64) and images.dtype == dtype and images.device.type == "cpu"
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert labels.dtype == torch.int64 and index.dtype == torch.int64
+        assert index.tolist() == list(range(8))
+        ref = (ds.images(index.numpy()) / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        got = images.float().permute(0, 2, 3, 1).numpy()
+        tol = 2e-2 if dtype != torch.float32 else 1e-5
+        if backend == "dali":
+            tol = max(tol, 2e-2)  # DALI's decoder is libjpeg-turbo too, but normalises in fp16
+        assert np.abs(got - ref).mean() < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_determinism_and_new_order_per_epoch(packed, backend):
+    a = loader(packed, "train", backend=backend, augment="rrc", return_index=True, seed=7)
+    b = loader(packed, "train", backend=backend, augment="rrc", return_index=True, seed=7)
+    ea = [(x, i) for x, _, i in a]
+    eb = [(x, i) for x, _, i in b]
+    for (xa, ia), (xb, ib) in zip(ea, eb):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    second = torch.cat([i for _, _, i in a])  # the next pass is epoch 1: a new order
+    assert not torch.equal(second, torch.cat([i for _, i in ea]))
+    a.set_epoch(0)
+    assert torch.equal(torch.cat([i for _, _, i in a]), torch.cat([i for _, i in ea]))
+
+
+@pytest.mark.parametrize("backend", ["dali", "pil", "resident"])
+def test_bicubic_agrees_with_pil_and_opencv(packed, backend):
+    ds = open_split(packed, "val")
+    ld = loader(packed, backend=backend, res=224, batch_size=16, shuffle=False, return_index=True,
+                dtype=torch.float32)
+    images, _, index = next(iter(ld))
+    got = pixels(images)
+    src = [ds.image(i) for i in index.tolist()]
+    pil = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BICUBIC)) for im in src])
+    ocv = np.stack([cv2.resize(im, (224, 224), interpolation=cv2.INTER_CUBIC) for im in src])
+    assert np.abs(got - pil).mean() < 1.0
+    assert np.abs(got - ocv).mean() < 3.0
+
+
+@pytest.mark.parametrize("augment", ["flip", "crop", "rrc"])
+def test_backends_apply_the_same_augmentation(packed, augment):
+    outs = {}
+    for backend in BACKENDS:
+        ld = loader(packed, "train", backend=backend, res=96, batch_size=16, augment=augment, seed=5,
+                    dtype=torch.float32)
+        outs[backend] = pixels(next(iter(ld))[0])
+    for backend in ("pil", "dali"):
+        assert np.abs(outs[backend] - outs["resident"]).mean() < 1.5, backend
+
+
+def test_raw_payload_matches_jpeg(packed, packed_raw):
+    for backend in BACKENDS:
+        a = next(iter(loader(packed, backend=backend, shuffle=False, dtype=torch.float32)))[0]
+        b = next(iter(loader(packed_raw, backend=backend, shuffle=False, dtype=torch.float32)))[0]
+        assert np.abs(pixels(a) - pixels(b)).mean() < 0.5, backend
+
+
+def test_auto_on_cpu_chooses_pil_and_says_why(packed, caplog):
+    with caplog.at_level(logging.INFO, logger="fasttin.loaders"):
+        ld = loader(packed, backend="auto")
+    assert ld.backend == "pil" and "no CUDA device" in caplog.text
+
+
+def test_resident_memory_check(packed, monkeypatch):
+    monkeypatch.setattr(resident_mod, "free_memory", lambda device: 100_000)
+    with pytest.raises(MemoryError, match="backend='dali'.*backend='pil'"):
+        loader(packed, backend="resident")
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    ({"backend": "nope"}, ValueError, "unknown backend"),
+    ({"augment": "cutmix"}, ValueError, "unknown augment"),
+    ({"res": 8}, ValueError, "res must be"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+    ({"device": "cuda"} if not torch.cuda.is_available() else {"world_size": 0}, ValueError, "cuda|world_size"),
+])
+def test_bad_arguments(packed, kw, err, msg):
+    with pytest.raises(err, match=msg):
+        loader(packed, **kw)
+
+
+def test_bad_data(packed, tmp_path):
+    import shutil
+    with pytest.raises(ValueError, match="unknown split 'validation'"):
+        loader(packed, "validation")
+    with pytest.raises(FileNotFoundError, match="not a packed data set"):
+        loader(tmp_path)
+    c = tmp_path / "c"
+    shutil.copytree(packed, c)
+    shard = c / "val-000.shard"
+    data = bytearray(shard.read_bytes())
+    data[500] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    loader(c)  # sizes agree: opening is cheap and does not hash
+    with pytest.raises(FormatError, match="sha256"):
+        loader(c, verify=True)
+    shard.write_bytes(bytes(data[:-1]))
+    with pytest.raises(FormatError, match="truncated"):
+        loader(c)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="missing shard"):
+        loader(c)
+
+
+def test_breaking_off_an_epoch_leaves_nothing_stale(packed):
+    ld = loader(packed, backend="dali", return_index=True)
+    next(iter(ld))  # abandoned after one batch
+    ld.set_epoch(4)
+    got = torch.cat([i for _, _, i in ld])
+    ref = loader(packed, backend="resident", return_index=True)
+    ref.set_epoch(4)
+    assert torch.equal(got, torch.cat([i for _, _, i in ref]))
+
+
+@pytest.mark.realdata
+def test_real_val_bicubic_references(real_packed):
+    ds = open_split(real_packed, "val")
+    for backend in ("dali", "pil"):
+        ld = make_loader(real_packed, "val", backend=backend, res=224, batch_size=64, device="cpu",
+                         shuffle=False, return_index=True, dtype=torch.float32)
+        images, _, index = next(iter(ld))
+        src = [ds.image(i) for i in index.tolist()]
+        pil = np.stack([np.asarray(Image.fromarray(im).resize((224, 224), Image.BICUBIC)) for im in src])
+        ocv = np.stack([cv2.resize(im, (224, 224), interpolation=cv2.INTER_CUBIC) for im in src])
+        assert np.abs(pixels(images) - pil).mean() < 1.0, backend
+        assert np.abs(pixels(images) - ocv).mean() < 3.0, backend
