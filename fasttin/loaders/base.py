@@ -22,20 +22,27 @@ class Loader:
                  dtype: torch.dtype, augment: str, return_index: bool):
         self.ds, self.sampler, self.res, self.device = ds, sampler, res, device
         self.dtype, self.augment, self.return_index = dtype, augment, return_index
-        self.epoch = 0
+        self.epoch, self.first_batch = 0, 0
         self.batch_size = sampler.batch_size
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """The next pass is `epoch`, starting at batch `first_batch` (a mid-epoch resume)."""
+        self.epoch, self.first_batch = epoch, first_batch
 
     def __iter__(self):
         epoch = self.epoch
-        yield from self._epoch(epoch)
+        try:
+            yield from self._epoch(epoch)
+        finally:
+            self.first_batch = 0
         if self.epoch == epoch:  # not moved by set_epoch meanwhile: the next pass is a new epoch
             self.epoch = epoch + 1
+
+    def plans(self, epoch: int):
+        return self.sampler.batches(epoch, self.first_batch)
 
     def _epoch(self, epoch: int):
         raise NotImplementedError

@@ -41,7 +41,7 @@ class _Feed:
 
     def __next__(self):
         if self.batches is None:
-            self.batches = self.loader.sampler.batches(self.loader.feeding_epoch)
+            self.batches = self.loader.plans(self.loader.feeding_epoch)
         p = next(self.batches)
         self.loader.in_flight.append(p)
         ds, augment = self.loader.ds, self.loader.augment

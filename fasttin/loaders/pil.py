@@ -50,14 +50,14 @@ def _identity(x):
 class _Plans:
     """The DataLoader's sampler: this epoch's batch plans, drawn in the main process."""
 
-    def __init__(self, sampler):
-        self.sampler, self.epoch = sampler, 0
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
 
     def __iter__(self):
-        return self.sampler.batches(self.epoch)
+        return self.loader.plans(self.epoch)
 
     def __len__(self):
-        return len(self.sampler)
+        return len(self.loader)
 
 
 class PilLoader(Loader):
@@ -66,7 +66,7 @@ class PilLoader(Loader):
     def __init__(self, ds, sampler, *, workers: int | None = None, **kw):
         super().__init__(ds, sampler, **kw)
         workers = os.cpu_count() if workers is None else workers
-        self._plans = _Plans(sampler)
+        self._plans = _Plans(self)
         self._loader = torch.utils.data.DataLoader(  # workers persist across epochs; plans are read per epoch
             _Batches(ds, self.res, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,

@@ -83,7 +83,7 @@ class ResidentLoader(Loader):
         self.labels = torch.from_numpy(ds.labels).to(self.device)
 
     def _epoch(self, epoch: int):
-        plans = list(self.sampler.batches(epoch))
+        plans = list(self.plans(epoch))
         if not plans:
             return
         cat = lambda name: torch.from_numpy(np.concatenate([getattr(p, name) for p in plans]))

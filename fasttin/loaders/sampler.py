@@ -50,10 +50,13 @@ class EpochSampler:
         order = np.resize(order, total)  # wraps around: padding repeats the first samples
         return order[self.rank::self.world_size], pad[self.rank::self.world_size]
 
-    def batches(self, epoch: int):
+    def batches(self, epoch: int, first: int = 0):
+        """The plans of `epoch` from batch `first` on (the earlier ones are drawn and dropped, so a
+        resumed epoch sees exactly the batches it would have seen)."""
         index, pad = self.rank_indices(epoch)
         rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
-        for start in range(0, len(index), self.batch_size):
+        for k, start in enumerate(range(0, len(index), self.batch_size)):
             idx = index[start:start + self.batch_size]
             boxes, flips = plan(rng, len(idx), self.augment)
-            yield BatchPlan(idx, pad[start:start + self.batch_size], boxes, flips)
+            if k >= first:
+                yield BatchPlan(idx, pad[start:start + self.batch_size], boxes, flips)

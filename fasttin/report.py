@@ -1,0 +1,90 @@
+"""What a run shows and leaves behind: the rich live view, metrics.jsonl, curves.png, tables."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fasttin.shards import write_atomic
+
+console = Console(stderr=True)
+
+
+class LiveView:
+    """A progress bar per epoch with img/s, loss and ETA; silent on ranks other than 0."""
+
+    def __init__(self, enabled: bool = True):
+        self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}"),
+                                 TimeRemainingColumn(), console=console, disable=not enabled)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, total: int, done: int = 0):
+        self.task = self.progress.add_task("train", total=total, completed=done, epoch=epoch, rate="", loss="")
+
+    def update(self, steps: int, loss: float, img_s: float):
+        self.progress.update(self.task, completed=steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}")
+
+    def end_epoch(self, row: dict):
+        self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.progress.console.print(
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} | val loss "
+            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%} | "
+            f"{row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    """The whole file, rewritten atomically: one JSON line per finished epoch."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Loss and accuracy by epoch, train against val, like the write-up's figures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    b.plot(ep, [r["train_acc"] for r in rows], "o-", label="train top-1")
+    b.plot(ep, [r["val_acc1"] for r in rows], "o-", label="val top-1")
+    b.plot(ep, [r["val_acc5"] for r in rows], "--", label="val top-5")
+    b.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def closing_table(rows: list[dict], title: str) -> Table:
+    t = Table(title=title)
+    for col in ("epoch", "lr", "train loss", "train acc", "val loss", "val top-1", "val top-5", "s", "img/s"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(str(r["epoch"]), f"{r['lr']:.2e}", f"{r['train_loss']:.3f}", f"{r['train_acc']:.1%}",
+                  f"{r['val_loss']:.3f}", f"{r['val_acc1']:.1%}", f"{r['val_acc5']:.1%}", f"{r['epoch_s']:.1f}",
+                  f"{r['train_img_s']:,.0f}")
+    return t
