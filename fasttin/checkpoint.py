@@ -54,3 +54,15 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_model(ckpt: dict, device, channels_last: bool = True):
+    """The checkpoint's model, in eval mode on `device`."""
+    from fasttin.model import build_model
+    arch = ckpt.get("arch", {})
+    if arch.get("name") != "resnet18" or "model" not in ckpt:
+        raise CheckpointError("not a fasttin checkpoint (no resnet18 'arch' and 'model' entries)")
+    model = build_model(arch["num_classes"], arch["stem"])
+    model.load_state_dict(ckpt["model"])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()

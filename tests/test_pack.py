@@ -133,6 +133,7 @@ def test_synthetic_flag(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["source"]["kind"] == "synthetic" and m["splits"]["train"]["count"] == 24
+    assert m["splits"]["test"]["count"] > 0 and len(m["classes"]) == 4
 
 
 # ---- conversions and bad input -------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""fasttin.train, eval and predict on the CPU: learning, resume, DDP, pretrained mapping, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18, resnet34
+
+from conftest import ROOT, run_cli
+from fasttin import checkpoint
+from fasttin.model import PretrainedError, build_model, load_pretrained, read_state_dict
+from fasttin.pack import pack
+from fasttin.recipes import BASE, RECIPES, resolve
+from fasttin.train import parser, run, settings
+
+QUICK = ["--recipe", "seed-64-scratch", "--res", "32", "--batch-size", "50", "--lr", "0.02", "--device", "cpu",
+         "--backend", "resident", "--workers", "1"]
+
+
+def train(data, out, *extra, timeout=300):
+    return run_cli("fasttin.train", "--data", data, "--out", out, *QUICK, *extra, timeout=timeout)
+
+
+def test_learns_a_synthetic_set_quickly(learnable, tmp_path):
+    r = train(learnable, tmp_path, "--epochs", "6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["best_val_acc1"] > 0.9 and s["train_s"] < 60
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) >= {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5",
+                            "epoch_s", "train_img_s"}
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["res"] == 32 and cfg["recipe"] == "seed-64-scratch" and "torch" in cfg["environment"]
+    for f in ("last.pt", "best.pt", "curves.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+def weights(path):
+    return checkpoint.load(path)["model"]
+
+
+def same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def wait_for(pred, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not pred():
+        time.sleep(0.01)
+    return pred()
+
+
+@pytest.fixture(scope="module")
+def reference_run(learnable, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    r = train(learnable, out, "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def popen_train(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "fasttin.train", "--data", str(data), "--out", str(out),
+                             *QUICK, *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(learnable, reference_run, tmp_path):
+    proc = popen_train(learnable, tmp_path, "--epochs", "2")
+    metrics = tmp_path / "metrics.jsonl"
+    assert wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1 and
+                    (tmp_path / "last.pt").exists(), proc)
+    proc.kill()
+    proc.wait()
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 1, "killed too late: the test is void"
+    r = train(learnable, tmp_path, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()]
+    assert rows == [1, 2]  # no epoch repeated or skipped
+    assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
+
+
+def test_sigterm_saves_mid_epoch_and_resume_matches(learnable, reference_run, tmp_path):
+    proc = popen_train(learnable, tmp_path, "--epochs", "2", "--log-every", "1")
+    assert wait_for(lambda: (tmp_path / "config.json").exists(), proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "SIGTERM" in err and "Traceback" not in err
+    ck = checkpoint.load(tmp_path / "last.pt")
+    assert (ck["epoch"], ck["step"]) != (2, 0)
+    r = train(learnable, tmp_path, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
+
+
+def test_ddp_two_processes_gloo(packed, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                        "-m", "fasttin.train", "--data", str(packed), "--out", str(tmp_path), *QUICK,
+                        "--epochs", "2", "--batch-size", "20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in rows] == [1, 2] and all(0 <= x["val_acc1"] <= 1 for x in rows)
+    assert r.stderr.count("epoch 2: train loss") == 1  # rank 0 reports, rank 1 stays quiet
+
+
+def test_pretrained_mapping_for_every_stem_and_class_count(tmp_path):
+    tv = resnet18(num_classes=1000).state_dict()
+    for stem, classes, expect in [("imagenet", 200, ["fc.bias", "fc.weight"]),
+                                  ("cifar", 200, ["conv1.weight", "fc.bias", "fc.weight"]),
+                                  ("imagenet", 1000, []), ("cifar", 1000, ["conv1.weight"])]:
+        model = build_model(classes, stem)
+        before = model.state_dict()["fc.weight"].clone()
+        fresh = load_pretrained(model, tv)
+        assert fresh == expect, (stem, classes)
+        assert torch.equal(model.state_dict()["layer3.1.conv2.weight"], tv["layer3.1.conv2.weight"])
+        assert torch.equal(model.state_dict()["bn1.running_var"], tv["bn1.running_var"])
+        if "fc.weight" in fresh:
+            assert torch.equal(model.state_dict()["fc.weight"], before)
+    # a fasttin checkpoint, wrapped by DDP and compile, is read too
+    src = build_model(200, "cifar")
+    wrapped = {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"model": wrapped, "epoch": 3}, tmp_path / "ck.pt")
+    model = build_model(200, "imagenet")
+    assert load_pretrained(model, read_state_dict(tmp_path / "ck.pt")) == ["conv1.weight"]
+    with pytest.raises(PretrainedError, match="not a ResNet18"):
+        load_pretrained(build_model(200), resnet34().state_dict())
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(PretrainedError, match="not a torch checkpoint"):
+        read_state_dict(tmp_path / "junk.pt")
+
+
+def test_every_recipe_resolves():
+    for name in RECIPES:
+        cfg = resolve(name)
+        assert set(BASE) <= set(cfg) and cfg["recipe"] == name
+    assert resolve("seed-224")["res"] == 224 and resolve("seed-224")["pretrained"] == "imagenet"
+    assert resolve("seed-finetune")["stem"] == "cifar"
+    fast = resolve("fast")
+    assert fast["batch_size"] >= 512 and fast["nesterov"] and fast["label_smoothing"] == 0.1
+    assert settings(parser().parse_args(["--res", "224"]))["recipe"] == "seed-224"
+    assert settings(parser().parse_args([]))["recipe"] == "seed-224"
+    cfg = settings(parser().parse_args(["--recipe", "fast", "--lr", "0.1", "--no-channels-last", "--compile"]))
+    assert cfg["lr"] == 0.1 and cfg["channels_last"] is False and cfg["compile"] == "default"
+
+
+def test_pretrained_imagenet_offline_is_one_line(packed, tmp_path):
+    r = train(packed, tmp_path, "--pretrained", "imagenet", "--epochs", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--pretrained none" in last and "--pretrained PATH" in last
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--res", "-5"], "--res"), (["--lr", "abc"], "--lr"), (["--amp", "fp8"], "--amp"),
+    (["--data", "/nonexistent/place"], "/nonexistent/place"), (["--epochs", "0"], "--epochs"),
+])
+def test_bad_flags_one_line(packed, tmp_path, flags, needle):
+    args = ["--data", str(packed), "--out", str(tmp_path), *QUICK, *flags]
+    r = run_cli("fasttin.train", *args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and needle in r.stderr
+
+
+def test_nan_stops_with_last_good_checkpoint(packed, tmp_path):
+    cfg = {**resolve("seed-64-scratch", res=32, epochs=3, batch_size=50, lr=0.01, backend="resident"),
+           "gamma": 1e20, "step_size": 1, "seed": 0, "data": str(packed), "out": str(tmp_path), "workers": 1,
+           "log_every": 1}
+    from fasttin.loop import NonFiniteLoss
+    with pytest.raises(NonFiniteLoss):
+        run(cfg, device=torch.device("cpu"), rank=0, world=1, resume=False)
+    ck = checkpoint.load(tmp_path / "last.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_eval_and_predict(learnable, reference_run, tmp_path):
+    ckpt = reference_run / "best.pt"
+    r = run_cli("fasttin.eval", "--ckpt", ckpt, "--data", learnable, "--device", "cpu", "--backend", "pil",
+                "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["images"] == 200 and e["top1"] > 0.5 and e["res"] == 32 and e["top5"] >= e["top1"]
+    # any size and format PIL reads
+    Image.new("RGB", (100, 80), (200, 30, 30)).save(tmp_path / "a.png")
+    Image.new("L", (64, 64), 128).save(tmp_path / "b.jpg")
+    r = run_cli("fasttin.predict", "--ckpt", ckpt, tmp_path / "a.png", tmp_path / "b.jpg", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].count(";") == 4 and "n900000" in lines[0]
+    r = run_cli("fasttin.predict", "--ckpt", ckpt, "--split", "test", "--data", learnable, "--csv", tmp_path / "p.csv",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0].startswith("file,top1") and len(rows) == 1 + 200
+    # a checkpoint of another class count: a clear error
+    other = tmp_path / "other"
+    pack(None, other, synthetic=5, classes=4, workers=1, quiet=True)
+    r = run_cli("fasttin.eval", "--ckpt", ckpt, "--data", other, "--device", "cpu")
+    assert r.returncode == 2 and "10 classes" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_ten_classes_on_cpu(tin_zip, tmp_path):
+    pack(tin_zip, tmp_path / "d", classes=10, quiet=True)
+    r = run_cli("fasttin.train", "--data", tmp_path / "d", "--out", tmp_path / "run", "--recipe", "seed-64-scratch",
+                "--res", "64", "--epochs", "3", "--batch-size", "50", "--lr", "0.02", "--device", "cpu",
+                "--backend", "resident", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["best_val_acc1"] > 0.3  # chance is 0.1
