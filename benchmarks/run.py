@@ -219,6 +219,8 @@ def model_configs(b: Bench, res: int):
                 for comp in (None, "default"):
                     if b.args.quick and (amp, cl, comp) != ("bf16", True, None):
                         continue
+                    if comp and not b.args.compile_all and (amp, cl) != ("bf16", True):
+                        continue  # compiling costs ~a minute a configuration: the fast layout only
                     yield stem, amp, cl, comp
 
 
@@ -416,6 +418,27 @@ def table(records: list[dict]):
     return t
 
 
+def summary(records: list[dict]):
+    """The headline ratios: loader-only and end-to-end against the model-only ceiling, and classic."""
+    from rich.table import Table
+    t = Table(title="summary (model = imagenet stem, bf16, NHWC, eager)")
+    for c in ("res", "model img/s", "backend", "loader img/s", "loader/model", "train img/s", "train/model"):
+        t.add_column(c, justify="right")
+    for res in sorted({r["res"] for r in records if r["res"]}):
+        at = [r for r in records if r["res"] == res and r.get("img_per_s")]
+        model = next((r["img_per_s"] for r in at if r["stage"] == "model"
+                      and r["name"] == "imagenet stem, bf16, NHWC, eager"), None)
+        for backend in ("resident", "dali", "pil", "classic"):
+            ld = next((r["img_per_s"] for r in at if r["stage"] in ("loader", "classic") and r["backend"] == backend), None)
+            tr = next((r["img_per_s"] for r in at if r["stage"] == "train" and r["backend"] == backend), None)
+            if ld is None and tr is None:
+                continue
+            f = lambda v: "" if v is None else f"{v:,.0f}"  # noqa: E731
+            ratio = lambda v: "" if v is None or not model else f"{v / model:.2f}"  # noqa: E731
+            t.add_row(str(res), f(model), backend, f(ld), ratio(ld), f(tr), ratio(tr))
+    return t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="packed data set (default: a synthetic one made in a temporary folder)")
@@ -429,6 +452,9 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=20, help="batches per loader repeat")
     p.add_argument("--steps", type=int, default=5, help="training steps per model repeat")
     p.add_argument("--decode-images", type=int, default=4096, help="images per decode/resize repeat")
+    p.add_argument("--compile-all", action="store_true", help="compile every model configuration, not only "
+                   "bf16 channels_last")
+    p.add_argument("--summarize", type=Path, metavar="JSON", help="print the short summary of a finished run and exit")
     p.add_argument("--compile-cpu", action="store_true", help="also measure torch.compile on the CPU (slow)")
     p.add_argument("--cache", default="bench-out/cache", help="where the classic pipeline's upscaled files go")
     p.add_argument("--stages", default="read,decode,resize,copy,model,loader,train",
@@ -438,6 +464,10 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", type=Path)
     p.add_argument("--plot", type=Path)
     args = p.parse_args(argv)
+    if args.summarize:
+        from rich.console import Console
+        Console().print(summary(json.loads(args.summarize.read_text())["records"]))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("benchmarks.run: error: --device cuda but no CUDA device here; use --device cpu", file=sys.stderr)
         return 2

@@ -1,0 +1,109 @@
+"""python -m benchmarks.gpu_checks: correctness of the GPU-only paths, checked on the spot.
+
+The dali backend's mixed decoder and GPU resize, and the resident backend on the device, must
+agree with DALI's CPU mode (mean absolute error under 1.0 on the 0-255 scale); epochs must be
+exact on the device; a few hundred training steps of each backend must bring the loss down.
+On a CPU machine it runs as a rehearsal (device cpu against itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttin.loaders import make_loader
+from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
+from fasttin.model import build_model
+from fasttin.shards import open_split, write_atomic
+
+
+def pixels(x: torch.Tensor) -> np.ndarray:
+    x = x.float().permute(0, 2, 3, 1).cpu().numpy()
+    return x * np.array(IMAGENET_STD) * 255 + np.array(IMAGENET_MEAN) * 255
+
+
+def first_batch(data, backend, device, res, augment="none"):
+    ld = make_loader(data, "val", backend=backend, res=res, batch_size=64, device=device, shuffle=False,
+                     augment=augment, dtype=torch.float32, return_index=True)
+    x, _, idx = next(iter(ld))
+    return pixels(x), idx.cpu().numpy()
+
+
+def check_agreement(data, device, out):
+    for res in (64, 224):
+        ref, ref_idx = first_batch(data, "dali", "cpu", res)
+        for backend in ("dali", "resident"):
+            got, idx = first_batch(data, backend, device, res)
+            assert (idx == ref_idx).all()
+            mae = float(np.abs(got - ref).mean())
+            out.append({"check": f"{backend} on {device} vs DALI CPU mode, res {res}", "value": mae,
+                        "limit": 1.0, "ok": mae < 1.0})
+
+
+def check_epochs(data, device, out):
+    n = len(open_split(data, "val"))
+    for backend in ("dali", "resident"):
+        seen = []
+        for rank in range(2):
+            ld = make_loader(data, "val", backend=backend, res=64, batch_size=100, device=device, rank=rank,
+                             world_size=2, drop_last=False, return_index=True, seed=1)
+            ld.set_epoch(3)
+            seen += [i for _, _, idx in ld for i in idx.cpu().tolist() if i >= 0]
+        ok = sorted(seen) == list(range(n))
+        out.append({"check": f"{backend} on {device}: exact epoch over 2 ranks", "value": len(seen), "limit": n,
+                    "ok": ok})
+
+
+def check_training(data, device, steps, out):
+    for backend in ("dali", "resident", "pil"):
+        torch.manual_seed(0)
+        ld = make_loader(data, "train", backend=backend, res=64, batch_size=128, device=device, augment="flip")
+        model = build_model(len(ld.ds.classes)).to(device, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+        losses, t = [], time.perf_counter()
+        while len(losses) < steps:
+            for x, y in ld:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+                if len(losses) == steps:
+                    break
+        losses = torch.stack(losses).float().cpu().numpy()  # read once, at the end
+        k = max(1, steps // 10)
+        first, last = float(losses[:k].mean()), float(losses[-k:].mean())
+        out.append({"check": f"{backend} on {device}: {steps} training steps", "value": [first, last],
+                    "limit": "last < first", "ok": bool(last < first), "seconds": time.perf_counter() - t})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_checks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    out: list[dict] = []
+    for check in (lambda: check_agreement(args.data, device, out), lambda: check_epochs(args.data, device, out),
+                  lambda: check_training(args.data, device, args.steps, out)):
+        try:
+            check()
+        except Exception as e:  # a crash is a finding too: record it and go on
+            out.append({"check": "crash", "value": f"{type(e).__name__}: {e}", "ok": False})
+    for r in out:
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['check']}: {r['value']} (limit {r.get('limit')})")
+    if args.json:
+        write_atomic(args.json, json.dumps(out, indent=1).encode())
+    return 0 if all(r["ok"] for r in out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
