@@ -305,20 +305,24 @@ def stage_loaders_and_classic(b: Bench, res: int):
     loaders["classic"] = classic_loader(b, res)
     n = b.args.batches
     results = {k: [] for k, v in loaders.items() if not isinstance(v, str)}
-    for k in results:  # warm-up: workers started, caches filled
-        _take(loaders[k], 2)
+    for k in results:  # warm-up: a whole epoch, so workers are started and idle again, caches filled
+        _take(loaders[k], len(loaders[k]))
     for _ in range(b.args.repeats):
         for k in results:
             def consume(loader=loaders[k]):
-                for i, (x, y) in enumerate(loader):
+                # whole epochs by default: a loader left mid-epoch keeps its workers busy prefetching,
+                # which would steal the cores from the next loader measured
+                done = 0
+                for x, y in loader:
                     x = x.to(b.device, non_blocking=True)  # the classic path ends on the device too
-                    if i + 1 == n:
+                    done += len(x)
+                    if n and done >= n * len(x):
                         break
+                return done
             t = time.perf_counter()
-            consume()
+            done = consume()
             b.sync()
-            per = b.args.classic_batch_size if k == "classic" else bs
-            results[k].append(n * per / (time.perf_counter() - t))
+            results[k].append(done / (time.perf_counter() - t))
     out = {}
     for k, loader in loaders.items():
         if isinstance(loader, str):
@@ -449,7 +453,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--augment", default="flip", help="augmentation of the loader stages (default flip)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per figure (median reported)")
-    p.add_argument("--batches", type=int, default=20, help="batches per loader repeat")
+    p.add_argument("--batches", type=int, default=0, help="batches per loader repeat (default 0: a whole epoch)")
     p.add_argument("--steps", type=int, default=5, help="training steps per model repeat")
     p.add_argument("--decode-images", type=int, default=4096, help="images per decode/resize repeat")
     p.add_argument("--compile-all", action="store_true", help="compile every model configuration, not only "
@@ -474,7 +478,7 @@ def main(argv=None) -> int:
     resolutions = [int(r) for r in (args.res or ("64" if args.quick else "64,224")).split(",")]
     tmp = None
     if args.quick:
-        args.repeats, args.batches, args.steps, args.decode_images = 2, 2, 1, 256
+        args.repeats, args.batches, args.steps, args.decode_images = 2, 0, 1, 256
         args.batch_size = min(args.batch_size, 16)
         args.classic_batch_size = min(args.classic_batch_size, 16)
     if args.data is None:
