@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttin.fileio import write_atomic
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from fasttin.model import build_model
-from fasttin.shards import open_split, write_atomic
+from fasttin.shards import open_split
 
 
 def pixels(x: torch.Tensor) -> np.ndarray:

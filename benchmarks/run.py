@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttin.fileio import write_atomic
 from fasttin.info import environment
-from fasttin.loaders import make_loader
 from fasttin.loaders import dali as dali_backend
-from fasttin.loaders.augment import normalize
+from fasttin.loaders import make_loader
 from fasttin.model import build_model
-from fasttin.shards import open_split, write_atomic
+from fasttin.shards import open_split
 
 
 class Bench:
@@ -296,7 +296,7 @@ def classic_loader(b: Bench, res: int):
 
 def stage_loaders_and_classic(b: Bench, res: int):
     """Loader-only throughput of each backend and the classic pipeline, measured alternately."""
-    loaders, bs = {}, b.args.batch_size
+    loaders = {}
     for backend, why in {"resident": None, "pil": None, "dali": dali_backend.available()}.items():
         try:
             loaders[backend] = loader_for(b, backend, res, b.args.augment) if why is None else why
@@ -313,7 +313,7 @@ def stage_loaders_and_classic(b: Bench, res: int):
                 # whole epochs by default: a loader left mid-epoch keeps its workers busy prefetching,
                 # which would steal the cores from the next loader measured
                 done = 0
-                for x, y in loader:
+                for x, _ in loader:
                     x = x.to(b.device, non_blocking=True)  # the classic path ends on the device too
                     done += len(x)
                     if n and done >= n * len(x):
@@ -371,10 +371,12 @@ def stage_train(b: Bench, res: int, loaders: dict, ceiling: dict, classes: int):
 # ---- output ---------------------------------------------------------------------------------------
 
 def markdown(records: list[dict], env: dict, command: str) -> str:
-    lines = [f"Command: `{command}`  ", f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}, "
-             f"GPU: {env['gpu'] or 'none'}; torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
+    lines = [f"Command: `{command}`  ",
+             f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}, GPU: {env['gpu'] or 'none'}; "
+             f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
              f"pillow {env['pillow']} (simd: {env['pillow_simd']}), Python {env['python']}", "",
-             "| stage | what | res | batch | device | img/s | MB/s | ratio | note |", "|---|---|---|---|---|---|---|---|---|"]
+             "| stage | what | res | batch | device | img/s | MB/s | ratio | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         rate = "" if r["img_per_s"] is None else f"{r['img_per_s']:,.0f}"
         mb = f"{r['mb_per_s']:,.0f}" if r.get("mb_per_s") else ""
@@ -433,7 +435,8 @@ def summary(records: list[dict]):
         model = next((r["img_per_s"] for r in at if r["stage"] == "model"
                       and r["name"] == "imagenet stem, bf16, NHWC, eager"), None)
         for backend in ("resident", "dali", "pil", "classic"):
-            ld = next((r["img_per_s"] for r in at if r["stage"] in ("loader", "classic") and r["backend"] == backend), None)
+            ld = next((r["img_per_s"] for r in at
+                       if r["stage"] in ("loader", "classic") and r["backend"] == backend), None)
             tr = next((r["img_per_s"] for r in at if r["stage"] == "train" and r["backend"] == backend), None)
             if ld is None and tr is None:
                 continue

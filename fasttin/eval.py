@@ -15,10 +15,11 @@ from rich.table import Table
 
 from fasttin import checkpoint
 from fasttin.checkpoint import CheckpointError
+from fasttin.fileio import write_json_atomic
 from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import evaluate
 from fasttin.pack import DEFAULT_OUT
-from fasttin.shards import FormatError, read_manifest, write_json_atomic
+from fasttin.shards import FormatError, read_manifest
 
 
 def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, backend="auto", batch_size=256,

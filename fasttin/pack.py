@@ -22,8 +22,17 @@ import numpy as np
 from PIL import Image
 
 from fasttin import __version__
-from fasttin.shards import (FORMAT_NAME, FORMAT_VERSION, IMAGE_SHAPE, MANIFEST, FormatError, ShardWriter,
-                            open_split, read_manifest, sha256_file, write_json_atomic)
+from fasttin.fileio import digest, write_json_atomic
+from fasttin.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_SHAPE,
+    MANIFEST,
+    FormatError,
+    ShardWriter,
+    open_split,
+    read_manifest,
+)
 from fasttin.source import SPLITS, Source, SourceError, download_official
 from fasttin.synthetic import make_layout
 
@@ -202,7 +211,7 @@ def verify(out: str | Path) -> list[str]:
                 problems.append(f"{path}: missing")
             elif path.stat().st_size != shard["bytes"]:
                 problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-            elif sha256_file(path) != shard["sha256"]:
+            elif digest(path) != shard["sha256"]:
                 problems.append(f"{path}: sha256 disagrees with the manifest")
         if problems:
             continue

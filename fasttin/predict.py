@@ -17,9 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 from fasttin import checkpoint
 from fasttin.checkpoint import CheckpointError
+from fasttin.fileio import write_atomic
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import normalize
-from fasttin.shards import FormatError, write_atomic
+from fasttin.shards import FormatError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fasttin.shards import write_atomic
+from fasttin.fileio import write_atomic
 
 console = Console(stderr=True)
 

@@ -7,7 +7,6 @@ little-endian and memory-mapped on read, so `encoded(i)` is a zero-copy slice.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import mmap
@@ -16,6 +15,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
+
+from fasttin.fileio import digest
 
 FORMAT_NAME = "fasttin-shards"
 FORMAT_VERSION = 1
@@ -29,19 +30,6 @@ MANIFEST = "manifest.json"
 
 class FormatError(ValueError):
     """A packed data set that is missing, incomplete, corrupt or of an unknown version."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 class ShardWriter:
@@ -64,7 +52,7 @@ class ShardWriter:
         name = f"{self.split}-{len(self.done):03d}.shard"
         tmp = self.out_dir / (name + f".tmp{os.getpid()}")
         self.tmp_paths.append(tmp)
-        self._f, self._name, self._hash = open(tmp, "wb"), name, hashlib.sha256()
+        self._f, self._name = open(tmp, "wb"), name
         self._f.write(b"\0" * HEADER.size)  # header goes in at the end, when the offsets are known
         self._offsets, self._labels, self._keys, self._pos = [0], [], [], 0
 
@@ -96,7 +84,7 @@ class ShardWriter:
         f.close()
         self._f = None
         self.done.append({"file": self._name, "count": n, "bytes": size,
-                          "payload_bytes": self._pos, "sha256": sha256_file(self.tmp_paths[-1])})
+                          "payload_bytes": self._pos, "sha256": digest(self.tmp_paths[-1])})
 
     def finish(self) -> list[dict]:
         if self._f is not None:
@@ -117,14 +105,6 @@ class ShardWriter:
         for p in self.tmp_paths:
             p.unlink(missing_ok=True)
         self.tmp_paths = []
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict:
@@ -187,7 +167,7 @@ class SplitDataset:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise FormatError(f"shard {path} is {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        if verify and sha256_file(path) != entry["sha256"]:
+        if verify and digest(path) != entry["sha256"]:
             raise FormatError(f"shard {path}: sha256 disagrees with the manifest (corrupt)")
         with open(path, "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttin.fileio import digest
+
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_BYTES = 248_100_043
 OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -107,12 +109,9 @@ class Source:
 
     def checksum(self) -> dict:
         """sha256 of the archive, or of the sorted (name, size) listing of a folder."""
-        h = hashlib.sha256()
         if self.kind == "zip":
-            with open(self.path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            return {"sha256": h.hexdigest(), "bytes": self.path.stat().st_size}
+            return {"sha256": digest(self.path), "bytes": self.path.stat().st_size}
+        h = hashlib.sha256()
         for p in sorted(self.root.rglob("*")):
             if p.is_file():
                 h.update(f"{p.relative_to(self.root)}\t{p.stat().st_size}\n".encode())
@@ -189,11 +188,11 @@ def default_cache() -> Path:
 
 def download_official(cache: Path | None = None, url: str = OFFICIAL_URL) -> Path:
     """The official archive in the cache, downloaded with a progress bar and checked (size, md5)."""
-    from rich.progress import Progress, DownloadColumn, TransferSpeedColumn, BarColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
     cache = cache or default_cache()
     dest = cache / "tiny-imagenet-200.zip"
-    if dest.exists() and _md5(dest) == OFFICIAL_MD5:
+    if dest.exists() and digest(dest, "md5") == OFFICIAL_MD5:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(f".zip.part{os.getpid()}")
@@ -209,18 +208,10 @@ def download_official(cache: Path | None = None, url: str = OFFICIAL_URL) -> Pat
         tmp.unlink(missing_ok=True)
         raise SourceError(f"cannot download {url} ({e}); offline? pass --src PATH to a "
                           "tiny-imagenet-200.zip or its folder") from None
-    size, md5 = tmp.stat().st_size, _md5(tmp)
+    size, md5 = tmp.stat().st_size, digest(tmp, "md5")
     if size != OFFICIAL_BYTES or md5 != OFFICIAL_MD5:
         tmp.unlink()
         raise SourceError(f"downloaded {url}: {size} bytes, md5 {md5}; expected {OFFICIAL_BYTES} bytes, "
                           f"md5 {OFFICIAL_MD5}: refused")
     os.replace(tmp, dest)
     return dest
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

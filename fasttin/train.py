@@ -7,7 +7,6 @@ train + validate + checkpoint -> summary. Runs on one GPU, on several under torc
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -21,13 +20,14 @@ from torch import nn
 
 from fasttin import checkpoint, report
 from fasttin.checkpoint import CheckpointError
+from fasttin.fileio import write_json_atomic
 from fasttin.info import environment
 from fasttin.loaders import AUGMENTS, BACKENDS, make_loader
 from fasttin.loop import NonFiniteLoss, evaluate, lr_factor, make_optimizer, train_epoch
 from fasttin.model import STEMS, PretrainedError, build_model, imagenet_state_dict, load_pretrained, read_state_dict
 from fasttin.pack import DEFAULT_OUT
-from fasttin.recipes import BASE, RECIPES, WRITEUP_TOP1, resolve
-from fasttin.shards import FormatError, read_manifest, write_json_atomic
+from fasttin.recipes import RECIPES, WRITEUP_TOP1, resolve
+from fasttin.shards import FormatError, read_manifest
 
 AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 

@@ -11,9 +11,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from conftest import ROOT, run_cli
 from fasttin.pack import PackError, is_complete, pack, verify
 from fasttin.shards import FormatError, open_split
 from fasttin.source import SourceError, download_official

@@ -1,18 +1,16 @@
 """fasttin.train, eval and predict on the CPU: learning, resume, DDP, pretrained mapping, errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, run_cli
 from PIL import Image
 from torchvision.models import resnet18, resnet34
 
-from conftest import ROOT, run_cli
 from fasttin import checkpoint
 from fasttin.model import PretrainedError, build_model, load_pretrained, read_state_dict
 from fasttin.pack import pack

@@ -29,9 +29,13 @@ def main():
     args = p.parse_args()
     reads, packs = [], []
     for _ in range(args.repeats):
-        t = time.perf_counter(); read_loop(args.zip); reads.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        read_loop(args.zip)
+        reads.append(time.perf_counter() - t)
         out = tempfile.mkdtemp(prefix="fasttin-ratio-")
-        t = time.perf_counter(); pack(args.zip, out, quiet=True); packs.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        pack(args.zip, out, quiet=True)
+        packs.append(time.perf_counter() - t)
         shutil.rmtree(out)
     r, k = statistics.median(reads), statistics.median(packs)
     print(f"read loop {r:.2f} s (runs {', '.join(f'{x:.2f}' for x in reads)}); "

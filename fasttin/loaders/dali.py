@@ -32,7 +32,7 @@ class _Feed:
     ends, before the trainer has said which epoch comes next, so the batches are drawn lazily
     at the first next() of an epoch."""
 
-    def __init__(self, loader: "DaliLoader"):
+    def __init__(self, loader: DaliLoader):
         self.loader, self.batches = loader, None
 
     def __iter__(self):
