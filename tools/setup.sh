@@ -20,8 +20,9 @@ $pip install -q -e '.[test,bench]'
 # plain Pillow stays if it cannot build (no compiler or no libjpeg headers).
 if [ -z "${FASTTIN_NO_SIMD:-}" ] && grep -qw avx2 /proc/cpuinfo 2>/dev/null \
    && ! .venv/bin/python -c 'import PIL,sys; sys.exit(".post" not in PIL.__version__)' 2>/dev/null; then
-  $pip uninstall -q -y pillow
-  if ! CC="cc -mavx2" $pip install -q --no-cache-dir pillow-simd; then
+  # both share the PIL folder: remove both, or pip believes a half-removed pillow-simd is present
+  $pip uninstall -q -y pillow pillow-simd 2>/dev/null || true
+  if ! CC="cc -mavx2" $pip install -q --no-cache-dir --force-reinstall --no-deps pillow-simd; then
     echo "setup: pillow-simd did not build; keeping plain Pillow" >&2
     $pip install -q pillow
   fi
