@@ -160,6 +160,13 @@ class SplitDataset:
             raise FormatError(f"{self.data_dir}/{split}: shards hold {len(self.labels)} samples, "
                               f"manifest says {splits[split]['count']}")
 
+    def __getstate__(self):
+        """Pickled by name: a worker process maps the shards itself (memory maps do not travel)."""
+        return {"data_dir": self.data_dir, "split": self.split}
+
+    def __setstate__(self, state):
+        self.__init__(state["data_dir"], state["split"])
+
     def _open_shard(self, entry: dict, verify: bool) -> np.ndarray:
         path = self.data_dir / entry["file"]
         if not path.is_file():
