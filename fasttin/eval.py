@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     for k in ("images", "top-1", "top-5", "loss"):
         t.add_column(k, justify="right")
     t.add_row(f"{r['images']:,}", f"{r['top1']:.2%}", f"{r['top5']:.2%}", f"{r['loss']:.4f}")
-    Console().print(t)
+    Console(width=None if sys.stdout.isatty() else 120).print(t)
     if args.json:
         write_json_atomic(args.json, r)
     print(json.dumps(r))
