@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from benchmarks.gpu_checks import check_agreement, check_epochs, check_training
-from conftest import run_cli
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
