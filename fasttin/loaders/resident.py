@@ -7,7 +7,6 @@ device in one copy at the start of the epoch, so a batch costs no host work at a
 from __future__ import annotations
 
 import gc
-import io
 import multiprocessing as mp
 import os
 
@@ -42,30 +41,19 @@ _DS = None
 
 
 def _decode_chunk(idx):
-    from PIL import Image
-    out = np.empty((len(idx), *IMAGE_SHAPE), np.uint8)
-    for j, i in enumerate(idx):
-        with Image.open(io.BytesIO(_DS.encoded(i))) as im:
-            out[j] = np.asarray(im.convert("RGB"))
-    return out
+    return _DS.images(idx)
 
 
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
-    if ds.payload == "raw":
-        return np.stack([ds.encoded(i) for i in range(len(ds))]).reshape(-1, *IMAGE_SHAPE) if len(ds) else \
-            np.zeros((0, *IMAGE_SHAPE), np.uint8)
+    workers = workers or os.cpu_count() or 1
+    if ds.payload == "raw" or workers == 1 or len(ds) < 4096:
+        return ds.images()
     global _DS
     _DS = ds
-    chunks = np.array_split(np.arange(len(ds)), max(1, len(ds) // 2048))
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(ds) < 4096:
-        parts = [_decode_chunk(c) for c in chunks]
-    else:
-        gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_decode_chunk, chunks)
-    return np.concatenate(parts)
+    gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
+    with mp.get_context("fork").Pool(workers) as pool:
+        return np.concatenate(pool.map(_decode_chunk, np.array_split(np.arange(len(ds)), len(ds) // 2048)))
 
 
 class ResidentLoader(Loader):
