@@ -495,7 +495,11 @@ def main(argv=None) -> int:
     b = Bench(args, device)
     env = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    ds = open_split(args.data, args.split)
+    try:
+        ds = open_split(args.data, args.split)
+    except (FileNotFoundError, ValueError) as e:  # FormatError is a ValueError
+        print(f"benchmarks.run: error: {e}", file=sys.stderr)
+        return 2
     classes = len(ds.classes)
     print(f"benchmarks on {device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from {args.data}",
           file=sys.stderr)
