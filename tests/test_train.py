@@ -215,3 +215,26 @@ def test_real_ten_classes_on_cpu(tin_zip, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["best_val_acc1"] > 0.3  # chance is 0.1
+
+
+def test_schedules():
+    from fasttin.loop import lr_factor
+    step = lr_factor(resolve("seed-64-scratch"), steps_per_epoch=10)
+    assert [step(s) for s in (0, 69, 70, 139, 140)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    cos = lr_factor(resolve("fast", epochs=10), steps_per_epoch=10)  # 2 warmup epochs
+    assert cos(0) == pytest.approx(0.05) and cos(19) == pytest.approx(1.0)
+    assert cos(20) == pytest.approx(1.0) and cos(60) == pytest.approx(0.5) and cos(99) < 0.001
+    assert all(cos(s) >= cos(s + 1) for s in range(20, 99))
+
+
+def test_fast_recipe_path_runs(packed, tmp_path):
+    """fast's settings (warmup + cosine, nesterov, label smoothing, no decay on norms, crop, flip
+    TTA) end to end, small: the imagenet stem keeps it quick on the CPU."""
+    r = run_cli("fasttin.train", "--data", packed, "--out", tmp_path, "--recipe", "fast", "--stem", "imagenet",
+                "--res", "32", "--epochs", "3", "--batch-size", "50", "--device", "cpu", "--backend", "resident",
+                "--workers", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] < lrs[1] and lrs[2] < lrs[1]  # warmup, then the cosine decay
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["tta"] and cfg["augment"] == "crop" and cfg["label_smoothing"] == 0.1 and cfg["nesterov"]
