@@ -183,9 +183,23 @@ def run(cfg: dict, *, device: torch.device, rank: int, world: int, resume: bool)
                 "classes": [c["wnid"] for c in manifest["classes"]],
                 "words": [c["words"] for c in manifest["classes"]]}
 
-    stop = {"signal": None}
+    # A signal stops the run at a step boundary. Under torchrun every rank must stop at the same
+    # step or the others hang in an all-reduce: ranks agree on it at the logging steps (which
+    # synchronise anyway) and at the end of an epoch.
+    stop = {"signal": None, "agreed": False}
+
     def on_signal(signum, frame):
         stop["signal"] = signal.Signals(signum).name
+
+    def agree() -> bool:
+        flag = stop["signal"] is not None
+        if world > 1:
+            t = torch.tensor([float(flag)], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item())
+        stop["agreed"] = flag
+        stop["signal"] = stop["signal"] or ("SIGTERM" if flag else None)
+        return flag
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
     compile_s = None
@@ -209,15 +223,17 @@ def run(cfg: dict, *, device: torch.device, rank: int, world: int, resume: bool)
                     view.update(first_batch + steps, m["loss"], (steps - tstep["n"]) * cfg["batch_size"]
                                 / max(now - tstep["t"], 1e-9))
                     tstep.update(t=now, n=steps)
+                    agree()
 
                 train, steps = train_epoch(net, train_loader, optimizer, scheduler, scaler, loss_fn, device=device,
                                            amp=cfg["amp"], log_every=cfg["log_every"], on_log=on_log,
-                                           should_stop=lambda: stop["signal"] is not None,
+                                           should_stop=lambda: stop["agreed"] if world > 1
+                                           else stop["signal"] is not None,
                                            on_first_step=on_first_step if cfg["compile"] and compile_s is None
                                            else None)
                 train_s = time.perf_counter() - t0
                 timed = steps - 1 if epoch == start_epoch and cfg["compile"] else steps
-                if stop["signal"] and first_batch + steps < steps_per_epoch:
+                if stop["agreed" if world > 1 else "signal"] and first_batch + steps < steps_per_epoch:
                     if main:
                         checkpoint.save(out / "last.pt", state(epoch, first_batch + steps))
                     say(f"{stop['signal']}: saved {out / 'last.pt'} at batch {first_batch + steps} of epoch "
@@ -237,7 +253,7 @@ def run(cfg: dict, *, device: torch.device, rank: int, world: int, resume: bool)
                     if val["acc1"] >= best:
                         checkpoint.save(out / "best.pt", state(epoch + 1))
                     view.end_epoch(row)
-                if stop["signal"]:
+                if agree():
                     say(f"{stop['signal']}: stopped after epoch {epoch + 1}; --resume continues")
                     return {"interrupted": True}
     finally:

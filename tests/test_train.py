@@ -238,3 +238,22 @@ def test_fast_recipe_path_runs(packed, tmp_path):
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1]  # warmup, then the cosine decay
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["tta"] and cfg["augment"] == "crop" and cfg["label_smoothing"] == 0.1 and cfg["nesterov"]
+
+
+def test_ddp_sigterm_stops_every_rank_at_the_same_step(learnable, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29519", "-m", "fasttin.train", "--data", str(learnable), "--out",
+                             str(tmp_path), *QUICK, "--epochs", "3", "--batch-size", "20", "--log-every", "2"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: (tmp_path / "config.json").exists(), proc)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # a rank left waiting in an all-reduce would hang here
+    ck = checkpoint.load(tmp_path / "last.pt")
+    assert "SIGTERM" in err and (ck["epoch"], ck["step"]) != (3, 0)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521",
+                        "-m", "fasttin.train", "--data", str(learnable), "--out", str(tmp_path), *QUICK, "--epochs",
+                        "3", "--batch-size", "20", "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
