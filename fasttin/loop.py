@@ -38,8 +38,8 @@ class Meter:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         loss, top1, top5, n = sums.tolist()  # the one host-device synchronisation
-        n = max(n, 1)
-        return {"loss": loss / n, "acc1": top1 / n, "acc5": top5 / n, "n": int(sums[3])}
+        d = max(n, 1)
+        return {"loss": loss / d, "acc1": top1 / d, "acc5": top5 / d, "n": int(n)}
 
 
 def autocast(device: torch.device, amp: str):

@@ -217,8 +217,11 @@ def verify(out: str | Path) -> list[str]:
             continue
         ds = open_split(out, split)
         for i in range(len(ds)):
-            _, _, err = check_image(ds.encoded(i).tobytes(), ds.payload) if ds.payload == "jpeg" else (
-                None, False, None if len(ds.encoded(i)) == np.prod(IMAGE_SHAPE) else "raw payload of wrong size")
+            data = ds.encoded(i)
+            if ds.payload == "jpeg":
+                err = check_image(data.tobytes(), "jpeg")[2]
+            else:
+                err = None if data.size == np.prod(IMAGE_SHAPE) else f"raw payload of {data.size} bytes"
             if err:
                 problems.append(f"{split} sample {i} ({ds.keys[i]}): {err}")
     return problems

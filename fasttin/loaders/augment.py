@@ -6,8 +6,9 @@ only in their resampling arithmetic, never in what they do. The box is in source
 (x0, y0, w, h); `crop` boxes may reach 8 px outside the image, where the pixels are black.
 
 Bicubic everywhere, with PIL's conventions (Keys a = -0.5, pixel centres at +0.5, taps outside the
-image dropped and the rest renormalised): `cubic_weights` builds the interpolation matrices that
-the resident backend multiplies on the device, so its output matches PIL's to rounding.
+image dropped and the rest renormalised): `resize_batch` upscales whole-image boxes with torch's
+antialiased bicubic (a port of PIL's algorithm) and per-sample `rrc` boxes with the matrices that
+`cubic_weights` builds, so the resident backend matches PIL to rounding.
 """
 from __future__ import annotations
 
@@ -64,8 +65,7 @@ def cubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_s
 
     PIL's rule: output pixel i samples at centre start + (i + 0.5) * scale; when downscaling the
     kernel widens by the scale (antialias); taps that fall outside the input are dropped and the
-    remaining weights renormalised, so each row sums to one (which also lets normalisation happen
-    before the resize, at 64x64, where it is 12x cheaper).
+    remaining weights renormalised, so each row sums to one.
     """
     scale = (length / out_size)[:, None, None]
     centre = start[:, None, None] + (torch.arange(out_size, device=start.device) + 0.5)[None, :, None] * scale
@@ -122,7 +122,7 @@ def resize_batch(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
         x = _crop_flip(images, boxes, flips) if augment in ("flip", "crop") else images
         x = x.permute(0, 3, 1, 2)  # channels_last view
         if res != SIZE:
-            x = x if x.device.type == "cpu" else x.float()  # CUDA has no uint8 antialiased kernel
+            x = x if x.device.type == "cpu" else x.float()  # uint8 path: the CPU one measured bit-exact
             x = torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True,
                                                 align_corners=False)
         return normalize(x, dtype)
