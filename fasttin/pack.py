@@ -302,7 +302,8 @@ def _pack(source, out, options, classes, per_class, workers, quiet, source_info=
     splits = {}
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      "{task.fields[rate]}", TimeRemainingColumn(), console=console) as bar:
+                      "{task.fields[rate]}", TimeRemainingColumn(), console=console,
+                      disable=not console.is_terminal) as bar:  # a log or pipe gets the summary table
             for split in SPLITS:
                 if classes is None or split != "test":  # test has no labels to subset by
                     splits[split] = _pack_split(split, layout.items[split], layout, options, work, pool, bar)

@@ -329,21 +329,23 @@ class SplitDataset:
         if (payload_start != HEADER.size or index_start % 8 or not payload_start <= index_start
                 or keys_start != index_start + 8 * n + 4 or not keys_start <= file_size == size):
             raise self._bad(path, "header offsets out of bounds")
+        keys = self._read_keys(buf, keys_start, n, path)
         off = np.frombuffer(buf, "<u4", n + 1, index_start).astype(np.int64)
         step = np.diff(off)
         if off[0] != 0 or (step < 0).any() or not 0 <= index_start - payload_start - off[-1] < 8:
-            bad = int(np.argmax(step < 0)) if (step < 0).any() else n
-            raise self._bad(path, f"index offsets not increasing or out of bounds (sample {bad})")
+            i = int(np.argmax(step < 0)) if (step < 0).any() else n - 1
+            raise self._bad(path, f"sample {i} ({keys[i] if n else '-'}): offsets not increasing or out of bounds")
         wrong = step != np.prod(IMAGE_SHAPE) if self.payload == "raw" else step == 0
         if wrong.any():
-            raise self._bad(path, f"sample {int(np.argmax(wrong))}: a payload of {step[np.argmax(wrong)]} bytes")
+            i = int(np.argmax(wrong))
+            raise self._bad(path, f"sample {i} ({keys[i]}): a payload of {step[i]} bytes")
         labels = np.frombuffer(buf, "<i4", n, index_start + 4 * (n + 1))
         low = -1 if self.split == "test" else 0
         out = (labels < low) | (labels >= len(self.classes))
         if out.any():
             i = int(np.argmax(out))
-            raise self._bad(path, f"sample {i}: label {labels[i]} outside the {len(self.classes)} classes")
-        return off + payload_start, labels, self._read_keys(buf, keys_start, n, path)
+            raise self._bad(path, f"sample {i} ({keys[i]}): label {labels[i]} outside the {len(self.classes)} classes")
+        return off + payload_start, labels, keys
 
     def _read_keys(self, buf: np.ndarray, keys_start: int, n: int, path: Path) -> list[str]:
         try:
