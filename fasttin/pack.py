@@ -28,7 +28,7 @@ from PIL import Image
 
 from fasttin import __version__
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED, EXIT_OK, UserError
-from fasttin.fileio import clean_stale_tmp, ensure_writable, write_json_atomic
+from fasttin.fileio import OutputError, clean_stale_tmp, ensure_writable, write_json_atomic
 from fasttin.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -190,14 +190,19 @@ def _swap_in(work: Path, out: Path) -> None:
     """The finished pack in `work` becomes `out`; the old pack is renamed aside first and removed
     only once the new one is in place (a kill in between is repaired by clean_leftovers)."""
     old = _replaced(out)
-    if out.exists():
-        os.rename(out, old)
-    os.rename(work, out)
-    fd = os.open(out.parent, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        if out.exists():
+            os.rename(out, old)
+        os.rename(work, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise OutputError(f"cannot move the new pack into {out}: {e.strerror}") from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -295,7 +300,10 @@ def _pack(source, out, options, classes, per_class, workers, quiet, source_info=
     layout = source.layout(classes, per_class)
     workers = workers or os.cpu_count() or 1
     work = _building(out)
-    work.mkdir()
+    try:
+        work.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create {work}: {e.strerror}") from None
     checksum = ThreadPoolExecutor(1).submit(source.checksum)  # hashlib frees the GIL: overlaps decoding
     pool = mp.get_context("fork").Pool(workers, _init_worker, (source,)) if workers > 1 else None
     _init_worker(source)

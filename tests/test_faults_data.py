@@ -7,15 +7,18 @@ left, and an earlier pack byte-identical after a failed --force repack.
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, wait_for
 from PIL import Image
+from test_pack import STOP_AT_SHARD, stopped
 
 from fasttin.pack import is_complete, pack
 from fasttin.shards import HEADER, open_split
@@ -329,3 +332,18 @@ def test_damaged_pack_is_caught_at_open(case, packed, tmp_path):
     damage(out)
     r = run_cli("fasttin.pack", "--verify", out)
     assert_refused(r, code, *names)
+
+
+def test_sigterm_during_repack_keeps_the_old_pack_and_leaves_nothing(old_pack, tmp_path):
+    """SIGTERM (timeout, Slurm, kill) while the repack writes: exit 130, old pack untouched, and
+    the build folder removed at once. The repack is stopped at a chosen shard, not raced."""
+    src, out, before = old_pack
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AT_SHARD, "val-000.shard", "--src", str(src),
+                             "--out", str(out), "--force", "--workers", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: stopped(proc.pid), proc, what="the repack stopping at its val shard")
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(out) == before and not leftovers(tmp_path)
