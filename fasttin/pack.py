@@ -225,7 +225,7 @@ def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", clas
     """Pack a source into `out`; returns the manifest. Raises a UserError (PackError, SourceError,
     OutputError...) on bad input or an unwritable output, leaving any earlier pack in `out` intact."""
     out = Path(out)
-    out = out.resolve() if out.is_symlink() else out
+    out = out.resolve() if out.is_symlink() or out.name in ("", "..") else out  # the swap renames `out`
     _check_options(payload, classes, per_class, shard_mb, seed, workers)
     options = {"payload": payload, "classes": classes, "per_class": per_class, "shard_mb": shard_mb,
                "seed": seed, "skip_bad": skip_bad, "synthetic": synthetic}
@@ -255,7 +255,7 @@ def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", clas
 
 
 def _pack_split(split, items, layout, options, work, pool, bar) -> dict:
-    """Check and write one split into `work`; its manifest entry (shards still under temporary names)."""
+    """Check and write one split into `work`; its manifest entry."""
     t0 = time.perf_counter()
     order = np.random.default_rng([options["seed"], SPLITS.index(split)]).permutation(len(items))
     items = [items[i] for i in order]
