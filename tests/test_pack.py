@@ -419,3 +419,18 @@ def test_real_archive(real_packed, tin_zip):
                     rgb = va.image(i)
                     assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
         assert gray > 0  # about 1.8% of the images are grayscale
+
+
+def test_payload_that_does_not_decode_names_its_shard_and_sample(packed, tmp_path):
+    shutil.copytree(packed, tmp_path / "c")
+    ds = open_split(tmp_path / "c", "val")
+    start = int(ds._start[4])
+    shard = tmp_path / "c" / "val-000.shard"
+    data = bytearray(shard.read_bytes())
+    data[start:start + 4] = b"GARB"  # the JPEG's SOI marker
+    shard.write_bytes(bytes(data))
+    ds = open_split(tmp_path / "c", "val")  # sizes agree: opening does not hash
+    with pytest.raises(FormatError, match=rf"val-000.shard sample 4 \({ds.keys[4]}\): does not decode.*--force"):
+        ds.image(4)
+    r = run_cli("fasttin.pack", "--verify", tmp_path / "c")
+    assert r.returncode == 1 and "val-000.shard" in r.stderr and "Traceback" not in r.stderr
