@@ -190,6 +190,7 @@ def _swap_in(work: Path, out: Path) -> None:
     """The finished pack in `work` becomes `out`; the old pack is renamed aside first and removed
     only once the new one is in place (a kill in between is repaired by clean_leftovers)."""
     old = _replaced(out)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # no stop mid-swap
     try:
         if out.exists():
             os.rename(out, old)
@@ -203,6 +204,8 @@ def _swap_in(work: Path, out: Path) -> None:
         if old.exists() and not out.exists():
             os.rename(old, out)
         raise OutputError(f"cannot move the new pack into {out}: {e.strerror}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -388,10 +391,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the once-per-pack shuffle (default 0)")
     p.add_argument("--workers", type=int, default=None, help="decode-check processes (default: all cores)")
     p.add_argument("--skip-bad", action="store_true", help="pack the rest and list bad files in the manifest")
-    p.add_argument("--force", action="store_true", help="repack even if --out is already complete")
+    p.add_argument("--force", action="store_true",
+                   help="repack even if --out is already complete (built beside it, swapped in when done)")
     p.add_argument("--synthetic", type=int, metavar="N",
                    help="a synthetic set shaped like Tiny-ImageNet, N train images per class (tests, demos)")
-    p.add_argument("--verify", type=Path, metavar="DIR", help="re-hash and decode a packed data set, then exit")
+    p.add_argument("--verify", type=Path, metavar="DIR",
+                   help="check, re-hash and decode a packed data set (exit 1 if damaged)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # kill/timeout/Slurm: clean up like Ctrl-C
     try:
