@@ -1,9 +1,10 @@
 """python -m fasttin.pack: Tiny-ImageNet (zip, folder, download or synthetic) -> dense binary shards.
 
 Every image is decoded once to prove it is readable and 64x64; JPEGs a GPU decoder reads are
-stored untouched, anything else (PNG under a .JPEG name, CMYK) is re-encoded as RGB JPEG q95
-4:4:4. Shards are written under temporary names and renamed, the manifest last, so an
-interrupted pack never looks complete.
+stored untouched, anything else (PNG under a .JPEG name, CMYK, 16-bit, palette, alpha) is
+converted to 8-bit RGB (see `rgb8`) and re-encoded as JPEG q95 4:4:4. A pack is built in a
+sibling temporary folder and swapped in only when complete, so an interrupted or failed pack
+(or --force repack) never destroys the earlier one nor looks complete itself.
 """
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import argparse
 import io
 import multiprocessing as mp
 import os
+import re
+import shutil
+import signal
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from fasttin import __version__
-from fasttin.fileio import digest, write_json_atomic
+from fasttin.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED, EXIT_OK, UserError
+from fasttin.fileio import OutputError, clean_stale_tmp, ensure_writable, write_json_atomic
 from fasttin.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -33,34 +39,64 @@ from fasttin.shards import (
     open_split,
     read_manifest,
 )
-from fasttin.source import SPLITS, Source, SourceError, download_official
+from fasttin.source import SPLITS, MemberError, Source, download_official, shown
 from fasttin.synthetic import make_layout
 
 DEFAULT_OUT = Path(os.environ.get("FASTTIN_DATA", "data/tiny-imagenet-200-packed"))
 
 
-class PackError(Exception):
+class PackError(UserError):
     """Packing refused: the message names every culprit."""
+
+
+# ---- one image -> 8-bit RGB -----------------------------------------------------------------------
+
+def rgb8(im: Image.Image) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 [H, W, 3], None), or (None, why) for a pixel mode with no faithful 8-bit RGB.
+
+    16-bit and 32-bit integer grey (I;16*, I) is scaled by 1/257 (0..65535 -> 0..255), never
+    clipped; images with transparency (RGBA, LA, PA, palette with a transparent entry) are
+    composited on black; 1-bit, grey, CMYK and YCbCr go through PIL's conversion; float (F) and
+    other modes are refused, since their range is not defined.
+    """
+    mode = im.mode
+    if mode in ("RGB", "L", "1", "CMYK", "YCbCr", "RGBX"):
+        return np.asarray(im.convert("RGB")), None
+    if mode in ("P", "PA", "RGBA", "RGBa", "LA", "La"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint32)  # palette transparency becomes alpha
+        return ((rgba[..., :3] * rgba[..., 3:] + 127) // 255).astype(np.uint8), None
+    if mode == "I" or mode.startswith("I;16"):
+        v = np.asarray(im).astype(np.int64)
+        if v.min() < 0 or v.max() > 65535:
+            return None, f"has 32-bit pixel values ({v.min()}..{v.max()}) outside the 16-bit range"
+        grey = ((v + 128) // 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1), None
+    return None, f"has pixel mode {mode}, which has no defined 8-bit RGB conversion"
 
 
 def check_image(data: bytes, payload: str) -> tuple[bytes | None, bool, str | None]:
     """(bytes to store, converted?, error). Decodes once: the proof the image is usable."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            fmt, mode, size = im.format, im.mode, im.size
-            if size != IMAGE_SHAPE[:2]:
-                return None, False, f"is {size[0]}x{size[1]}, not 64x64"
-            gpu_readable = fmt == "JPEG" and mode in ("RGB", "L")
-            if payload == "raw":
-                return np.asarray(im.convert("RGB")).tobytes(), not gpu_readable, None
-            if gpu_readable:
-                return data, False, None
-            out = io.BytesIO()
-            im.convert("RGB").save(out, "JPEG", quality=95, subsampling=0)
-            return out.getvalue(), True, None
-    except Exception as e:  # PIL raises many kinds for corrupt, truncated or non-image data
-        return None, False, f"does not decode ({type(e).__name__}: {e})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's per-image warnings would break the one-line report
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, mode, size = im.format, im.mode, im.size
+                if size != IMAGE_SHAPE[:2]:
+                    return None, False, f"is {size[0]}x{size[1]}, not 64x64"
+                im.load()
+                rgb, why = rgb8(im)
+        except Exception as e:  # the per-file boundary: PIL raises many kinds for corrupt data
+            return None, False, f"does not decode ({type(e).__name__}: {e})"
+    if why:
+        return None, False, why
+    gpu_readable = fmt == "JPEG" and mode in ("RGB", "L")
+    if payload == "raw":
+        return rgb.tobytes(), not gpu_readable, None
+    if gpu_readable:
+        return data, False, None
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, "JPEG", quality=95, subsampling=0)
+    return out.getvalue(), True, None
 
 
 _SRC: Source | None = None
@@ -69,29 +105,134 @@ _SRC: Source | None = None
 def _init_worker(src: Source):
     global _SRC
     _SRC = src
+    if mp.current_process().name != "MainProcess":  # stopping is the main process's job
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_one(member: str, payload: str):
+    try:
+        data = _SRC.read(member)
+    except MemberError as e:  # bad CRC, broken deflate stream, unreadable file: this file only
+        return None, False, str(e).split(": ", 1)[1]
+    return check_image(data, payload)
 
 
 def _work(task):
     members, payload = task
-    return [check_image(_SRC.read(m), payload) for m in members]
+    return [_check_one(m, payload) for m in members]
 
+
+# ---- where a pack is built, and how it replaces the old one ------------------------------------------
 
 def is_complete(out: Path) -> bool:
     try:
         read_manifest(out)
         return True
-    except (FileNotFoundError, FormatError):
+    except FormatError:
         return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _building(out: Path) -> Path:
+    return out.with_name(f"{out.name}.tmp{os.getpid()}")
+
+
+def _replaced(out: Path) -> Path:
+    return out.with_name(f"{out.name}.old.tmp{os.getpid()}")
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove what killed packs into `out` left: their sibling build folders, the old pack they
+    were replacing (put back first if they died between the two renames of the swap), and
+    `*.tmp<pid>` files inside `out`. Returns what was removed."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
+    stale = [p for p in out.parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not _alive(int(m.group(2)))]
+    if not out.exists():  # died mid-swap: the finished new pack if there is one, else the old one
+        for p in sorted(stale, key=lambda p: ".old." in p.name):
+            if is_complete(p):
+                os.rename(p, out)
+                break
+    removed = [p for p in stale if p.exists()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed + clean_stale_tmp(out)
+
+
+_PACK_FILE = re.compile(r"(manifest\.json|[^/]+\.shard)(\.tmp\d+)?|.*\.tmp\d+")
+
+
+def _check_replaceable(out: Path) -> None:
+    """`out` may only be replaced if it is missing, empty, or holds nothing but a pack (complete
+    or the leftovers of an interrupted one): never a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise PackError(f"--out {out} is a file, not a folder")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if not _PACK_FILE.fullmatch(p.name) or p.is_dir())
+        if other:
+            raise PackError(f"--out {out} holds files that are not a packed data set ({shown(other[0])}"
+                            f"{' ...' if len(other) > 1 else ''}): choose a new or empty folder")
+
+
+def _swap_in(work: Path, out: Path) -> None:
+    """The finished pack in `work` becomes `out`; the old pack is renamed aside first and removed
+    only once the new one is in place (a kill in between is repaired by clean_leftovers)."""
+    old = _replaced(out)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # no stop mid-swap
+    try:
+        if out.exists():
+            os.rename(out, old)
+        os.rename(work, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if old.exists() and not out.exists():
+            os.rename(old, out)
+        raise OutputError(f"cannot move the new pack into {out}: {e.strerror}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_options(payload, classes, per_class, shard_mb, seed, workers) -> None:
+    if payload not in ("jpeg", "raw"):
+        raise PackError(f"--format {payload!r}: choose jpeg or raw")
+    for flag, v in (("--classes", classes), ("--per-class", per_class), ("--workers", workers)):
+        if v is not None and v < 1:
+            raise PackError(f"{flag} {v}: must be at least 1")
+    if not 0 < shard_mb * (1 << 20) < 1 << 32:
+        raise PackError(f"--shard-mb {shard_mb}: must be above 0 and below 4096 (u32 offsets)")
+    if seed < 0:
+        raise PackError(f"--seed {seed}: must be 0 or more")
 
 
 def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", classes: int | None = None,
          per_class: int | None = None, shard_mb: float = 64, seed: int = 0, workers: int | None = None,
          skip_bad: bool = False, force: bool = False, synthetic: int | None = None,
          quiet: bool = False) -> dict:
-    """Pack a source into `out`; returns the manifest. Raises PackError/SourceError on bad input."""
+    """Pack a source into `out`; returns the manifest. Raises a UserError (PackError, SourceError,
+    OutputError...) on bad input or an unwritable output, leaving any earlier pack in `out` intact."""
     out = Path(out)
+    out = out.resolve() if out.is_symlink() or out.name in ("", "..") else out  # the swap renames `out`
+    _check_options(payload, classes, per_class, shard_mb, seed, workers)
     options = {"payload": payload, "classes": classes, "per_class": per_class, "shard_mb": shard_mb,
                "seed": seed, "skip_bad": skip_bad, "synthetic": synthetic}
+    clean_leftovers(out)
     if is_complete(out) and not force:
         old = read_manifest(out)
         if old.get("options") != options:
@@ -100,130 +241,139 @@ def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", clas
         if not quiet:
             print(f"{out} is already packed (manifest.json present); nothing to do (--force repacks)")
         return old
-    if payload not in ("jpeg", "raw"):
-        raise PackError(f"--format {payload!r}: choose jpeg or raw")
+    _check_replaceable(out)
+    ensure_writable(out.parent, folder=True)
     if synthetic is not None:
         with tempfile.TemporaryDirectory(prefix="fasttin-synth-") as tmp:
             root = make_layout(tmp, classes or 200, synthetic, seed=seed)
             # the synthetic layout has exactly `classes` classes: not a subset, so test stays
-            return _pack(Source(root), out, options, None, per_class, shard_mb, seed, workers, skip_bad,
-                         quiet, source_info={"kind": "synthetic", "per_class": synthetic, "classes": classes or 200})
+            return _pack(Source(root), out, options, None, per_class, workers, quiet,
+                         source_info={"kind": "synthetic", "per_class": synthetic, "classes": classes or 200})
     if src is None:
         src = download_official()
     source = Source(src)
     if source.kind == "folder" and out.resolve().is_relative_to(source.root.resolve()):
         raise PackError(f"--out {out} is inside --src {source.root}: refusing to write into the source")
-    return _pack(source, out, options, classes, per_class, shard_mb, seed, workers, skip_bad, quiet)
+    return _pack(source, out, options, classes, per_class, workers, quiet)
 
 
-def _pack(source, out, options, classes, per_class, shard_mb, seed, workers, skip_bad, quiet, source_info=None):
+def _pack_split(split, items, layout, options, work, pool, bar) -> dict:
+    """Check and write one split into `work`; its manifest entry."""
+    t0 = time.perf_counter()
+    order = np.random.default_rng([options["seed"], SPLITS.index(split)]).permutation(len(items))
+    items = [items[i] for i in order]
+    writer = ShardWriter(work, split, options["payload"], int(options["shard_mb"] * (1 << 20)))
+    task = bar.add_task(split, total=len(items), rate="")
+    chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
+    tasks = [([it.member for it in c], options["payload"]) for c in chunks]
+    results = pool.imap(_work, tasks) if pool else map(_work, tasks)
+    converted, skipped = [], [{"file": f, "reason": r} for f, r in layout.problems.get(split, [])]
+    for chunk, res in zip(chunks, results):
+        for it, (data, conv, err) in zip(chunk, res):
+            if err:
+                skipped.append({"file": it.member, "reason": err})
+                continue
+            writer.add(it.key, it.label, data)
+            if conv:
+                converted.append(it.member)
+        done = bar.tasks[task].completed + len(chunk)
+        bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.0f} img/s")
+    shards = writer.commit()
+    n = len(items) - (len(skipped) - len(layout.problems.get(split, [])))
+    return {"count": n, "found": layout.found(split), "converted": converted, "skipped": skipped,
+            "shuffle_seed": [options["seed"], SPLITS.index(split)],
+            "payload_bytes": sum(s["payload_bytes"] for s in shards), "shards": shards,
+            "seconds": time.perf_counter() - t0}
+
+
+def _bad_files(problems: list[dict], source: Source) -> PackError:
+    lines = [f"{shown(p['file'])}: {p['reason']}" for p in problems]
+    if len(lines) == 1:
+        return PackError(f"{lines[0]} (in {source.path}; nothing packed; --skip-bad packs the rest)")
+    return PackError(f"{len(lines)} bad files in {source.path} (nothing packed; --skip-bad packs the rest):\n"
+                     + "\n".join("  " + line for line in lines))
+
+
+def _pack(source, out, options, classes, per_class, workers, quiet, source_info=None):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-    from rich.table import Table
 
     console = Console(stderr=True, quiet=quiet)
     t_all = time.perf_counter()
     layout = source.layout(classes, per_class)
     workers = workers or os.cpu_count() or 1
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [out / MANIFEST, *out.glob("*.shard"), *out.glob("*.shard.tmp*")]:
-        stale.unlink(missing_ok=True)  # an old or interrupted pack: the manifest goes first
-
+    work = _building(out)
+    try:
+        work.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create {work}: {e.strerror}") from None
     checksum = ThreadPoolExecutor(1).submit(source.checksum)  # hashlib frees the GIL: overlaps decoding
     pool = mp.get_context("fork").Pool(workers, _init_worker, (source,)) if workers > 1 else None
     _init_worker(source)
-    writers, splits, rows, problems = [], {}, [], []
+    splits = {}
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      "{task.fields[rate]}", TimeRemainingColumn(), console=console) as bar:
+                      "{task.fields[rate]}", TimeRemainingColumn(), console=console,
+                      disable=not console.is_terminal) as bar:  # a log or pipe gets the summary table
             for split in SPLITS:
-                items = layout.items[split]
-                if classes is not None and split == "test":
-                    continue  # test has no labels to subset by: kept whole only without --classes
-                t0 = time.perf_counter()
-                order = np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(items))
-                items = [items[i] for i in order]
-                writer = ShardWriter(out, split, options["payload"], int(shard_mb * (1 << 20)))
-                writers.append(writer)
-                task = bar.add_task(split, total=len(items), rate="")
-                chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
-                tasks = [([it.member for it in c], options["payload"]) for c in chunks]
-                results = pool.imap(_work, tasks) if pool else map(_work, tasks)
-                converted, skipped = [], [{"file": f, "reason": r} for f, r in layout.problems.get(split, [])]
-                for chunk, res in zip(chunks, results):
-                    for it, (data, conv, err) in zip(chunk, res):
-                        if err:
-                            skipped.append({"file": it.member, "reason": err})
-                            continue
-                        writer.add(it.key, it.label, data)
-                        if conv:
-                            converted.append(it.member)
-                    done = bar.tasks[task].completed + len(chunk)
-                    bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - t0):,.0f} img/s")
-                shards = writer.finish()
-                secs = time.perf_counter() - t0
-                n = len(items) - (len(skipped) - len(layout.problems.get(split, [])))
-                splits[split] = {"count": n, "found": layout.found(split), "converted": converted,
-                                 "skipped": skipped, "shuffle_seed": [seed, SPLITS.index(split)],
-                                 "payload_bytes": sum(s["payload_bytes"] for s in shards), "shards": shards}
-                problems += [f"  {s['file']}: {s['reason']}" for s in skipped]
-                rows.append((split, n, splits[split]["payload_bytes"], len(shards), len(converted), len(skipped), secs))
-        if problems and not skip_bad:
-            raise PackError(f"{len(problems)} bad file(s) in {source.path} (nothing packed; --skip-bad packs "
-                            "the rest):\n" + "\n".join(problems))
-        for w in writers:
-            w.commit()
+                if classes is None or split != "test":  # test has no labels to subset by
+                    splits[split] = _pack_split(split, layout.items[split], layout, options, work, pool, bar)
+        source_skipped = [{"file": f, "reason": r} for f, r in layout.problems.get("source", [])]
+        problems = source_skipped + [s for e in splits.values() for s in e["skipped"]]
+        if problems and not options["skip_bad"]:
+            raise _bad_files(problems, source)
         info = source_info or {"kind": source.kind, "path": str(source.path.resolve()), **checksum.result()}
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "fasttin": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": info, "payload": options["payload"], "image_shape": list(IMAGE_SHAPE),
             "classes": [{"wnid": w, "words": layout.words.get(w, "")} for w in layout.wnids],
-            "options": options, "splits": splits,
+            "options": options, "source_skipped": source_skipped,
+            "splits": {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in splits.items()},
         }
-        write_json_atomic(out / MANIFEST, manifest)
+        write_json_atomic(work / MANIFEST, manifest)
+        _swap_in(work, out)
     except BaseException:
-        for w in writers:
-            w.abort()
+        shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
         if pool:
             pool.terminate()
-    secs = time.perf_counter() - t_all
-    table = Table(title=f"packed {out} in {secs:.1f} s")
-    for col in ("split", "images", "MB", "shards", "converted", "skipped", "seconds", "img/s"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for split, n, nbytes, ns, nc, nsk, s in rows:
-        table.add_row(split, f"{n:,}", f"{nbytes / 1e6:.1f}", str(ns), str(nc), str(nsk), f"{s:.1f}", f"{n / s:,.0f}")
-    console.print(table)
+    _report(console, out, splits, time.perf_counter() - t_all)
     return manifest
 
 
+def _report(console, out, splits, secs) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"packed {out} in {secs:.1f} s")
+    for col in ("split", "images", "MB", "shards", "converted", "skipped", "seconds", "img/s"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, e in splits.items():
+        n, s = e["count"], e["seconds"]
+        table.add_row(split, f"{n:,}", f"{e['payload_bytes'] / 1e6:.1f}", str(len(e["shards"])),
+                      str(len(e["converted"])), str(len(e["skipped"])), f"{s:.1f}", f"{n / s:,.0f}")
+    console.print(table)
+
+
 def verify(out: str | Path) -> list[str]:
-    """Re-hash every shard against the manifest and decode every sample; the list of problems."""
+    """Re-hash every shard against the manifest, check every index, decode every sample; the
+    problems, one line each. A manifest that cannot be read raises FormatError."""
     out = Path(out)
     manifest = read_manifest(out)
     problems = []
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            path = out / shard["file"]
-            if not path.is_file():
-                problems.append(f"{path}: missing")
-            elif path.stat().st_size != shard["bytes"]:
-                problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-            elif digest(path) != shard["sha256"]:
-                problems.append(f"{path}: sha256 disagrees with the manifest")
-        if problems:
+    for split in manifest["splits"]:
+        try:
+            ds = open_split(out, split, verify=True)
+        except FormatError as e:
+            problems.append(str(e))
             continue
-        ds = open_split(out, split)
+        if ds.payload != "jpeg":
+            continue  # raw payload sizes are checked at open
         for i in range(len(ds)):
-            data = ds.encoded(i)
-            if ds.payload == "jpeg":
-                err = check_image(data.tobytes(), "jpeg")[2]
-            else:
-                err = None if data.size == np.prod(IMAGE_SHAPE) else f"raw payload of {data.size} bytes"
+            err = check_image(ds.encoded(i).tobytes(), "jpeg")[2]
             if err:
-                problems.append(f"{split} sample {i} ({ds.keys[i]}): {err}")
+                problems.append(f"{out}/{ds.describe(i)}: {err}")
     return problems
 
 
@@ -241,34 +391,46 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the once-per-pack shuffle (default 0)")
     p.add_argument("--workers", type=int, default=None, help="decode-check processes (default: all cores)")
     p.add_argument("--skip-bad", action="store_true", help="pack the rest and list bad files in the manifest")
-    p.add_argument("--force", action="store_true", help="repack even if --out is already complete")
+    p.add_argument("--force", action="store_true",
+                   help="repack even if --out is already complete (built beside it, swapped in when done)")
     p.add_argument("--synthetic", type=int, metavar="N",
                    help="a synthetic set shaped like Tiny-ImageNet, N train images per class (tests, demos)")
-    p.add_argument("--verify", type=Path, metavar="DIR", help="re-hash and decode a packed data set, then exit")
+    p.add_argument("--verify", type=Path, metavar="DIR",
+                   help="check, re-hash and decode a packed data set (exit 1 if damaged)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # kill/timeout/Slurm: clean up like Ctrl-C
     try:
         if args.verify:
-            problems = verify(args.verify)
-            if problems:
-                print(f"fasttin.pack: {args.verify} FAILED verification:\n" + "\n".join(problems), file=sys.stderr)
-                return 1
-            print(f"{args.verify}: every shard matches the manifest and every sample decodes")
-            return 0
-        for name in ("classes", "per_class", "workers"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                p.error(f"--{name.replace('_', '-')} must be at least 1")
+            return _verify_main(args.verify)
         pack(args.src, args.out, payload=args.payload, classes=args.classes, per_class=args.per_class,
              shard_mb=args.shard_mb, seed=args.seed, workers=args.workers, skip_bad=args.skip_bad,
              force=args.force, synthetic=args.synthetic)
-    except (PackError, SourceError, FormatError, FileNotFoundError, ValueError) as e:
+    except UserError as e:
         print(f"fasttin.pack: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("fasttin.pack: interrupted; nothing complete-looking was left behind", file=sys.stderr)
-        return 130
+        print("fasttin.pack: interrupted; any earlier pack is intact and nothing complete-looking was "
+              "left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.synthetic is None:
         print(f"next: python -m fasttin.train --data {args.out} --res 224")
-    return 0
+    return EXIT_OK
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _verify_main(folder: Path) -> int:
+    problems = verify(folder)
+    if len(problems) == 1:
+        print(f"fasttin.pack: {folder} FAILED verification: {problems[0]}", file=sys.stderr)
+    elif problems:
+        print(f"fasttin.pack: {folder} FAILED verification ({len(problems)} problems):\n"
+              + "\n".join(problems), file=sys.stderr)
+    else:
+        print(f"{folder}: every shard matches the manifest and every sample decodes")
+    return EXIT_FAILED_CHECK if problems else EXIT_OK
 
 
 if __name__ == "__main__":

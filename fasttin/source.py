@@ -10,19 +10,46 @@ import os
 import re
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fasttin.errors import UserError
 from fasttin.fileio import digest
+from fasttin.shards import name_problem
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 OFFICIAL_BYTES = 248_100_043
 OFFICIAL_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 SPLITS = ("train", "val", "test")
+# what reading one zip member can raise for a damaged archive (bad CRC, broken deflate stream,
+# truncated data, unsupported compression, encryption) or a folder file (permissions, I/O error)
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError)
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """The source cannot be used at all (missing wnids.txt, not a zip, checksum mismatch...)."""
+
+
+class MemberError(SourceError):
+    """One file of the source cannot be read: a per-file fault that --skip-bad skips."""
+
+
+def shown(name: str) -> str:
+    """A name as it can be printed on one line (quoted when it holds control characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def member_problem(member: str) -> str | None:
+    """Why a relative member path (e.g. 'train/n01/images/x.JPEG') could leave the source's root
+    or break a one-line name: absolute, '..', '.', empty parts, backslashes, control characters."""
+    if member.startswith("/"):
+        return "is an absolute path"
+    for part in member.split("/"):
+        why = name_problem(part)
+        if why:
+            return f"has a part that {why}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,7 +64,8 @@ class Layout:
     wnids: list[str]  # sorted: index = label (torchvision ImageFolder order)
     words: dict[str, str]
     items: dict[str, list[Item]]  # split -> items kept
-    problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # split -> (file, reason)
+    # split (or "source" for index-file lines) -> (file, reason)
+    problems: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def found(self, split: str) -> int:
         return len(self.items[split]) + len(self.problems.get(split, []))
@@ -49,7 +77,12 @@ def natural_key(name: str):
 
 
 class Source:
-    """A Tiny-ImageNet-200 zip or folder. Picklable by path: workers reopen it themselves."""
+    """A Tiny-ImageNet-200 zip or folder. Picklable by path: workers reopen it themselves.
+
+    Only names that stay inside the root are ever read: a member whose name is absolute, holds
+    '..' or a control character, or (zip) appears twice, or (folder) is a symlink leading out of
+    the root, is listed in `bad_members` instead of being listed.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -57,22 +90,37 @@ class Source:
             raise SourceError(f"source {self.path} does not exist")
         self.kind = "zip" if self.path.is_file() else "folder"
         self._zip, self._zip_pid = None, None
+        self.bad_members: list[tuple[str, str]] = []
         if self.kind == "zip":
-            try:
-                names = self._open_zip().namelist()
-            except zipfile.BadZipFile:
-                raise SourceError(f"{self.path} is not a zip archive") from None
-            roots = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1]
-            if not roots:
-                raise SourceError(f"{self.path}: no wnids.txt in the archive (is it tiny-imagenet-200.zip?)")
-            self.root = roots[0]
-            self._names = [n[len(self.root):] for n in names if n.startswith(self.root) and not n.endswith("/")]
+            self._init_zip()
         else:
             base = self.path / "tiny-imagenet-200" if (self.path / "tiny-imagenet-200").is_dir() else self.path
             if not (base / "wnids.txt").is_file():
                 raise SourceError(f"{base}: missing wnids.txt (is it the tiny-imagenet-200 folder?)")
             self.root = base
+            self._real_root = base.resolve()
             self._names = None
+
+    def _init_zip(self) -> None:
+        try:
+            names = self._open_zip().namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SourceError(f"{self.path} is not a readable zip archive ({e})") from None
+        roots = [n[: -len("wnids.txt")] for n in names if n.endswith("wnids.txt") and n.count("/") <= 1]
+        if not roots:
+            raise SourceError(f"{self.path}: no wnids.txt in the archive (is it tiny-imagenet-200.zip?)")
+        self.root = roots[0]
+        counts: dict[str, int] = {}
+        for n in names:
+            if n.startswith(self.root) and not n.endswith("/"):
+                counts[n[len(self.root):]] = counts.get(n[len(self.root):], 0) + 1
+        self._names = []
+        for n, c in counts.items():
+            why = member_problem(n) or (f"appears {c} times in the archive" if c > 1 else None)
+            if why:
+                self.bad_members.append((n, f"the name {why}"))
+            else:
+                self._names.append(n)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_zip"} | {"_zip": None}
@@ -83,23 +131,43 @@ class Source:
         return self._zip
 
     def read(self, member: str) -> bytes:
-        if self.kind == "zip":
-            return self._open_zip().read(self.root + member)
-        return (self.root / member).read_bytes()
+        """The bytes of one member; MemberError (naming it) if it cannot be read."""
+        why = member_problem(member)
+        if why:  # never reached through layout(): a guard for any other caller
+            raise MemberError(f"{shown(member)}: the name {why}")
+        try:
+            if self.kind == "zip":
+                return self._open_zip().read(self.root + member)
+            return (self.root / member).read_bytes()
+        except READ_ERRORS as e:
+            raise MemberError(f"{shown(member)}: cannot be read ({type(e).__name__}: {e})") from None
 
     def exists(self, member: str) -> bool:
         if self.kind == "zip":
             return member in self._member_set
-        return (self.root / member).is_file()
+        return member_problem(member) is None and (self.root / member).is_file()
 
     def listdir(self, prefix: str) -> list[str]:
-        """Relative member names under `prefix` (a folder path ending in '/'), recursively."""
+        """Relative member names under `prefix` (a folder path ending in '/'), recursively; names
+        that could escape the root go to `bad_members` instead."""
         if self.kind == "zip":
             return [n for n in self._names if n.startswith(prefix)]
         base = self.root / prefix
         if not base.is_dir():
             return []
-        return [str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()]
+        names = []
+        for p in base.rglob("*"):
+            if not p.is_file():
+                continue
+            n = str(p.relative_to(self.root))
+            why = member_problem(n)
+            if why is None and p.is_symlink() and not p.resolve().is_relative_to(self._real_root):
+                why = "is a symlink leading out of the source folder"
+            if why:
+                self.bad_members.append((n, f"the name {why}" if not why.startswith("is a symlink") else why))
+            else:
+                names.append(n)
+        return names
 
     @property
     def _member_set(self):
@@ -117,69 +185,148 @@ class Source:
                 h.update(f"{p.relative_to(self.root)}\t{p.stat().st_size}\n".encode())
         return {"listing_sha256": h.hexdigest()}
 
-    def layout(self, classes: int | None = None, per_class: int | None = None) -> Layout:
-        """Every sample of every split with its label; structural problems listed, not raised."""
-        if not self.exists("wnids.txt"):
-            raise SourceError(f"{self.path}: missing wnids.txt")
-        if not self.exists("val/val_annotations.txt"):
-            raise SourceError(f"{self.path}: missing val/val_annotations.txt")
-        wnids = sorted(w.strip() for w in self.read("wnids.txt").decode().split() if w.strip())
-        if classes is not None:
-            if not 1 <= classes <= len(wnids):
-                raise SourceError(f"--classes {classes}: the source has {len(wnids)} classes")
-            wnids = wnids[:classes]
-        all_wnids = {w.strip() for w in self.read("wnids.txt").decode().split()}
-        label_of = {w: i for i, w in enumerate(wnids)}
-        words = {}
-        if self.exists("words.txt"):
-            for line in self.read("words.txt").decode("utf-8", "replace").splitlines():
-                wnid, _, text = line.partition("\t")
-                if wnid in label_of:
-                    words[wnid] = text.strip()
-        items = {s: [] for s in SPLITS}
-        problems = {s: [] for s in SPLITS}
+    def text(self, member: str) -> str:
+        """An index file (wnids.txt, val_annotations.txt...) as text; SourceError if unreadable."""
+        if not self.exists(member):
+            raise SourceError(f"{self.path}: missing {member}")
+        try:
+            return self.read(member).decode()
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{self.path}: {member} is not UTF-8 text ({e})") from None
+        except MemberError as e:
+            raise SourceError(f"{self.path}: {e}") from None
 
-        # train: train/<wnid>/images/<file>; label from the folder
+    def layout(self, classes: int | None = None, per_class: int | None = None) -> Layout:
+        """Every sample of every split with its label; per-file problems listed, not raised."""
+        return _LayoutReader(self, classes, per_class).read()
+
+
+class _LayoutReader:
+    """Reads the index files and listings of one Source into a Layout, checking every name."""
+
+    def __init__(self, src: Source, classes: int | None, per_class: int | None):
+        self.src, self.classes, self.per_class = src, classes, per_class
+        self.problems: dict[str, list[tuple[str, str]]] = {s: [] for s in (*SPLITS, "source")}
+        self.items: dict[str, list[Item]] = {s: [] for s in SPLITS}
+
+    def read(self) -> Layout:
+        src = self.src
+        annotations = src.text("val/val_annotations.txt")  # both index files present before any work
+        self.all_wnids = self._wnids(src.text("wnids.txt"))
+        wnids = sorted(self.all_wnids)
+        if self.classes is not None:
+            if not 1 <= self.classes <= len(wnids):
+                raise SourceError(f"--classes {self.classes}: the source has {len(wnids)} classes")
+            wnids = wnids[:self.classes]
+        self.label_of = {w: i for i, w in enumerate(wnids)}
+        words = self._words()
+        self._train()
+        self._val(annotations)
+        if self.classes is None:  # test: unlabeled; kept whole only without --classes
+            self._test()
+        self._bad_members()
+        for split in SPLITS:
+            self._unique_keys(split)
+        return Layout(wnids, words, self.items, {k: v for k, v in self.problems.items() if v})
+
+    def _wnids(self, text: str) -> dict[str, int]:
+        """wnid -> line of wnids.txt; a bad or repeated wnid is refused: it defines the labels."""
+        seen: dict[str, int] = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            for w in line.split():
+                why = name_problem(w) or (f"is listed again (first on line {seen[w]})" if w in seen else None)
+                if why:
+                    raise SourceError(f"{self.src.path}: wnids.txt line {n}: the wnid {shown(w)} {why}; "
+                                      "the class list must be exact, so nothing was packed")
+                seen[w] = n
+        if not seen:
+            raise SourceError(f"{self.src.path}: wnids.txt lists no classes")
+        return seen
+
+    def _words(self) -> dict[str, str]:
+        words, first = {}, {}
+        if not self.src.exists("words.txt"):
+            return words
+        text = self.src.read("words.txt").decode("utf-8", "replace")
+        for n, line in enumerate(text.splitlines(), 1):
+            wnid, _, desc = line.partition("\t")
+            if wnid not in self.label_of:
+                continue
+            desc = desc.strip()
+            why = (f"{wnid} is described again (first on line {first[wnid]})" if wnid in first else
+                   None if desc.isprintable() else f"the description of {wnid} holds a control character")
+            if why:
+                self.problems["source"].append((f"words.txt line {n}", why))
+                continue
+            first[wnid], words[wnid] = n, desc
+        return words
+
+    def _train(self) -> None:
+        """train/<wnid>/images/<file>; the label comes from the folder."""
         by_class: dict[str, list[str]] = {}
-        for m in self.listdir("train/"):
+        for m in self.src.listdir("train/"):
             parts = m.split("/")
             if len(parts) == 4 and parts[2] == "images":
                 by_class.setdefault(parts[1], []).append(m)
         for wnid in sorted(by_class):
             members = sorted(by_class[wnid], key=natural_key)
-            if wnid not in all_wnids:
-                problems["train"] += [(m, f"class folder {wnid} is not in wnids.txt") for m in members]
+            if wnid not in self.all_wnids:
+                self.problems["train"] += [(m, f"class folder {wnid} is not in wnids.txt") for m in members]
                 continue
-            if wnid not in label_of:
+            if wnid not in self.label_of:
                 continue  # dropped by --classes
-            if per_class is not None:
-                members = members[:per_class]
-            items["train"] += [Item(m.rsplit("/", 1)[1], label_of[wnid], m) for m in members]
+            if self.per_class is not None:
+                members = members[:self.per_class]
+            self.items["train"] += [Item(m.rsplit("/", 1)[1], self.label_of[wnid], m) for m in members]
 
-        # val: val/images/<file>; label from val_annotations.txt; files are never moved
-        annotated = set()
-        for n, line in enumerate(self.read("val/val_annotations.txt").decode().splitlines(), 1):
+    def _val(self, annotations: str) -> None:
+        """val/images/<file>; the label comes from val_annotations.txt; files are never moved."""
+        annotated: dict[str, int] = {}
+        problems, listed = self.problems["val"], set(self.src.listdir("val/images/"))
+        for n, line in enumerate(annotations.splitlines(), 1):
             if not line.strip():
                 continue
             fields = line.split("\t")
-            member = f"val/images/{fields[0]}"
-            annotated.add(member)
-            if len(fields) < 2 or fields[1] not in all_wnids:
-                problems["val"].append((member, f"val_annotations.txt line {n} names no known class"))
-            elif not self.exists(member):
-                problems["val"].append((member, f"named by val_annotations.txt line {n} but missing"))
-            elif fields[1] in label_of:
-                items["val"].append(Item(fields[0], label_of[fields[1]], member))
-        for m in self.listdir("val/images/"):
-            if m not in annotated:
-                problems["val"].append((m, "not in val_annotations.txt"))
-        items["val"].sort(key=lambda it: natural_key(it.key))
+            member, where = f"val/images/{fields[0]}", f"val_annotations.txt line {n}"
+            if name_problem(fields[0]):
+                problems.append((member, f"{where}: the file name {name_problem(fields[0])}"))
+            elif member in annotated:
+                problems.append((member, f"{where}: annotated again (first on line {annotated[member]})"))
+            elif len(fields) < 2 or fields[1] not in self.all_wnids:
+                problems.append((member, f"{where} names no known class"))
+            elif member not in listed:
+                problems.append((member, f"named by {where} but missing"))
+            elif fields[1] in self.label_of:
+                self.items["val"].append(Item(fields[0], self.label_of[fields[1]], member))
+            annotated.setdefault(member, n)
+        problems += [(m, "not in val_annotations.txt") for m in sorted(listed - annotated.keys())]
+        self.items["val"].sort(key=lambda it: natural_key(it.key))
 
-        # test: unlabeled; kept whole only without --classes
-        if classes is None:
-            items["test"] = [Item(m.rsplit("/", 1)[1], -1, m)
-                             for m in sorted(self.listdir("test/images/"), key=natural_key)]
-        return Layout(wnids, words, items, problems)
+    def _test(self) -> None:
+        members = [m for m in self.src.listdir("test/images/") if m.count("/") == 2]
+        self.items["test"] = [Item(m.rsplit("/", 1)[1], -1, m) for m in sorted(members, key=natural_key)]
+
+    def _bad_members(self) -> None:
+        """Names that could escape the root, under a folder this pack reads: a problem of that split."""
+        for m, why in self.src.bad_members:
+            parts = m.split("/")
+            if parts[0] == "train" and len(parts) > 1 and parts[1] in self.all_wnids and parts[1] not in self.label_of:
+                continue  # a class dropped by --classes
+            read = parts[0] == "train" or parts[0] in ("val", "test") and parts[1:2] == ["images"]
+            if read and (parts[0] != "test" or self.classes is None):
+                self.problems[parts[0]].append((m, why))
+
+    def _unique_keys(self, split: str) -> None:
+        """Two samples of a split with one file name (train/a/images/x and train/b/images/x):
+        the later one is a problem, since names key per-sample outputs."""
+        seen, kept = {}, []
+        for it in self.items[split]:
+            if it.key in seen:
+                self.problems[split].append((it.member, f"has the same file name as {seen[it.key]}"))
+            else:
+                seen[it.key] = it.member
+                kept.append(it)
+        self.items[split] = kept
 
 
 def default_cache() -> Path:

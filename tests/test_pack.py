@@ -6,15 +6,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, wait_for
 from PIL import Image
 
-from fasttin.pack import PackError, is_complete, pack, verify
+from fasttin import shards
+from fasttin.pack import PackError, check_image, clean_leftovers, is_complete, pack, rgb8, verify
 from fasttin.shards import FormatError, open_split
 from fasttin.source import SourceError, download_official
 from fasttin.synthetic import make_layout
@@ -210,24 +210,139 @@ def test_missing_index_files(bad_src, tmp_path, missing):
     assert not is_complete(tmp_path / "out")
 
 
-def test_killed_pack_leaves_nothing_complete_and_rerun_completes(tmp_path):
-    src = make_layout(tmp_path / "src", n_classes=20, per_class=60, val_per_class=5, test_count=10)
+STOP_AT_SHARD = """
+import os, signal, sys
+from fasttin import shards
+from fasttin.pack import main
+_open = shards.ShardWriter._open
+def _open_then_stop(self):
+    _open(self)
+    if self._name == sys.argv[1]:
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test kills it here: a point, not a moment
+shards.ShardWriter._open = _open_then_stop
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def stopped(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_repack_keeps_the_old_pack_and_the_next_run_cleans_up(tmp_path):
+    src = make_layout(tmp_path / "src", n_classes=4, per_class=30, val_per_class=2, test_count=2)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "fasttin.pack", "--src", str(src), "--out", str(out),
-                             "--shard-mb", "0.02", "--workers", "1"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(out.glob("train-00[2-9].shard.tmp*")):
-        time.sleep(0.005)
+    pack(src, out, classes=2, workers=1, quiet=True)
+    before = snapshot(out)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AT_SHARD, "train-002.shard", "--src", str(src),
+                             "--out", str(out), "--shard-mb", "0.02", "--workers", "1", "--force"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: stopped(proc.pid), proc, what="the repack stopping at its third shard")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(out.glob("*.tmp*")), "the pack was killed before it wrote anything; test is void"
-    assert not is_complete(out)
-    with pytest.raises(FileNotFoundError, match="not a packed data set"):
-        open_split(out, "train")
-    r = run_cli("fasttin.pack", "--src", src, "--out", out, "--shard-mb", "0.02")
+    assert list(tmp_path.glob("out.tmp*/train-002.shard.tmp*"))  # killed mid-build
+    assert snapshot(out) == before and len(open_split(out, "train", verify=True)) == 60
+    r = run_cli("fasttin.pack", "--src", src, "--out", out, "--shard-mb", "0.02", "--force")
     assert r.returncode == 0, r.stderr
-    assert len(open_split(out, "train")) == 1200 and not list(out.glob("*.tmp*"))
+    assert len(open_split(out, "train")) == 120 and not list(tmp_path.glob("out.*tmp*"))
+
+
+def test_kill_between_the_swaps_renames_is_repaired(synth_src, tmp_path):
+    out = tmp_path / "out"
+    pack(synth_src, out, classes=2, workers=1, quiet=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    old = tmp_path / f"out.old.tmp{dead}"
+    os.rename(out, old)  # what a kill leaves between "old pack aside" and "new pack in"
+    half = tmp_path / f"out.tmp{dead}"
+    half.mkdir()
+    (half / "train-000.shard.tmp1").write_bytes(b"x")
+    removed = clean_leftovers(out)
+    assert is_complete(out) and len(open_split(out, "train")) == 40
+    assert removed == [half] and not old.exists()
+
+
+def test_verify_hashes_each_shard_once_per_process(packed, monkeypatch):
+    calls = []
+    real = shards.digest
+    monkeypatch.setattr(shards, "digest", lambda p, *a: calls.append(p) or real(p, *a))
+    monkeypatch.setattr(shards, "_VERIFIED", set())
+    open_split(packed, "train", verify=True)
+    open_split(packed, "train", verify=True)
+    open_split(packed, "val", verify=True)
+    assert [p.name for p in calls] == ["train-000.shard", "val-000.shard"]
+
+
+def test_describe_names_shard_sample_and_file(synth_src, tmp_path):
+    pack(synth_src, tmp_path, shard_mb=0.02, workers=1, quiet=True)
+    ds = open_split(tmp_path, "train")
+    first = [i for i in range(len(ds)) if ds._shard[i] == 1]
+    assert ds.describe(first[2]) == f"train-001.shard sample 2 ({ds.keys[first[2]]})"
+
+
+# ---- every image mode to 8-bit RGB -----------------------------------------------------------------
+
+GRADIENT = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.int64)  # 0..65520
+
+
+def png(im):
+    b = io.BytesIO()
+    im.save(b, "PNG")
+    return b.getvalue()
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    data = png(Image.fromarray(GRADIENT.astype(np.uint16)))
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    raw, converted, err = check_image(data, "raw")
+    assert err is None and converted
+    got = np.frombuffer(raw, np.uint8).reshape(64, 64, 3)
+    np.testing.assert_array_equal(got, np.repeat(((GRADIENT + 128) // 257)[..., None], 3, -1).astype(np.uint8))
+    jpeg = check_image(data, "jpeg")[0]
+    assert np.abs(np.asarray(Image.open(io.BytesIO(jpeg))).astype(int) - got).mean() < 2
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_16bit_modes_scale_alike(mode):
+    dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
+    im = Image.frombytes(mode, (64, 64), GRADIENT.astype(dtype).tobytes())
+    rgb, why = rgb8(im)
+    assert why is None and rgb.dtype == np.uint8 and (rgb[..., 0] == (GRADIENT + 128) // 257).all()
+
+
+def test_out_of_range_and_float_modes_are_refused_by_name():
+    assert "outside the 16-bit range" in rgb8(Image.frombytes("I", (64, 64), (-GRADIENT).astype("<i4").tobytes()))[1]
+    assert "pixel mode F" in rgb8(Image.new("F", (64, 64)))[1]
+
+
+def test_transparency_is_composited_on_black():
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 200, 128
+    rgba[0, 0, 3] = 0
+    got = rgb8(Image.fromarray(rgba, "RGBA"))[0]
+    assert got[1, 1].tolist() == [100, 100, 100] and got[0, 0].tolist() == [0, 0, 0]
+    la = rgb8(Image.merge("LA", [Image.new("L", (64, 64), 255), Image.new("L", (64, 64), 51)]))[0]
+    assert (la == 51).all()
+    pal = Image.new("P", (64, 64), 1)
+    pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.info["transparency"] = 0
+    rgb, _, err = check_image(png(pal), "raw")
+    got = np.frombuffer(rgb, np.uint8).reshape(64, 64, 3)
+    assert err is None and got[0, 0].tolist() == [0, 0, 0] and got[5, 5].tolist() == [0, 255, 0]
+
+
+def test_one_bit_and_palette_without_transparency():
+    bw = Image.new("1", (64, 64), 0)
+    bw.putpixel((3, 3), 1)
+    got = rgb8(bw)[0]
+    assert got[3, 3].tolist() == [255] * 3 and got[0, 0].tolist() == [0] * 3
+    pal = Image.new("P", (64, 64), 1)
+    pal.putpalette([255, 0, 0, 10, 20, 30] + [0] * 762)
+    assert (rgb8(pal)[0] == [10, 20, 30]).all()
 
 
 def test_verify_catches_one_flipped_byte(synth_src, tmp_path):
@@ -304,3 +419,18 @@ def test_real_archive(real_packed, tin_zip):
                     rgb = va.image(i)
                     assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
         assert gray > 0  # about 1.8% of the images are grayscale
+
+
+def test_payload_that_does_not_decode_names_its_shard_and_sample(packed, tmp_path):
+    shutil.copytree(packed, tmp_path / "c")
+    ds = open_split(tmp_path / "c", "val")
+    start = int(ds._start[4])
+    shard = tmp_path / "c" / "val-000.shard"
+    data = bytearray(shard.read_bytes())
+    data[start:start + 4] = b"GARB"  # the JPEG's SOI marker
+    shard.write_bytes(bytes(data))
+    ds = open_split(tmp_path / "c", "val")  # sizes agree: opening does not hash
+    with pytest.raises(FormatError, match=rf"val-000.shard sample 4 \({ds.keys[4]}\): does not decode.*--force"):
+        ds.image(4)
+    r = run_cli("fasttin.pack", "--verify", tmp_path / "c")
+    assert r.returncode == 1 and "val-000.shard" in r.stderr and "Traceback" not in r.stderr
