@@ -73,7 +73,8 @@ def ensure_writable(path: Path, *, folder: bool = False) -> None:
         raise OutputError(f"cannot write {path}: {_why(e)}") from None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a leftover of a dead one may be removed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -92,7 +93,7 @@ def clean_stale_tmp(folder: Path) -> list[Path]:
         return removed
     for p in folder.iterdir():
         m = _TMP.search(p.name)
-        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and p.is_file() and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

@@ -28,7 +28,7 @@ from PIL import Image
 
 from fasttin import __version__
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED, EXIT_OK, UserError
-from fasttin.fileio import OutputError, clean_stale_tmp, ensure_writable, write_json_atomic
+from fasttin.fileio import OutputError, alive, clean_stale_tmp, ensure_writable, write_json_atomic
 from fasttin.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -133,16 +133,6 @@ def is_complete(out: Path) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _building(out: Path) -> Path:
     return out.with_name(f"{out.name}.tmp{os.getpid()}")
 
@@ -159,7 +149,7 @@ def clean_leftovers(out: Path) -> list[Path]:
         return []
     pattern = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
     stale = [p for p in out.parent.iterdir()
-             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not _alive(int(m.group(2)))]
+             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not alive(int(m.group(2)))]
     if not out.exists():  # died mid-swap: the finished new pack if there is one, else the old one
         for p in sorted(stale, key=lambda p: ".old." in p.name):
             if is_complete(p):
