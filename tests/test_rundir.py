@@ -1,7 +1,7 @@
 """rundir.prepare on fake run folders: nothing of an earlier run is lost or silently changed."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
