@@ -171,3 +171,23 @@ def restore_model(ckpt: dict, device, channels_last: bool = True, where: str = "
                               f"({detail[0][:120]})") from None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return model.to(device, memory_format=fmt).eval()
+
+
+def class_names(ckpt: dict, where: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """(wnids, words) of the checkpoint's classes, one per output; index names when it has none.
+    The lists come from a file, so their shape is checked before anything indexes them."""
+    n = ckpt["arch"]["num_classes"]
+    wnids = ckpt.get("classes") or [str(i) for i in range(n)]
+    words = ckpt.get("words") or [""] * n
+    for name, values in (("classes", wnids), ("words", words)):
+        if not isinstance(values, list) or len(values) != n or not all(isinstance(v, str) for v in values):
+            raise CheckpointError(f"{where}: its '{name}' entry is not a list of {n} names")
+    return wnids, words
+
+
+def trained_res(ckpt: dict, where: str = "checkpoint") -> int:
+    """The resolution the checkpoint was trained at (64 for checkpoints that do not say)."""
+    res = ckpt["arch"].get("res", 64)
+    if not isinstance(res, int) or res < 16:
+        raise CheckpointError(f"{where}: bad 'res' entry {res!r} in its architecture")
+    return res
