@@ -24,9 +24,18 @@ import numpy as np
 import torch
 
 from fasttin.errors import UserError
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
 from fasttin.fileio import _why, write_atomic
 
 # exact types: an np.float64 is a float, but a restricted load cannot read it back
+# Checkpoints of earlier fasttin versions hold numpy's RNG state as an ndarray. Rebuilding a plain
+# array calls no code of the file's choosing (object arrays hold items the restricted unpickler
+# already vetted), so these three are allowed too: torch documents them for exactly this.
+_NUMPY_ARRAYS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 _PLAIN = {str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device}
 
 
@@ -84,7 +93,7 @@ def read(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_NUMPY_ARRAYS):
             warnings.simplefilter("ignore", UserWarning)  # "pickle protocol 4": irrelevant once refused
             return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
@@ -132,9 +141,13 @@ def set_rng_state(state: dict) -> None:
     try:
         n, p = state["numpy"], state["python"]
         torch.set_rng_state(state["torch"])
-        np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+        if isinstance(n, tuple):  # an earlier fasttin's checkpoint: numpy's and Python's own tuples
+            np.random.set_state(n)
+            random.setstate(p)
+        else:
+            np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                                 n["cached_gaussian"]))
+            random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"the checkpoint's random-number states are damaged or from an older "
                               f"fasttin ({type(e).__name__}: {e})") from None

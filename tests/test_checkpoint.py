@@ -45,6 +45,16 @@ def test_rng_round_trip_through_a_file_restores_every_stream(tmp_path):
     assert draws() == expected
 
 
+def test_an_earlier_fasttins_checkpoint_still_loads_and_restores(tmp_path):
+    """Those held numpy's and Python's RNG states as their own tuples (an ndarray inside)."""
+    np.random.seed(5), random.seed(6)
+    torch.save({"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": None}}, tmp_path / "old.pt")
+    expected = draws()
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "old.pt")["rng"])
+    assert draws() == expected
+
+
 def test_save_load_round_trip_of_a_training_state(tmp_path):
     model = build_model(7, "cifar")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -71,13 +81,17 @@ def test_save_refuses_objects_a_restricted_load_could_not_read(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
-def test_a_hostile_checkpoint_is_refused_and_never_runs(tmp_path, legacy):
+@pytest.mark.parametrize("form", ["zip", "legacy-pickle", "numpy-object-array"])
+def test_a_hostile_checkpoint_is_refused_and_never_runs(tmp_path, form):
     marker, path = tmp_path / "PWNED", tmp_path / "evil.pt"
-    if legacy:
+    if form == "legacy-pickle":
         path.write_bytes(pickle.dumps(Payload(marker)))
-    else:
+    elif form == "zip":
         torch.save({"model": Payload(marker)}, path)
+    else:  # numpy arrays are allowed (old RNG states): their items are still vetted
+        inside = np.empty(1, dtype=object)
+        inside[0] = Payload(marker)
+        torch.save({"rng": {"numpy": inside}}, path)
     for read in (checkpoint.load, read_state_dict):
         with pytest.raises(UserError) as e:
             read(path)
