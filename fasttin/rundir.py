@@ -40,10 +40,10 @@ from fasttin.errors import UserError
 from fasttin.fileio import clean_stale_tmp, ensure_writable
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")  # their presence means "a run is here"
-RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png")  # what --overwrite moves aside
+RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png", "progress.json")  # what --overwrite moves aside
 RESUME_MAY_DIFFER = frozenset({
     "epochs", "out", "workers", "log_every", "device", "world_size", "environment", "resume", "auto_resume",
-    "overwrite", "profile", "compile_s", "fresh_init", "num_classes",
+    "overwrite", "profile", "compile_s", "fresh_init", "num_classes", "pretrained_reason",
 })
 WAYS_OUT = "--resume to continue it, --auto-resume, --overwrite to move it aside, or another --out"
 
