@@ -26,9 +26,9 @@ What `prepare` does:
   is compared as lists of wnids. A changed "epochs" is allowed (extending a run) and returned as a
   note;
 - `auto_resume` (the flag to give under `torchrun --max-restarts`): resumes as above when
-  out/last.pt exists. Without it, an attempt that died before its first checkpoint (config.json,
-  an empty metrics.jsonl) is moved aside and the run starts fresh; a folder with results but no
-  last.pt (best.pt, metric rows, summary.json) is refused, since starting fresh would bury them.
+  out/last.pt exists, and starts fresh otherwise. Whatever an earlier attempt left without a
+  last.pt (config.json, metric rows of an epoch whose checkpoint never landed, even a best.pt) is
+  moved aside as with `overwrite` first, so a fresh start buries nothing and deletes nothing.
 """
 from __future__ import annotations
 
@@ -79,24 +79,11 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
     if will_resume(out, resume=resume, auto_resume=auto_resume):
         return True, notes + _check_resume(out, cfg)
     if auto_resume and present:
-        results = _results(out)
-        if results:
-            raise RunDirError(f"--auto-resume: {out} holds {', '.join(results)} but no last.pt to resume from; "
-                              "--overwrite moves it aside, or choose another --out")
-        notes.append(_move_aside(out, "--auto-resume found no last.pt (the attempt saved no checkpoint)"))
+        notes.append(_move_aside(out, "--auto-resume found no last.pt to resume from, so it starts afresh"))
         return False, notes
     if present:
         raise RunDirError(f"{out} already holds a run ({', '.join(present)}): {WAYS_OUT}")
     return False, notes
-
-
-def _results(out: Path) -> list[str]:
-    """What a run folder holds that took work to make."""
-    found = [name for name in ("last.pt", "best.pt", "summary.json") if (out / name).exists()]
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file() and metrics.read_text(errors="replace").strip():
-        found.append("metrics.jsonl rows")
-    return found
 
 
 def _move_aside(out: Path, why: str) -> str:

@@ -78,11 +78,12 @@ def test_auto_resume_starts_fresh_without_last_pt(tmp_path):
     assert snapshot(aside) == before
 
 
-def test_auto_resume_refuses_results_without_last_pt(tmp_path):
-    before = fake_run(tmp_path, last=False, rows=3)
-    with pytest.raises(RunDirError, match="metrics.jsonl rows but no last.pt"):
-        prepare(tmp_path, CFG, resume=False, auto_resume=True, overwrite=False)
-    assert snapshot(tmp_path) == before
+def test_auto_resume_moves_results_without_last_pt_aside(tmp_path):
+    """Killed between writing epoch 1's metrics row and its last.pt: a fresh start, rows kept aside."""
+    before = fake_run(tmp_path, last=False, rows=1)
+    resume, notes = prepare(tmp_path, CFG, resume=False, auto_resume=True, overwrite=False)
+    (aside,) = tmp_path.glob("replaced-*")
+    assert resume is False and snapshot(aside) == before and "metrics.jsonl" in notes[0]
 
 
 def test_resume_names_every_differing_setting_at_once(tmp_path):
