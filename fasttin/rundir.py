@@ -33,6 +33,7 @@ What `prepare` does:
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def _move_aside(out: Path, why: str) -> str:
     return f"{why}: moved the earlier run's {', '.join(moved)} to {dest}"
 
 
+def _same(old, new) -> bool:
+    """Equal settings, or two spellings of one existing path (data/tin and /home/me/data/tin)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        try:
+            return os.path.samefile(old, new)
+        except OSError:
+            return False
+    return False
+
+
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -128,7 +141,7 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
     new = json.loads(json.dumps(cfg, default=str))  # tuples -> lists, paths -> str: compare as recorded
     differ = []
     for key in sorted(new):
-        if key in RESUME_MAY_DIFFER or (key in old and old[key] == new[key]):
+        if key in RESUME_MAY_DIFFER or (key in old and _same(old[key], new[key])):
             continue
         if key == "classes" and isinstance(old.get(key), list) and isinstance(new[key], list):
             differ.append(_describe_classes(new[key], old[key]))

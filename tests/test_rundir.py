@@ -109,6 +109,16 @@ def test_resume_compares_classes_as_wnid_lists(tmp_path, classes, why):
         prepare(tmp_path, {**CFG, "classes": classes}, resume=True, auto_resume=False, overwrite=False)
 
 
+def test_resume_takes_another_spelling_of_the_same_data_path(tmp_path, monkeypatch):
+    (tmp_path / "data" / "tin").mkdir(parents=True)
+    fake_run(tmp_path / "run", {**CFG, "data": str(tmp_path / "data" / "tin")})
+    monkeypatch.chdir(tmp_path)
+    assert prepare(tmp_path / "run", {**CFG, "data": "data/tin"}, resume=True, auto_resume=False, overwrite=False)[0]
+    (tmp_path / "data" / "other").mkdir()
+    with pytest.raises(RunDirError, match="--data data/other, the run has"):
+        prepare(tmp_path / "run", {**CFG, "data": "data/other"}, resume=True, auto_resume=False, overwrite=False)
+
+
 def test_resume_may_extend_epochs_with_a_note(tmp_path):
     before = fake_run(tmp_path)
     resume, notes = prepare(tmp_path, {**CFG, "epochs": 30, "workers": 2}, resume=True, auto_resume=False,
