@@ -152,7 +152,7 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
     if differ:
         raise RunDirError(f"--resume would change the run in {out}: {'; '.join(differ)} "
                           "(resume with the run's settings, or start a new run with another --out)")
-    notes = [f"resuming the run in {out} from last.pt"]
+    notes = []  # the trainer says itself that it resumed, and from where
     if "epochs" in new and new["epochs"] != old.get("epochs"):
         notes.append(f"--epochs {new['epochs']}: the run had {old.get('epochs')}; the new target is recorded "
                      "in config.json")
