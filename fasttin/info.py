@@ -5,6 +5,31 @@ import os
 import platform
 import sys
 
+from fasttin.errors import UserError
+
+
+class DeviceError(UserError):
+    """A --device this machine does not have (a typo, "tpu", cuda without a GPU, cuda:3 of 2)."""
+
+
+def resolve_device(name: str | None):
+    """The torch.device for a --device value: None means cuda when there is one, else cpu.
+    A device this machine lacks is a DeviceError naming it and what is available."""
+    import torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = "cpu" if gpus == 0 else "cpu and cuda" if gpus == 1 else f"cpu and cuda:0 to cuda:{gpus - 1}"
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {name}: not a device name; this machine has {have}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {name}: fasttin runs on cpu or cuda; this machine has {have}")
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise DeviceError(f"--device {name}: no such CUDA device here; this machine has {have}")
+    return device
+
 
 def pillow_simd() -> bool:
     """pillow-simd marks its version with '.postN' on top of the Pillow release it forks."""

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from fasttin.errors import UserError
+
 STEMS = ("imagenet", "cifar")
 log = logging.getLogger("fasttin.model")
 
 
-class PretrainedError(Exception):
+class PretrainedError(UserError):
     """Weights that cannot be had or do not fit: the message says what to do instead."""
 
 
@@ -47,7 +49,7 @@ def _strip(sd: dict) -> dict:
 def imagenet_state_dict() -> dict:
     """torchvision's ImageNet weights, from its cache or downloaded; offline, a PretrainedError."""
     try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=True, weights_only=True)
     except Exception as e:  # URLError, socket errors, hub errors: all mean "cannot have them here"
         raise PretrainedError(
             f"cannot get torchvision's ImageNet ResNet18 weights ({type(e).__name__}); offline? use "
@@ -55,13 +57,15 @@ def imagenet_state_dict() -> dict:
 
 
 def read_state_dict(path: str | Path) -> dict:
-    """A plain state dict, or the model weights of a fasttin checkpoint."""
+    """A plain state dict, or the model weights of a fasttin checkpoint; read as data only
+    (`checkpoint.read`: a file that would run code is refused)."""
+    from fasttin.checkpoint import CheckpointError, read
+    if not Path(path).is_file():
+        raise PretrainedError(f"--pretrained {path}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PretrainedError(f"--pretrained {path}: no such file") from None
-    except Exception as e:
-        raise PretrainedError(f"--pretrained {path}: not a torch checkpoint ({type(e).__name__})") from None
+        obj = read(Path(path))
+    except CheckpointError as e:
+        raise PretrainedError(f"--pretrained {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

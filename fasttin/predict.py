@@ -2,6 +2,11 @@
 
 Any image PIL reads, of any size, is converted to RGB and resized bicubically to the
 checkpoint's resolution. `--split test --data DIR --csv OUT` predicts a whole packed split.
+
+Names that come from the data (a packed split's sample names, file names found in a folder) are
+only written into the CSV or printed (escaped when they hold control characters); they are never
+opened or used as paths to write to. The CSV's folder is checked (and created) before any work,
+and if the CSV cannot be written at the end the predictions go to stdout instead.
 """
 from __future__ import annotations
 
@@ -17,23 +22,44 @@ from PIL import Image, UnidentifiedImageError
 
 from fasttin import checkpoint
 from fasttin.checkpoint import CheckpointError
-from fasttin.fileio import write_atomic
+from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from fasttin.fileio import ensure_writable, write_atomic
+from fasttin.info import resolve_device
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import normalize
-from fasttin.shards import FormatError
+from fasttin.shards import FormatError, read_manifest
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# what PIL raises for a file it cannot read: not an image, cut short, a broken chunk, too many pixels
+PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageError(UserError):
+    """An input image PIL cannot read (or one so large it looks like a decompression bomb)."""
+
+
+def shown(name: str) -> str:
+    """A name from the data, safe to print on a terminal."""
+    return name if name.isprintable() else repr(name)
 
 
 def image_files(paths) -> list[Path]:
+    """The image files named, and those under the folders named; each one's header is read now,
+    so a file that is no image fails before any prediction is made."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
+            raise UserError(f"{shown(str(p))}: no such file or folder")
+    for f in files:
+        try:
+            with Image.open(f):
+                pass
+        except PIL_ERRORS as e:
+            raise ImageError(f"{shown(str(f))}: not an image PIL can read ({e})") from None
     return files
 
 
@@ -41,8 +67,8 @@ def load_image(path: Path, res: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB").resize((res, res), Image.BICUBIC))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
+    except PIL_ERRORS as e:
+        raise ImageError(f"{shown(str(path))}: not an image PIL can read ({e})") from None
 
 
 @torch.no_grad()
@@ -54,63 +80,100 @@ def top5(model, images: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
     return i.cpu().numpy(), p.cpu().numpy()
 
 
-def main(argv=None) -> int:
+def predict_files(model, files, *, res, wnids, words, device, batch_size, echo) -> list[tuple]:
+    """(file name, top-5 wnids, top-1 probability) per image; printed as it goes when `echo`."""
+    rows = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        ix, pr = top5(model, torch.from_numpy(np.stack([load_image(f, res) for f in chunk])), device)
+        for f, idx, pp in zip(chunk, ix, pr):
+            rows.append((str(f), [wnids[k] for k in idx], float(pp[0])))
+            if echo:
+                print(f"{shown(str(f))}: " + "; ".join(f"{wnids[k]} {words[k].split(',')[0]} ({q:.1%})"
+                                                        for k, q in zip(idx, pp)))
+    return rows
+
+
+@torch.no_grad()
+def predict_split(model, data: Path, split: str, *, res, wnids, device, batch_size, where) -> list[tuple]:
+    """(sample name, top-5 wnids, top-1 probability) for every sample of a packed split."""
+    manifest = read_manifest(data)
+    if split not in manifest["splits"]:
+        raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
+    if [c["wnid"] for c in manifest["classes"]] != wnids:
+        raise CheckpointError(f"{where} was trained on other classes (or another order) than {data}")
+    loader = make_loader(data, split, backend="pil" if device.type == "cpu" else "auto", res=res,
+                         batch_size=batch_size, device=device, shuffle=False, drop_last=False,
+                         dtype=torch.float32, return_index=True)
+    rows = []
+    for x, _, index in loader:
+        pr, ix = model(x).float().softmax(1).topk(min(5, len(wnids)), 1)
+        for i, idx, pp in zip(index.tolist(), ix.cpu().numpy(), pr.cpu().numpy()):
+            rows.append((loader.ds.keys[i], [wnids[k] for k in idx], float(pp[0])))
+    return rows
+
+
+def csv_text(rows) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "top1", "top2", "top3", "top4", "top5", "p_top1"])
+    for name, top, p1 in rows:
+        w.writerow([name, *top, *[""] * (5 - len(top)), f"{p1:.4f}"])
+    return buf.getvalue()
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fasttin.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, type=Path)
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--split", help="predict a packed split instead (e.g. test)")
     p.add_argument("--data", type=Path, help="packed data set, with --split")
     p.add_argument("--csv", type=Path, help="write predictions here (file, top-5 wnids, top-1 probability)")
-    p.add_argument("--device", choices=["cuda", "cpu"])
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        if bool(args.inputs) == bool(args.split):
-            raise ValueError("give image files/folders, or --split with --data, not both")
-        ckpt = checkpoint.load(args.ckpt)
-        model = checkpoint.restore_model(ckpt, device)
-        res = ckpt["arch"].get("res", 64)
-        wnids = ckpt.get("classes") or [str(i) for i in range(ckpt["arch"]["num_classes"])]
-        words = ckpt.get("words") or [""] * len(wnids)
-        rows = []
-        if args.split:
-            if args.data is None:
-                raise ValueError("--split needs --data")
-            loader = make_loader(args.data, args.split, backend="pil" if device.type == "cpu" else "auto", res=res,
-                                 batch_size=args.batch_size, device=device, shuffle=False, drop_last=False,
-                                 dtype=torch.float32, return_index=True)
-            if loader.ds.classes != wnids:
-                raise CheckpointError(f"{args.ckpt} was trained on other classes than {args.data}")
-            for x, _, index in loader:
-                with torch.no_grad():
-                    probs = model(x).float().softmax(1)
-                pr, ix = probs.topk(5, 1)
-                for i, idx, pp in zip(index.tolist(), ix.cpu().numpy(), pr.cpu().numpy()):
-                    rows.append((loader.ds.keys[i], [wnids[k] for k in idx], float(pp[0])))
-        else:
-            files = image_files(args.inputs)
-            for start in range(0, len(files), args.batch_size):
-                chunk = files[start:start + args.batch_size]
-                batch = torch.from_numpy(np.stack([load_image(f, res) for f in chunk]))
-                ix, pr = top5(model, batch, device)
-                for f, idx, pp in zip(chunk, ix, pr):
-                    rows.append((str(f), [wnids[k] for k in idx], float(pp[0])))
-                    if not args.csv:
-                        print(f"{f}: " + "; ".join(f"{wnids[k]} {words[k].split(',')[0]} ({q:.1%})"
-                                                   for k, q in zip(idx, pp)))
-    except (CheckpointError, FormatError, FileNotFoundError, ValueError) as e:
-        print(f"fasttin.predict: error: {e}", file=sys.stderr)
-        return 2
+    return p
+
+
+def predict(args) -> list[tuple]:
+    """The predictions the flags ask for; UserError for anything wrong with them, before the work."""
+    if bool(args.inputs) == bool(args.split):
+        raise UserError("give image files/folders, or --split with --data, not both")
+    if args.split and args.data is None:
+        raise UserError("--split needs --data")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: a positive integer")
     if args.csv:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["file", "top1", "top2", "top3", "top4", "top5", "p_top1"])
-        for name, top, p1 in rows:
-            w.writerow([name, *top, f"{p1:.4f}"])
-        write_atomic(args.csv, buf.getvalue().encode())
+        ensure_writable(args.csv)
+    device = resolve_device(args.device)
+    where = str(args.ckpt)
+    ckpt = checkpoint.load(args.ckpt)
+    model = checkpoint.restore_model(ckpt, device, where=where)
+    wnids, words = checkpoint.class_names(ckpt, where)
+    res = checkpoint.trained_res(ckpt, where)
+    if args.split:
+        return predict_split(model, args.data, args.split, res=res, wnids=wnids, device=device,
+                             batch_size=args.batch_size, where=where)
+    return predict_files(model, image_files(args.inputs), res=res, wnids=wnids, words=words, device=device,
+                         batch_size=args.batch_size, echo=not args.csv)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        rows = predict(args)
+    except (UserError, FormatError, FileNotFoundError) as e:
+        print(f"fasttin.predict: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.csv:
+        text = csv_text(rows)
+        try:
+            write_atomic(args.csv, text.encode())
+        except UserError as e:
+            sys.stdout.write(text)  # computed predictions are never thrown away
+            print(f"fasttin.predict: error: {e} (the predictions are printed above)", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"wrote {len(rows)} predictions to {args.csv}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

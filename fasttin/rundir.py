@@ -1,0 +1,159 @@
+"""Run folders are protected: decide, before any work, whether a run starts fresh or resumes.
+
+The trainer calls, on the main process (rank 0) only and before it writes anything into `out`:
+
+    resume, notes = rundir.prepare(out, cfg, resume=args.resume, auto_resume=args.auto_resume,
+                                   overwrite=args.overwrite)
+    for line in notes: print(line)
+
+`cfg` is the new run's resolved settings as they will be written to config.json (plain JSON
+values; "classes" the list of wnids of the data, "epochs" the target). The other ranks need only the
+decision: `rundir.will_resume(out, resume=..., auto_resume=...)` gives the same answer without
+touching the folder (call it before rank 0's `prepare`, or after a barrier: `prepare` never
+creates or removes last.pt). Any refusal is a `RunDirError` (a UserError: one line, exit 2) and
+leaves every file in `out` as it was.
+
+What `prepare` does:
+- checks `out` is a writable folder (creating it) and removes the `*.tmp<pid>` files that killed
+  processes left there;
+- no flag, and `out` holds a run (config.json, metrics.jsonl, last.pt or best.pt): refuses, naming
+  the folder and the three ways out (--resume, --auto-resume, --overwrite, or another --out);
+- `overwrite`: moves the earlier run's files (RUN_FILES) into `out/replaced-<UTC time>/` (renames in
+  the same folder: nothing is deleted) and starts fresh;
+- `resume`: needs out/last.pt and out/config.json. Every setting of `cfg` must equal the run's
+  config.json, except RESUME_MAY_DIFFER (how and where it runs, not what it computes); each
+  difference is named in one line ("--lr 0.1, the run has 0.02"), all of them at once. "classes"
+  is compared as lists of wnids. A changed "epochs" is allowed (extending a run) and returned as a
+  note;
+- `auto_resume` (the flag to give under `torchrun --max-restarts`): resumes as above when
+  out/last.pt exists, and starts fresh otherwise. Whatever an earlier attempt left without a
+  last.pt (config.json, metric rows of an epoch whose checkpoint never landed, even a best.pt) is
+  moved aside as with `overwrite` first, so a fresh start buries nothing and deletes nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from fasttin.errors import UserError
+from fasttin.fileio import clean_stale_tmp, ensure_writable
+
+RUN_MARKERS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")  # their presence means "a run is here"
+RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png", "progress.json")  # what --overwrite moves aside
+RESUME_MAY_DIFFER = frozenset({
+    "epochs", "out", "workers", "log_every", "device", "world_size", "environment", "resume", "auto_resume",
+    "overwrite", "profile", "compile_s", "fresh_init", "num_classes", "pretrained_reason",
+})
+WAYS_OUT = "--resume to continue it, --auto-resume, --overwrite to move it aside, or another --out"
+
+
+class RunDirError(UserError):
+    """A run folder that would be damaged by this start, or a resume that would change the run."""
+
+
+def will_resume(out: Path, *, resume: bool, auto_resume: bool) -> bool:
+    """The decision `prepare` takes, without checking or touching anything (for the other ranks)."""
+    return resume or (auto_resume and (Path(out) / "last.pt").is_file())
+
+
+def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite: bool) -> tuple[bool, list[str]]:
+    """(resume?, notes to print); RunDirError when the start would lose or change a run."""
+    out = Path(out)
+    if overwrite and (resume or auto_resume):
+        raise RunDirError("--overwrite starts afresh; it cannot go with --resume or --auto-resume")
+    if resume and auto_resume:
+        raise RunDirError("give --resume (which requires last.pt) or --auto-resume (which resumes if it exists), "
+                          "not both")
+    ensure_writable(out, folder=True)
+    notes = []
+    stale = clean_stale_tmp(out)
+    if stale:
+        notes.append(f"removed {len(stale)} temporary file(s) left by a killed process: "
+                     + ", ".join(p.name for p in stale))
+    present = [name for name in RUN_MARKERS if (out / name).exists()]
+    if overwrite:
+        if present:
+            notes.append(_move_aside(out, "--overwrite"))
+        return False, notes
+    if will_resume(out, resume=resume, auto_resume=auto_resume):
+        return True, notes + _check_resume(out, cfg)
+    if auto_resume and present:
+        notes.append(_move_aside(out, "--auto-resume found no last.pt to resume from, so it starts afresh"))
+        return False, notes
+    if present:
+        raise RunDirError(f"{out} already holds a run ({', '.join(present)}): {WAYS_OUT}")
+    return False, notes
+
+
+def _move_aside(out: Path, why: str) -> str:
+    """Rename the run's files into a fresh out/replaced-<UTC time>/; returns the note to print."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = out / f"replaced-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = out / f"replaced-{stamp}-{n}"
+    dest.mkdir()
+    moved = [name for name in RUN_FILES if (out / name).exists()]
+    for name in moved:
+        (out / name).rename(dest / name)
+    return f"{why}: moved the earlier run's {', '.join(moved)} to {dest}"
+
+
+def _same(old, new) -> bool:
+    """Equal settings, or two spellings of one existing path (data/tin and /home/me/data/tin)."""
+    if old == new:
+        return True
+    if isinstance(old, str) and isinstance(new, str) and old and new:
+        try:
+            return os.path.samefile(old, new)
+        except OSError:
+            return False
+    return False
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _describe_classes(new: list, old: list) -> str:
+    if len(new) != len(old):
+        return f"the data has {len(new)} classes, the run was trained on {len(old)}"
+    i = next(i for i, (a, b) in enumerate(zip(new, old)) if a != b)
+    other = len(set(new) - set(old))
+    return (f"the data's classes are not the run's (class {i} is {new[i]} in the data, {old[i]} in the run; "
+            + (f"{other} wnid(s) differ)" if other else "the same wnids in another order)"))
+
+
+def _check_resume(out: Path, cfg: dict) -> list[str]:
+    """The notes of an allowed resume; RunDirError naming every setting that would change the run."""
+    for name in ("last.pt", "config.json"):
+        if not (out / name).is_file():
+            raise RunDirError(f"cannot resume: {out / name} is missing; start a new run without --resume "
+                              "(--overwrite moves the old files aside)")
+    try:
+        old = json.loads((out / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"cannot resume: {out / 'config.json'} is unreadable ({e})") from None
+    if not isinstance(old, dict):
+        raise RunDirError(f"cannot resume: {out / 'config.json'} is not a settings object")
+    new = json.loads(json.dumps(cfg, default=str))  # tuples -> lists, paths -> str: compare as recorded
+    differ = []
+    for key in sorted(new):
+        if key in RESUME_MAY_DIFFER or (key in old and _same(old[key], new[key])):
+            continue
+        if key == "classes" and isinstance(old.get(key), list) and isinstance(new[key], list):
+            differ.append(_describe_classes(new[key], old[key]))
+        elif key not in old:
+            differ.append(f"{_flag(key)} {new[key]}, the run has no such setting")
+        else:
+            differ.append(f"{_flag(key)} {new[key]}, the run has {old[key]}")
+    if differ:
+        raise RunDirError(f"--resume would change the run in {out}: {'; '.join(differ)} "
+                          "(resume with the run's settings, or start a new run with another --out)")
+    notes = []  # the trainer says itself that it resumed, and from where
+    if "epochs" in new and new["epochs"] != old.get("epochs"):
+        notes.append(f"--epochs {new['epochs']}: the run had {old.get('epochs')}; the new target is recorded "
+                     "in config.json")
+    return notes

@@ -1,0 +1,135 @@
+"""Checkpoints are data, never code: round trips, restricted loads, atomic saves."""
+import errno
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from fasttin import checkpoint
+from fasttin.checkpoint import CheckpointError
+from fasttin.errors import UserError
+from fasttin.fileio import OutputError
+from fasttin.model import PretrainedError, build_model, read_state_dict
+
+
+class Payload:
+    """A pickle that would create `marker` when unpickled without restriction."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def draws():
+    return (torch.rand(5).tolist(), np.random.rand(5).tolist(), np.random.standard_normal(3).tolist(),
+            [random.random() for _ in range(5)], random.gauss(0, 1))
+
+
+def test_errors_are_user_errors():
+    assert issubclass(CheckpointError, UserError) and issubclass(PretrainedError, UserError)
+
+
+def test_rng_round_trip_through_a_file_restores_every_stream(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
+    random.gauss(0, 1)  # and one in Python's
+    checkpoint.save(tmp_path / "c.pt", {"rng": checkpoint.rng_state()})
+    expected = draws()
+    draws()  # move every stream on
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "c.pt")["rng"])
+    assert draws() == expected
+
+
+def test_an_earlier_fasttins_checkpoint_still_loads_and_restores(tmp_path):
+    """Those held numpy's and Python's RNG states as their own tuples (an ndarray inside)."""
+    np.random.seed(5), random.seed(6)
+    torch.save({"rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        "cuda": None}}, tmp_path / "old.pt")
+    expected = draws()
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / "old.pt")["rng"])
+    assert draws() == expected
+
+
+def test_save_load_round_trip_of_a_training_state(tmp_path):
+    model = build_model(7, "cifar")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(), "epoch": 2,
+             "config": {"lr": 0.1, "out": "runs/x", "nan": None}, "classes": ["n01", "n02"], "words": ["a", "b"],
+             "arch": {"name": "resnet18", "stem": "cifar", "num_classes": 7, "res": 16},
+             "rng": checkpoint.rng_state()}
+    checkpoint.save(tmp_path / "last.pt", state)
+    back = checkpoint.load(tmp_path / "last.pt")
+    assert back["config"] == state["config"] and back["classes"] == ["n01", "n02"]
+    restored = checkpoint.restore_model(back, "cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_save_refuses_objects_a_restricted_load_could_not_read(tmp_path):
+    with pytest.raises(TypeError, match=r"state\['config'\]\['when'\] is a numpy"):
+        checkpoint.save(tmp_path / "c.pt", {"config": {"when": np.float64(1.0)}})
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy-pickle", "numpy-object-array"])
+def test_a_hostile_checkpoint_is_refused_and_never_runs(tmp_path, form):
+    marker, path = tmp_path / "PWNED", tmp_path / "evil.pt"
+    if form == "legacy-pickle":
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    elif form == "zip":
+        torch.save({"model": Payload(marker)}, path)
+    else:  # numpy arrays are allowed (old RNG states): their items are still vetted
+        inside = np.empty(1, dtype=object)
+        inside[0] = Payload(marker)
+        torch.save({"rng": {"numpy": inside}}, path)
+    for read in (checkpoint.load, read_state_dict):
+        with pytest.raises(UserError) as e:
+            read(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"junk", "cut"], ids=["empty", "junk", "truncated"])
+def test_damaged_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "c.pt"
+    if content == "cut":
+        torch.save({"model": build_model(3).state_dict()}, path)
+        path.write_bytes(path.read_bytes()[:5000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a torch checkpoint, or a damaged one") as e:
+        checkpoint.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_state_dict_of_another_model_is_not_a_fasttin_checkpoint(tmp_path):
+    from torchvision.models import resnet34
+    torch.save(resnet34().state_dict(), tmp_path / "r34.pt")
+    with pytest.raises(CheckpointError, match="not a fasttin checkpoint"):
+        checkpoint.restore_model(checkpoint.load(tmp_path / "r34.pt"), "cpu", where="r34.pt")
+    fake = {"arch": {"name": "resnet18", "stem": "imagenet", "num_classes": 1000}, "model": resnet34().state_dict()}
+    with pytest.raises(CheckpointError, match="weights are not a resnet18"):
+        checkpoint.restore_model(fake, "cpu")
+
+
+def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save(path, {"epoch": 1})
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match=f"cannot write {path}: no space left"):
+        checkpoint.save(path, {"epoch": 2})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
