@@ -29,7 +29,7 @@ try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
-from fasttin.fileio import _why, write_atomic
+from fasttin.fileio import why, write_atomic
 
 # exact types: an np.float64 is a float, but a restricted load cannot read it back
 # Checkpoints of earlier fasttin versions hold numpy's RNG state as an ndarray. Rebuilding a plain
@@ -98,7 +98,7 @@ def read(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT):
-            raise CheckpointError(f"cannot read {path}: {_why(e)}") from None
+            raise CheckpointError(f"cannot read {path}: {why(e)}") from None
         raise CheckpointError(_refusal(path, e)) from None  # EINVAL: a zip cut short
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError, struct.error,
             IndexError, KeyError, TypeError, AttributeError) as e:

@@ -22,7 +22,8 @@ class OutputError(UserError, OSError):
     """An output that cannot be written (read-only, full disk, missing parent, not a folder...)."""
 
 
-def _why(e: OSError) -> str:
+def why(e: OSError) -> str:
+    """An OSError in a few words for a one-line message (no errno numbers, no traceback)."""
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
     if e.errno == errno.EDQUOT:
@@ -47,7 +48,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {_why(e)}") from None
+        raise OutputError(f"cannot write {path}: {why(e)}") from None
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -63,6 +64,9 @@ def ensure_writable(path: Path, *, folder: bool = False) -> None:
         raise OutputError(f"cannot write {path}: it is a folder")
     if folder and path.exists() and not path.is_dir():
         raise OutputError(f"cannot write into {path}: it is a file, not a folder")
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
     try:
         where.mkdir(parents=True, exist_ok=True)
         probe = tmp_name(where / ".fasttin-write-probe")
@@ -70,7 +74,7 @@ def ensure_writable(path: Path, *, folder: bool = False) -> None:
             f.write(b"\0")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {_why(e)}") from None
+        raise OutputError(f"cannot write {path}: {why(e)}") from None
 
 
 def alive(pid: int) -> bool:
