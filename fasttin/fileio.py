@@ -6,6 +6,7 @@ a killed process (its pid is gone) from those of a live one.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -47,7 +48,8 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the temporary may never have been created
+            tmp.unlink()
         raise OutputError(f"cannot write {path}: {why(e)}") from None
 
 
