@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine: set up, get the data, pack it, train at --res 224.
-#   tools/run.sh                 # downloads the official archive (checks size and md5)
-#   TIN_ZIP=path/to/tiny-imagenet-200.zip tools/run.sh    # uses that archive instead
-# Extra arguments go to fasttin.train (e.g. --epochs 1, --device cpu, --pretrained none).
-# Idempotent: the venv and a complete pack are reused; training resumes if its run folder has
-# a last.pt (delete runs/seed-224 to start over).
+# The main job, end to end on a fresh machine: set up, get the data, pack it, train seed-224.
+#   tools/run.sh                                        # downloads the official archive (size and md5 checked)
+#   TIN_ZIP=path/to/tiny-imagenet-200.zip tools/run.sh  # uses that archive instead
+#   FASTTIN_WEIGHTS=path/to/resnet18.pth tools/run.sh   # a local copy of the ImageNet weights (--pretrained PATH)
+# Extra arguments go to fasttin.train and override the defaults here (e.g. --epochs 1, --device cpu).
+# Environment: FASTTIN_CLASSES=N (pack only the first N classes: a short CPU run), FASTTIN_DATA (pack
+# folder, default data/tiny-imagenet-200-packed, with -cN for a subset), FASTTIN_RUN (run folder,
+# default runs/seed-224, -cN likewise), FASTTIN_PYTHON (an interpreter that already has fasttin,
+# used as it is, without tools/setup.sh; the tests use it).
+# Idempotent: the venv and a complete pack are reused, and the trainer's --auto-resume continues
+# the run folder from its last.pt (a finished run exits 0 at once; delete the folder to start over).
+# Offline, with no weights in torch's cache, the trainer says so in one line, trains from scratch
+# and records "pretrained": "none" with the reason in config.json and summary.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/setup.sh
-py=.venv/bin/python
-data=${FASTTIN_DATA:-data/tiny-imagenet-200-packed}
-$py -m fasttin.info
-if [ -n "${TIN_ZIP:-}" ]; then
-  $py -m fasttin.pack --src "$TIN_ZIP" --out "$data"
+if [ -n "${FASTTIN_PYTHON:-}" ]; then
+  py=$FASTTIN_PYTHON
 else
-  $py -m fasttin.pack --out "$data"
+  tools/setup.sh
+  py=.venv/bin/python
 fi
-resume=()
-[ -f runs/seed-224/last.pt ] && resume=(--resume)
-exec $py -m fasttin.train --data "$data" --res 224 "${resume[@]}" "$@"
+subset=${FASTTIN_CLASSES:+-c$FASTTIN_CLASSES}
+data=${FASTTIN_DATA:-data/tiny-imagenet-200-packed$subset}
+run=${FASTTIN_RUN:-runs/seed-224$subset}
+"$py" -m fasttin.info
+pack=(--out "$data")
+if [ -n "${TIN_ZIP:-}" ]; then pack+=(--src "$TIN_ZIP"); fi
+if [ -n "${FASTTIN_CLASSES:-}" ]; then pack+=(--classes "$FASTTIN_CLASSES"); fi
+"$py" -m fasttin.pack "${pack[@]}"
+weights=()
+if [ -n "${FASTTIN_WEIGHTS:-}" ]; then weights=(--pretrained "$FASTTIN_WEIGHTS"); fi
+exec "$py" -m fasttin.train --data "$data" --recipe seed-224 --out "$run" --auto-resume "${weights[@]}" "$@"
