@@ -30,12 +30,12 @@ def _keep_freed_memory_mapped() -> None:
         pass  # not glibc: slower, still correct
 
 
-def choose_backend(ds, device: torch.device, batch_size: int, res: int) -> tuple[str, str]:
+def choose_backend(ds, device: torch.device, batch_size: int, res: int, augment: str = "none") -> tuple[str, str]:
     """(backend, why) for backend='auto'."""
     from fasttin.loaders import dali, resident
     if device.type != "cuda":
         return "pil", "no CUDA device: DataLoader workers on the CPU"
-    need, free = resident.needed_bytes(len(ds), batch_size, res), resident.free_memory(device)
+    need, free = resident.needed_bytes(len(ds), batch_size, res, augment), resident.free_memory(device)
     if need <= free:
         return "resident", f"the split fits on {device} ({need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free)"
     why = dali.available()
@@ -71,7 +71,7 @@ def make_loader(data_dir, split, *, backend="auto", res=224, batch_size=256, dev
     sampler = EpochSampler(len(ds), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
                            world_size=world_size, augment=augment)
     if backend == "auto":
-        backend, why = choose_backend(ds, device, batch_size, res)
+        backend, why = choose_backend(ds, device, batch_size, res, augment)
         log.info("make_loader: backend=%s (%s)", backend, why)
     if device.type == "cpu":
         _keep_freed_memory_mapped()
