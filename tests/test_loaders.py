@@ -1,4 +1,5 @@
 """make_loader and its backends on the CPU (DALI in its CPU mode)."""
+import itertools
 import logging
 
 import cv2
@@ -173,14 +174,37 @@ def test_bad_data(packed, tmp_path):
         loader(c)
 
 
-def test_breaking_off_an_epoch_leaves_nothing_stale(packed):
-    ld = loader(packed, backend="dali", return_index=True)
-    next(iter(ld))  # abandoned after one batch
-    ld.set_epoch(4)
-    got = torch.cat([i for _, _, i in ld])
-    ref = loader(packed, backend="resident", return_index=True)
-    ref.set_epoch(4)
-    assert torch.equal(got, torch.cat([i for _, _, i in ref]))
+def epoch_indices(ld, epoch):
+    ld.set_epoch(epoch)
+    return [i for _, _, i in ld]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("taken", [0, 1, 5, 6])  # 6 = every batch, the iterator never exhausted
+@pytest.mark.parametrize("then", ["next pass", "set_epoch", "unclosed"])
+def test_leaving_an_epoch_early_leaves_nothing_stale(packed, backend, taken, then):
+    """Any early exit (a break at the last batch included), then a new pass: a whole, correct epoch."""
+    ld = loader(packed, backend=backend, return_index=True, seed=2)
+    assert len(ld) == 6
+    ref = loader(packed, backend="resident", return_index=True, seed=2)
+    it = iter(ld)
+    assert len(list(itertools.islice(it, taken))) == taken
+    if then == "unclosed":  # a new pass while the old generator is still alive, closed afterwards
+        got = epoch_indices(ld, 4)
+        it.close()
+        want = epoch_indices(ref, 4)
+    else:
+        del it
+        if then == "set_epoch":
+            ld.set_epoch(4)
+            ref.set_epoch(4)
+        else:
+            ref.set_epoch(1 if taken == 6 else 0)  # handing out the last batch completes the epoch
+        got, want = list(ld), list(ref)
+        got, want = [i for _, _, i in got], [i for _, _, i in want]
+    assert len(got) == 6
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(torch.cat(epoch_indices(ld, 5)), torch.cat(epoch_indices(ref, 5)))
 
 
 @pytest.mark.realdata

@@ -22,7 +22,7 @@ class Loader:
                  dtype: torch.dtype, augment: str, return_index: bool):
         self.ds, self.sampler, self.res, self.device = ds, sampler, res, device
         self.dtype, self.augment, self.return_index = dtype, augment, return_index
-        self.epoch, self.first_batch = 0, 0
+        self.epoch, self.first_batch, self.pass_first = 0, 0, 0
         self.batch_size = sampler.batch_size
 
     def __len__(self) -> int:
@@ -33,16 +33,17 @@ class Loader:
         self.epoch, self.first_batch = epoch, first_batch
 
     def __iter__(self):
-        epoch = self.epoch
-        try:
-            yield from self._epoch(epoch)
-        finally:
-            self.first_batch = 0
-        if self.epoch == epoch:  # not moved by set_epoch meanwhile: the next pass is a new epoch
-            self.epoch = epoch + 1
+        """One pass. Handing out the epoch's last batch completes it (the next pass is the next
+        epoch), whether or not the consumer then exhausts the iterator."""
+        epoch, self.pass_first, self.first_batch = self.epoch, self.first_batch, 0
+        last = len(self) - self.pass_first
+        for k, batch in enumerate(self._epoch(epoch), 1):
+            if k == last and self.epoch == epoch:  # not moved by set_epoch meanwhile
+                self.epoch = epoch + 1
+            yield batch
 
     def plans(self, epoch: int):
-        return self.sampler.batches(epoch, self.first_batch)
+        return self.sampler.batches(epoch, self.pass_first)
 
     def _epoch(self, epoch: int):
         raise NotImplementedError
