@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fasttin.loaders import PAD_LABEL, make_loader
+from fasttin.errors import UserError
+from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from fasttin.shards import FormatError, open_split
@@ -139,16 +140,52 @@ def test_resident_memory_check(packed, monkeypatch):
         loader(packed, backend="resident")
 
 
-@pytest.mark.parametrize("kw, err, msg", [
-    ({"backend": "nope"}, ValueError, "unknown backend"),
-    ({"augment": "cutmix"}, ValueError, "unknown augment"),
-    ({"res": 8}, ValueError, "res must be"),
-    ({"batch_size": 0}, ValueError, "batch_size"),
-    ({"device": "cuda"} if not torch.cuda.is_available() else {"world_size": 0}, ValueError, "cuda|world_size"),
+@pytest.mark.parametrize("kw, msg", [
+    ({"backend": "nope"}, "unknown backend 'nope'"),
+    ({"augment": "cutmix"}, "unknown augment 'cutmix'"),
+    ({"res": 8}, "res must be .* got 8"),
+    ({"res": 64.0}, "res must be .* got 64.0"),
+    ({"batch_size": 0}, "batch_size .* got 0"),
+    ({"batch_size": True}, "batch_size .* got True"),
+    ({"world_size": 0}, "world_size .* got 0"),
+    ({"rank": 3, "world_size": 3}, "rank 3 is not in"),
+    ({"workers": -1}, "workers .* got -1"),
+    ({"dtype": "bf16"}, "dtype must be .* got 'bf16'"),
+    ({"dtype": torch.int8}, "dtype must be .* got torch.int8"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"device": "cuda:x"}, "unknown device 'cuda:x'"),
+    ({"device": 3.5}, "unknown device 3.5"),
+    ({"device": "meta"}, "unknown device 'meta'"),
+    ({"device": "cuda:99"}, "cuda:99' but"),
+    ({"batch_size": 64, "world_size": 1}, "50 samples make no batch of 64"),
 ])
-def test_bad_arguments(packed, kw, err, msg):
-    with pytest.raises(err, match=msg):
+def test_bad_arguments_are_one_line_user_errors(packed, kw, msg):
+    with pytest.raises(LoaderArgumentError, match=msg) as e:
         loader(packed, **kw)
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    assert "\n" not in str(e.value) and e.value.__context__ is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_a_payload_that_does_not_decode_names_its_shard_and_sample(packed, tmp_path, backend, damage):
+    import shutil
+    c = tmp_path / "c"
+    shutil.copytree(packed, c)
+    ds = open_split(c, "val")
+    i = 11
+    shard = c / ds.manifest["splits"]["val"]["shards"][ds._shard[i]]["file"]
+    data = bytearray(shard.read_bytes())
+    a, b = int(ds._start[i]), int(ds._end[i])
+    data[a:b] = bytes(b - a) if damage == "not an image" else data[a:a + 40] + bytes(b - a - 40)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        ld = loader(c, backend=backend, shuffle=False)  # resident decodes here
+        for _ in ld:
+            pass
+    msg = str(e.value)
+    assert ds.keys[i] in msg and "\n" not in msg, msg
+    assert isinstance(e.value, UserError)
 
 
 def test_bad_data(packed, tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import DataError, decode
 
 
 def available() -> str | None:
@@ -126,6 +127,11 @@ class DaliLoader(Loader):
                 except StopIteration:
                     self.open_pass = None
                     return
+                except RuntimeError:  # DALI's decoder failed: name the sample if it is one of ours
+                    culprit = self.bad_sample()
+                    if culprit is None:
+                        raise
+                    raise DataError(culprit) from None
                 p = self.in_flight.popleft()
                 images = torch.from_dlpack(out.as_tensor())  # [B, res, res, 3] fp16, no copy
                 if images.dtype != self.dtype:
@@ -135,6 +141,17 @@ class DaliLoader(Loader):
         finally:
             if self.open_pass == this_pass:  # left early, and no newer pass has taken over
                 self.drain()
+
+    def bad_sample(self) -> str | None:
+        """The message of the first sample in flight that does not decode on the CPU, if any (a
+        sample at a time, only after a failure)."""
+        for p in list(self.in_flight):
+            for i in p.index.tolist():
+                try:
+                    decode(self.ds, i)
+                except DataError as e:
+                    return str(e)
+        return None
 
     def drain(self) -> None:
         """End the open pass: no more input, and what DALI prefetched for it is dropped."""

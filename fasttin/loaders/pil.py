@@ -6,7 +6,6 @@ The portable path, and the one the classic ImageFolder pipeline is compared with
 from __future__ import annotations
 
 import gc
-import io
 import os
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import DataError, decode
 from fasttin.loaders.sampler import BatchPlan
 
 
@@ -25,14 +25,22 @@ class _Batches(torch.utils.data.Dataset):
         self.ds, self.res, self.augment = ds, res, augment
 
     def __getitem__(self, p: BatchPlan):
+        """(uint8 batch, plan, None), or (None, plan, message) for a sample that does not decode:
+        the main process raises it, as one line (a worker's exception would arrive wrapped in
+        its traceback)."""
+        try:
+            return torch.from_numpy(self.batch(p)), p, None
+        except DataError as e:
+            return None, p, str(e)
+
+    def batch(self, p: BatchPlan) -> np.ndarray:
         res, out = self.res, np.empty((len(p.index), self.res, self.res, 3), np.uint8)
         for j, (i, box, flip) in enumerate(zip(p.index.tolist(), p.boxes.tolist(), p.flips.tolist())):
-            if self.ds.payload == "raw":
-                im = Image.fromarray(self.ds.image(i))
-            else:
-                with Image.open(io.BytesIO(self.ds.encoded(i))) as im:
-                    im = im.convert("RGB")
             x0, y0, w, h = box
+            if self.augment != "crop" and res == w == h and not flip:
+                out[j] = decode(self.ds, i)  # nothing to cut, mirror or resize
+                continue
+            im = Image.fromarray(decode(self.ds, i))
             if self.augment == "crop":  # PIL pads a crop outside the image with black
                 im, x0, y0 = im.crop((x0, y0, x0 + w, y0 + h)), 0, 0
             if res != w or res != h or x0 or y0:
@@ -40,7 +48,7 @@ class _Batches(torch.utils.data.Dataset):
             if flip:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             out[j] = np.asarray(im)
-        return torch.from_numpy(out), p
+        return out
 
 
 def _identity(x):
@@ -96,7 +104,9 @@ class PilLoader(Loader):
             # The workers are about to be forked: collect unreachable objects first, so that none (a
             # dropped DALI pipeline, say) runs its finaliser in a child, where its threads do not exist.
             gc.collect()
-        for images, p in self._loader:
+        for images, p, failure in self._loader:
+            if failure is not None:
+                raise DataError(failure)
             labels, index = self.host_targets(p)
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
             yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),

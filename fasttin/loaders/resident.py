@@ -22,6 +22,7 @@ import torch
 
 from fasttin.loaders.augment import CROP_PAD, SIZE, normalize, resize_boxes, upscale
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import decode_many
 from fasttin.loaders.sampler import PAD_LABEL
 from fasttin.shards import IMAGE_SHAPE
 
@@ -55,14 +56,14 @@ _DS = None
 
 
 def _decode_chunk(idx):
-    return _DS.images(idx)
+    return decode_many(_DS, idx)
 
 
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
     workers = workers or os.cpu_count() or 1
     if ds.payload == "raw" or workers == 1 or len(ds) < 4096:
-        return ds.images()
+        return decode_many(ds, np.arange(len(ds)))
     global _DS
     _DS = ds
     gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
