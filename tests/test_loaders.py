@@ -1,11 +1,16 @@
 """make_loader and its backends on the CPU (DALI in its CPU mode)."""
 import itertools
 import logging
+import os
+import signal
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, Lines
 from PIL import Image
 
 from fasttin.errors import UserError
@@ -242,6 +247,46 @@ def test_leaving_an_epoch_early_leaves_nothing_stale(packed, backend, taken, the
     assert len(got) == 6
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert torch.equal(torch.cat(epoch_indices(ld, 5)), torch.cat(epoch_indices(ref, 5)))
+
+
+SIGNALLED_CONSUMER = """
+import signal, sys, time
+from fasttin.loaders import make_loader
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append("TERM"))
+signal.signal(signal.SIGINT, lambda *a: stop.append("INT"))
+ld = make_loader(sys.argv[1], "train", backend="pil", device="cpu", res=32, batch_size=8, workers=2)
+n = 0
+for images, labels in ld:
+    n += 1
+    if n == 1:
+        print("first batch", flush=True)
+        while not stop:  # the trainer's case: the signal arrives mid-epoch, the step goes on
+            time.sleep(0.01)
+        print("signalled", stop[0], flush=True)
+print("epoch done", n, "of", len(ld), "then", len(list(ld)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_pil_workers_survive_a_signal_to_the_process_group(packed, sig):
+    """What `timeout`, Slurm and Ctrl-C do: the signal reaches every process of the group. The
+    workers go on; the main process decides to stop, and exits without a traceback or a hang."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED_CONSUMER, str(packed)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out = Lines(proc.stdout)
+    try:
+        out.wait("first batch", proc, timeout=300)
+        os.killpg(proc.pid, sig)  # the whole group: the main process and both workers
+        out.wait("epoch done", proc, timeout=300)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert f"signalled {sig.name[3:]}" in out.text()
+    assert "epoch done 25 of 25 then 25" in out.text()
 
 
 @pytest.mark.realdata

@@ -5,12 +5,16 @@ The portable path, and the one the classic ImageFolder pipeline is compared with
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import os
+import signal
+import weakref
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data._utils import signal_handling
 
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
@@ -55,6 +59,25 @@ def _identity(x):
     return x
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SIGINT and SIGTERM sent to the whole process group (Ctrl-C, `timeout`, Slurm, a pod's stop)
+    must not kill the workers mid-epoch: the main process decides when to stop (the trainer
+    finishes its step and saves), then stops them itself (`PilLoader.close`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, stop the workers of every loader still open: multiprocessing's own exit hook
+    (registered earlier, so it runs later) would SIGTERM them, which they ignore, and then wait."""
+    for loader in list(_OPEN):
+        loader.close()
+
+
 class _Plans:
     """The DataLoader's sampler: this epoch's batch plans, drawn in the main process."""
 
@@ -81,17 +104,23 @@ class PilLoader(Loader):
         self._loader = torch.utils.data.DataLoader(
             _Batches(ds, self.res, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-            collate_fn=_identity, persistent_workers=workers > 0,
+            collate_fn=_identity, persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
             multiprocessing_context="fork" if workers else None)
+        _OPEN.add(self)
 
     def close(self) -> None:
-        """Stop the workers now. torch's own shutdown waits 5 s per idle persistent worker (it
-        never sees the stop message while blocked in its 5 s poll), so they are terminated first."""
+        """Stop the workers now. They ignore SIGTERM (see `_ignore_stop_signals`), and torch's own
+        shutdown waits 5 s per idle persistent worker (it never sees the stop message while
+        blocked in its 5 s poll), so they are killed first, after torch stops watching their pids
+        (a killed worker it still watched would raise in this process)."""
         it = getattr(self._loader, "_iterator", None)
         if it is not None:
+            if getattr(it, "_worker_pids_set", False):
+                signal_handling._remove_worker_pids(id(it))
+                it._worker_pids_set = False
             for w in getattr(it, "_workers", []):
                 if w.is_alive():
-                    w.terminate()
+                    w.kill()
             it._shutdown_workers()
             self._loader._iterator = None
 
