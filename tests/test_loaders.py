@@ -115,6 +115,31 @@ def test_bicubic_agrees_with_pil_and_opencv(packed, backend):
     assert np.abs(got - ocv).mean() < 3.0
 
 
+@pytest.mark.parametrize("augment", ["none", "flip", "crop"])
+@pytest.mark.parametrize("res", [64, 80])
+def test_resident_is_bit_exact_with_pil(packed, augment, res):
+    """The resident store's gather (crop and flip as an index) and upscale give PIL's pixels
+    exactly: the plan's window, mirrored where planned, PIL bicubic."""
+    ds = open_split(packed, "train")
+    ld = loader(packed, "train", backend="resident", res=res, augment=augment, seed=4, dtype=torch.float32)
+    plans = list(ld.sampler.batches(0))
+    for (images, _), p in zip(ld, plans):
+        got = np.rint(pixels(images)).astype(np.uint8)
+        for j, (i, (x0, y0, w, h), flip) in enumerate(zip(p.index, p.boxes.tolist(), p.flips)):
+            im = Image.fromarray(ds.image(i)).crop((x0, y0, x0 + w, y0 + h))
+            im = im.resize((res, res), Image.BICUBIC) if res != 64 else im
+            want = np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im)
+            assert np.array_equal(got[j], want), (i, x0, y0, flip)
+
+
+def test_store_is_built_the_same_in_chunks():
+    images = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), np.uint8)
+    for copies, side in [(1, 64), (2, 64), (2, 80)]:
+        a = resident_mod.build_store(images, copies, side, torch.device("cpu"), chunk=7)
+        b = resident_mod.build_store(images, copies, side, torch.device("cpu"))
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("augment", ["flip", "crop", "rrc"])
 def test_backends_apply_the_same_augmentation(packed, augment):
     outs = {}

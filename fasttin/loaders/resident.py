@@ -83,13 +83,13 @@ class ResidentLoader(Loader):
                 f"resident backend needs {need / 2**30:.2f} GiB on {self.device} for {len(ds):,} images "
                 f"of split {ds.split!r} at res {self.res}, but only {free / 2**30:.2f} GiB is free: "
                 "use backend='dali' (streams from the shards) or backend='pil' (CPU workers)")
-        images = torch.from_numpy(decode_all(ds)).to(self.device)
+        images = decode_all(ds)
         self.labels = torch.from_numpy(ds.labels).to(self.device)
         if self.augment == "rrc":
-            self.images = images
+            self.images = torch.from_numpy(images).to(self.device)
         else:
             self.copies, self.side = store_layout(self.augment)
-            self.runs = build_store(images, self.copies, self.side)
+            self.runs = build_store(images, self.copies, self.side, self.device)
             self.row_steps = torch.arange(SIZE, device=self.device) * self.side
 
     def _epoch(self, epoch: int):
@@ -129,14 +129,18 @@ class ResidentLoader(Loader):
         return self.runs.index_select(0, rows).view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2)
 
 
-def build_store(images: torch.Tensor, copies: int, side: int) -> torch.Tensor:
-    """The store as a view of overlapping rows: row r is the 64-pixel run (192 bytes) that starts
-    at pixel r of the [N * copies, side, side, 3] store (the images, each padded to `side`, then
-    its mirror image when copies == 2)."""
+def build_store(images: np.ndarray, copies: int, side: int, device: torch.device,
+                chunk: int = 8192) -> torch.Tensor:
+    """The store on `device`, as a view of overlapping rows: row r is the 64-pixel run (192 bytes)
+    that starts at pixel r of the [N * copies, side, side, 3] store (the images, each padded to
+    `side`, then its mirror image when copies == 2). Filled a chunk at a time, so that building
+    it needs little beyond the store itself."""
     n, pad = len(images), (side - SIZE) // 2
-    store = torch.zeros((n, copies, side, side, 3), dtype=torch.uint8, device=images.device)
-    store[:, 0, pad:pad + SIZE, pad:pad + SIZE] = images
-    if copies == 2:
-        store[:, 1] = store[:, 0].flip(2)
+    store = torch.zeros((n, copies, side, side, 3), dtype=torch.uint8, device=device)
+    for a in range(0, n, chunk):
+        part = store[a:a + chunk]
+        part[:, 0, pad:pad + SIZE, pad:pad + SIZE] = torch.from_numpy(images[a:a + chunk]).to(device)
+        if copies == 2:
+            part[:, 1] = part[:, 0].flip(2)
     flat = store.view(-1)
     return flat.as_strided((flat.numel() // 3 - SIZE + 1, SIZE * 3), (3, 1))
