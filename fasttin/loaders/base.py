@@ -14,6 +14,9 @@ class Loader:
     images: [B, 3, res, res] `dtype` channels_last on `device`, ImageNet-normalised; labels: int64
     (PAD_LABEL where a sample only pads this rank); indices: int64 positions in the split, -1 for
     padding. `set_epoch(e)` picks the permutation explicitly (DistributedSampler style).
+
+    Every batch is a tensor of its own (no output buffer is reused), so a consumer may keep a
+    batch as long as it likes. A pass may be left at any point; the next one starts clean.
     """
 
     backend = "?"
