@@ -274,6 +274,14 @@ def test_leaving_an_epoch_early_leaves_nothing_stale(packed, backend, taken, the
     assert torch.equal(torch.cat(epoch_indices(ld, 5)), torch.cat(epoch_indices(ref, 5)))
 
 
+@pytest.mark.parametrize("first", [0, 4, 6])
+def test_a_resumed_pass_then_the_next_epoch(packed, first):
+    ld = loader(packed, backend="resident", return_index=True, seed=2)
+    ld.set_epoch(3, first_batch=first)
+    assert len(list(ld)) == 6 - first and ld.epoch == 4
+    assert torch.equal(torch.cat([i for _, _, i in ld]), torch.cat(epoch_indices(ld, 4)))
+
+
 SIGNALLED_CONSUMER = """
 import signal, sys, time
 from fasttin.loaders import make_loader

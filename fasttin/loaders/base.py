@@ -44,6 +44,8 @@ class Loader:
             if k == last and self.epoch == epoch:  # not moved by set_epoch meanwhile
                 self.epoch = epoch + 1
             yield batch
+        if last <= 0 and self.epoch == epoch:  # an empty pass: a resume at the epoch's very end
+            self.epoch = epoch + 1
 
     def plans(self, epoch: int):
         return self.sampler.batches(epoch, self.pass_first)
