@@ -128,6 +128,7 @@ class DaliLoader(Loader):
                     self.open_pass = None
                     return
                 except RuntimeError:  # DALI's decoder failed: name the sample if it is one of ours
+                    self.open_pass = None  # no drain: running a failed pipeline again would mask this
                     culprit = self.bad_sample()
                     if culprit is None:
                         raise
