@@ -1,13 +1,20 @@
 """make_loader and its backends on the CPU (DALI in its CPU mode)."""
+import itertools
 import logging
+import os
+import signal
+import subprocess
+import sys
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, Lines
 from PIL import Image
 
-from fasttin.loaders import PAD_LABEL, make_loader
+from fasttin.errors import UserError
+from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from fasttin.shards import FormatError, open_split
@@ -108,6 +115,31 @@ def test_bicubic_agrees_with_pil_and_opencv(packed, backend):
     assert np.abs(got - ocv).mean() < 3.0
 
 
+@pytest.mark.parametrize("augment", ["none", "flip", "crop"])
+@pytest.mark.parametrize("res", [64, 80])
+def test_resident_is_bit_exact_with_pil(packed, augment, res):
+    """The resident store's gather (crop and flip as an index) and upscale give PIL's pixels
+    exactly: the plan's window, mirrored where planned, PIL bicubic."""
+    ds = open_split(packed, "train")
+    ld = loader(packed, "train", backend="resident", res=res, augment=augment, seed=4, dtype=torch.float32)
+    plans = list(ld.sampler.batches(0))
+    for (images, _), p in zip(ld, plans):
+        got = np.rint(pixels(images)).astype(np.uint8)
+        for j, (i, (x0, y0, w, h), flip) in enumerate(zip(p.index, p.boxes.tolist(), p.flips)):
+            im = Image.fromarray(ds.image(i)).crop((x0, y0, x0 + w, y0 + h))
+            im = im.resize((res, res), Image.BICUBIC) if res != 64 else im
+            want = np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im)
+            assert np.array_equal(got[j], want), (i, x0, y0, flip)
+
+
+def test_store_is_built_the_same_in_chunks():
+    images = np.random.default_rng(0).integers(0, 256, (20, 64, 64, 3), np.uint8)
+    for copies, side in [(1, 64), (2, 64), (2, 80)]:
+        a = resident_mod.build_store(images, copies, side, torch.device("cpu"), chunk=7)
+        b = resident_mod.build_store(images, copies, side, torch.device("cpu"))
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("augment", ["flip", "crop", "rrc"])
 def test_backends_apply_the_same_augmentation(packed, augment):
     outs = {}
@@ -138,16 +170,52 @@ def test_resident_memory_check(packed, monkeypatch):
         loader(packed, backend="resident")
 
 
-@pytest.mark.parametrize("kw, err, msg", [
-    ({"backend": "nope"}, ValueError, "unknown backend"),
-    ({"augment": "cutmix"}, ValueError, "unknown augment"),
-    ({"res": 8}, ValueError, "res must be"),
-    ({"batch_size": 0}, ValueError, "batch_size"),
-    ({"device": "cuda"} if not torch.cuda.is_available() else {"world_size": 0}, ValueError, "cuda|world_size"),
+@pytest.mark.parametrize("kw, msg", [
+    ({"backend": "nope"}, "unknown backend 'nope'"),
+    ({"augment": "cutmix"}, "unknown augment 'cutmix'"),
+    ({"res": 8}, "res must be .* got 8"),
+    ({"res": 64.0}, "res must be .* got 64.0"),
+    ({"batch_size": 0}, "batch_size .* got 0"),
+    ({"batch_size": True}, "batch_size .* got True"),
+    ({"world_size": 0}, "world_size .* got 0"),
+    ({"rank": 3, "world_size": 3}, "rank 3 is not in"),
+    ({"workers": -1}, "workers .* got -1"),
+    ({"dtype": "bf16"}, "dtype must be .* got 'bf16'"),
+    ({"dtype": torch.int8}, "dtype must be .* got torch.int8"),
+    ({"device": "tpu"}, "unknown device 'tpu'"),
+    ({"device": "cuda:x"}, "unknown device 'cuda:x'"),
+    ({"device": 3.5}, "unknown device 3.5"),
+    ({"device": "meta"}, "unknown device 'meta'"),
+    ({"device": "cuda:99"}, "cuda:99' but"),
+    ({"batch_size": 64, "world_size": 1}, "50 samples make no batch of 64"),
 ])
-def test_bad_arguments(packed, kw, err, msg):
-    with pytest.raises(err, match=msg):
+def test_bad_arguments_are_one_line_user_errors(packed, kw, msg):
+    with pytest.raises(LoaderArgumentError, match=msg) as e:
         loader(packed, **kw)
+    assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+    assert "\n" not in str(e.value) and e.value.__context__ is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_a_payload_that_does_not_decode_names_its_shard_and_sample(packed, tmp_path, backend, damage):
+    import shutil
+    c = tmp_path / "c"
+    shutil.copytree(packed, c)
+    ds = open_split(c, "val")
+    i = 11
+    shard = c / ds.manifest["splits"]["val"]["shards"][ds._shard[i]]["file"]
+    data = bytearray(shard.read_bytes())
+    a, b = int(ds._start[i]), int(ds._end[i])
+    data[a:b] = bytes(b - a) if damage == "not an image" else data[a:a + 40] + bytes(b - a - 40)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        ld = loader(c, backend=backend, shuffle=False)  # resident decodes here
+        for _ in ld:
+            pass
+    msg = str(e.value)
+    assert ds.keys[i] in msg and "\n" not in msg, msg
+    assert isinstance(e.value, UserError)
 
 
 def test_bad_data(packed, tmp_path):
@@ -173,14 +241,85 @@ def test_bad_data(packed, tmp_path):
         loader(c)
 
 
-def test_breaking_off_an_epoch_leaves_nothing_stale(packed):
-    ld = loader(packed, backend="dali", return_index=True)
-    next(iter(ld))  # abandoned after one batch
-    ld.set_epoch(4)
-    got = torch.cat([i for _, _, i in ld])
-    ref = loader(packed, backend="resident", return_index=True)
-    ref.set_epoch(4)
-    assert torch.equal(got, torch.cat([i for _, _, i in ref]))
+def epoch_indices(ld, epoch):
+    ld.set_epoch(epoch)
+    return [i for _, _, i in ld]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("taken", [0, 1, 5, 6])  # 6 = every batch, the iterator never exhausted
+@pytest.mark.parametrize("then", ["next pass", "set_epoch", "unclosed"])
+def test_leaving_an_epoch_early_leaves_nothing_stale(packed, backend, taken, then):
+    """Any early exit (a break at the last batch included), then a new pass: a whole, correct epoch."""
+    ld = loader(packed, backend=backend, return_index=True, seed=2)
+    assert len(ld) == 6
+    ref = loader(packed, backend="resident", return_index=True, seed=2)
+    it = iter(ld)
+    assert len(list(itertools.islice(it, taken))) == taken
+    if then == "unclosed":  # a new pass while the old generator is still alive, closed afterwards
+        got = epoch_indices(ld, 4)
+        it.close()
+        want = epoch_indices(ref, 4)
+    else:
+        del it
+        if then == "set_epoch":
+            ld.set_epoch(4)
+            ref.set_epoch(4)
+        else:
+            ref.set_epoch(1 if taken == 6 else 0)  # handing out the last batch completes the epoch
+        got, want = list(ld), list(ref)
+        got, want = [i for _, _, i in got], [i for _, _, i in want]
+    assert len(got) == 6
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(torch.cat(epoch_indices(ld, 5)), torch.cat(epoch_indices(ref, 5)))
+
+
+@pytest.mark.parametrize("first", [0, 4, 6])
+def test_a_resumed_pass_then_the_next_epoch(packed, first):
+    ld = loader(packed, backend="resident", return_index=True, seed=2)
+    ld.set_epoch(3, first_batch=first)
+    assert len(list(ld)) == 6 - first and ld.epoch == 4
+    assert torch.equal(torch.cat([i for _, _, i in ld]), torch.cat(epoch_indices(ld, 4)))
+
+
+SIGNALLED_CONSUMER = """
+import signal, sys, time
+from fasttin.loaders import make_loader
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append("TERM"))
+signal.signal(signal.SIGINT, lambda *a: stop.append("INT"))
+ld = make_loader(sys.argv[1], "train", backend="pil", device="cpu", res=32, batch_size=8, workers=2)
+n = 0
+for images, labels in ld:
+    n += 1
+    if n == 1:
+        print("first batch", flush=True)
+        while not stop:  # the trainer's case: the signal arrives mid-epoch, the step goes on
+            time.sleep(0.01)
+        print("signalled", stop[0], flush=True)
+print("epoch done", n, "of", len(ld), "then", len(list(ld)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_pil_workers_survive_a_signal_to_the_process_group(packed, sig):
+    """What `timeout`, Slurm and Ctrl-C do: the signal reaches every process of the group. The
+    workers go on; the main process decides to stop, and exits without a traceback or a hang."""
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED_CONSUMER, str(packed)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out = Lines(proc.stdout)
+    try:
+        out.wait("first batch", proc, timeout=300)
+        os.killpg(proc.pid, sig)  # the whole group: the main process and both workers
+        out.wait("epoch done", proc, timeout=300)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert f"signalled {sig.name[3:]}" in out.text()
+    assert "epoch done 25 of 25 then 25" in out.text()
 
 
 @pytest.mark.realdata

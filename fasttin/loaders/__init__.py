@@ -11,12 +11,13 @@ import torch
 
 from fasttin.loaders.augment import AUGMENTS
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import DataError, LoaderArgumentError
 from fasttin.loaders.sampler import PAD_LABEL, EpochSampler
 from fasttin.shards import open_split
 
 BACKENDS = ("auto", "dali", "resident", "pil")
 log = logging.getLogger("fasttin.loaders")
-__all__ = ["make_loader", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL"]
+__all__ = ["make_loader", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL", "DataError", "LoaderArgumentError"]
 
 
 def _keep_freed_memory_mapped() -> None:
@@ -30,18 +31,55 @@ def _keep_freed_memory_mapped() -> None:
         pass  # not glibc: slower, still correct
 
 
-def choose_backend(ds, device: torch.device, batch_size: int, res: int) -> tuple[str, str]:
+def choose_backend(ds, device: torch.device, batch_size: int, res: int, augment: str = "none") -> tuple[str, str]:
     """(backend, why) for backend='auto'."""
     from fasttin.loaders import dali, resident
     if device.type != "cuda":
         return "pil", "no CUDA device: DataLoader workers on the CPU"
-    need, free = resident.needed_bytes(len(ds), batch_size, res), resident.free_memory(device)
+    need, free = resident.needed_bytes(len(ds), batch_size, res, augment), resident.free_memory(device)
     if need <= free:
         return "resident", f"the split fits on {device} ({need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free)"
     why = dali.available()
     if why is None:
         return "dali", f"the split does not fit on {device} ({need / 2**30:.2f} GiB needed): DALI streams it"
     return "pil", f"the split does not fit on {device} and {why}"
+
+
+def check_arguments(*, backend, augment, res, batch_size, rank, world_size, dtype, workers) -> None:
+    """LoaderArgumentError (one line, naming the argument) for anything make_loader cannot use."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise LoaderArgumentError(message)
+
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    need(backend in BACKENDS, f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    need(augment in AUGMENTS, f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+    need(whole(res) and res >= 16, f"res must be an integer of at least 16, got {res!r}")
+    need(whole(batch_size) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
+    need(whole(world_size) and world_size >= 1, f"world_size must be a positive integer, got {world_size!r}")
+    need(whole(rank) and 0 <= rank < world_size, f"rank {rank!r} is not in [0, world_size={world_size})")
+    need(workers is None or (whole(workers) and workers >= 0),
+         f"workers must be a non-negative integer or None, got {workers!r}")
+    need(dtype in (torch.bfloat16, torch.float16, torch.float32),
+         f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+
+
+def parse_device(device) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N' (a torch.device too) that exists here, else LoaderArgumentError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):  # torch's words for an unparsable device string
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise LoaderArgumentError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoaderArgumentError(f"device={device!r} but no CUDA device is available: pass device='cpu'")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise LoaderArgumentError(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
 
 
 def make_loader(data_dir, split, *, backend="auto", res=224, batch_size=256, device="cuda", augment="none",
@@ -52,26 +90,14 @@ def make_loader(data_dir, split, *, backend="auto", res=224, batch_size=256, dev
     backend: auto | dali | resident | pil; augment: none | flip | crop | rrc (at 64x64, before the
     bicubic upscale to `res`). `workers` sets DALI threads or DataLoader processes (default: all cores).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-    if not isinstance(res, int) or res < 16:
-        raise ValueError(f"res must be an integer of at least 16, got {res!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but no CUDA device is available: pass device='cpu'")
+    check_arguments(backend=backend, augment=augment, res=res, batch_size=batch_size, rank=rank,
+                    world_size=world_size, dtype=dtype, workers=workers)
+    device = parse_device(device)
     ds = open_split(data_dir, split, verify=verify)
     sampler = EpochSampler(len(ds), batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, rank=rank,
                            world_size=world_size, augment=augment)
     if backend == "auto":
-        backend, why = choose_backend(ds, device, batch_size, res)
+        backend, why = choose_backend(ds, device, batch_size, res, augment)
         log.info("make_loader: backend=%s (%s)", backend, why)
     if device.type == "cpu":
         _keep_freed_memory_mapped()

@@ -6,9 +6,9 @@ only in their resampling arithmetic, never in what they do. The box is in source
 (x0, y0, w, h); `crop` boxes may reach 8 px outside the image, where the pixels are black.
 
 Bicubic everywhere, with PIL's conventions (Keys a = -0.5, pixel centres at +0.5, taps outside the
-image dropped and the rest renormalised): `resize_batch` upscales whole-image boxes with torch's
-antialiased bicubic (a port of PIL's algorithm) and per-sample `rrc` boxes with the matrices that
-`cubic_weights` builds, so the resident backend matches PIL to rounding.
+image dropped and the rest renormalised): `upscale` resizes whole 64x64 windows with torch's
+antialiased bicubic (a port of PIL's algorithm) and `resize_boxes` the per-sample `rrc` boxes with
+the matrices that `cubic_weights` builds, so the resident backend matches PIL to rounding.
 """
 from __future__ import annotations
 
@@ -77,55 +77,52 @@ def cubic_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_s
 _NORM: dict = {}
 
 
+def _norm_vectors(h: int, w: int, device, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position (scale, shift) over one NHWC image, cached: broadcasting a 3-vector over the
+    channel axis is several times slower on the CPU than a flat multiply-add against these."""
+    key = (h, w, str(device), work)
+    if key not in _NORM:
+        std = torch.tensor(IMAGENET_STD, device=device) * 255
+        mean = torch.tensor(IMAGENET_MEAN, device=device) * 255
+        _NORM[key] = ((1 / std).repeat(h * w).to(work), (-mean / std).repeat(h * w).to(work))
+    return _NORM[key]
+
+
 def normalize(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, 3, H, W] channels_last (uint8 or float, 0-255) -> ImageNet-normalised `dtype`, channels_last.
 
-    One fused multiply-add against per-position scale and shift vectors: broadcasting a 3-vector
-    over the channel axis is several times slower on the CPU. uint8 -> bf16 is exact, so uint8
-    input is computed in `dtype` directly; float input in float32, then cast.
+    uint8 input: one cast into the output (exact: 0-255 fits bf16 and fp16), then one in-place
+    multiply-add in `dtype`, two passes over the output and no temporary. Float input (the rrc and
+    CUDA upscales) is computed in float32, then cast once.
     """
     b, c, h, w = x.shape
-    work = dtype if x.dtype == torch.uint8 else torch.float32
-    key = (h, w, str(x.device), work)
-    if key not in _NORM:
-        std = torch.tensor(IMAGENET_STD, device=x.device) * 255
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device) * 255
-        _NORM[key] = ((1 / std).repeat(h * w).to(work), (-mean / std).repeat(h * w).to(work))
-    scale, shift = _NORM[key]
     nhwc = x.permute(0, 2, 3, 1).reshape(b, h * w * c)  # a view for channels_last input
-    out = torch.addcmul(shift, nhwc.to(work), scale).to(dtype)
+    if x.dtype == torch.uint8:
+        scale, shift = _norm_vectors(h, w, x.device, dtype)
+        out = torch.empty((b, h * w * c), dtype=dtype, device=x.device).copy_(nhwc)
+        torch.addcmul(shift, out, scale, out=out)
+    else:
+        scale, shift = _norm_vectors(h, w, x.device, torch.float32)
+        out = torch.addcmul(shift, nhwc.float(), scale).to(dtype)
     return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
-def _crop_flip(x: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Whole-pixel 64x64 windows of the black-padded NHWC images, mirrored where asked; gathers only."""
-    b = x.shape[0]
-    xp = torch.nn.functional.pad(x, (0, 0, CROP_PAD, CROP_PAD, CROP_PAD, CROP_PAD))
-    r = torch.arange(SIZE, device=x.device)
-    off = boxes[:, :2].long() + CROP_PAD
-    cols = off[:, 0, None] + torch.where(flips[:, None], SIZE - 1 - r, r)
-    rows = off[:, 1, None] + r
-    return xp[torch.arange(b, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+def upscale(x: torch.Tensor, res: int) -> torch.Tensor:
+    """uint8 [B, 3, 64, 64] channels_last -> [B, 3, res, res] channels_last, 0-255, the same
+    bicubic upscale for every sample: torch's antialiased bicubic (PIL's kernel and rules). On the
+    CPU its uint8 SIMD path is bit-exact to PIL and stays uint8; on CUDA it runs in float."""
+    if res == SIZE:
+        return x
+    x = x if x.device.type == "cpu" else x.float()
+    return torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True,
+                                           align_corners=False)
 
 
-def resize_batch(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, res: int,
-                 dtype: torch.dtype, augment: str = "none") -> torch.Tensor:
-    """uint8 NHWC [B, 64, 64, 3] on any device -> normalised [B, 3, res, res] channels_last `dtype`.
-
-    `none`, `flip` and `crop` boxes are whole 64x64 windows: they are cut and mirrored at 64x64,
-    then every sample takes the same bicubic upscale, torch's antialiased bicubic (PIL's kernel
-    and rules; on the CPU its uint8 SIMD path is bit-exact to PIL). `rrc` boxes differ per sample:
-    per-sample interpolation matrices, two batched products. No loop over samples, nothing read
-    back from the device.
-    """
-    if augment != "rrc":
-        x = _crop_flip(images, boxes, flips) if augment in ("flip", "crop") else images
-        x = x.permute(0, 3, 1, 2)  # channels_last view
-        if res != SIZE:
-            x = x if x.device.type == "cpu" else x.float()  # uint8 path: the CPU one measured bit-exact
-            x = torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True,
-                                                align_corners=False)
-        return normalize(x, dtype)
+def resize_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, res: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """uint8 NHWC [B, 64, 64, 3] on any device, per-sample `rrc` boxes -> normalised
+    [B, 3, res, res] channels_last `dtype`: per-sample interpolation matrices (mirrored where
+    asked), two batched products. No loop over samples, nothing read back from the device."""
     b = images.shape[0]
     x = images.float().permute(0, 3, 1, 2)  # [B, 3, 64, 64]
     wy = cubic_weights(boxes[:, 1], boxes[:, 3], SIZE, res)  # [B, res, 64]

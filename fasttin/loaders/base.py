@@ -14,6 +14,9 @@ class Loader:
     images: [B, 3, res, res] `dtype` channels_last on `device`, ImageNet-normalised; labels: int64
     (PAD_LABEL where a sample only pads this rank); indices: int64 positions in the split, -1 for
     padding. `set_epoch(e)` picks the permutation explicitly (DistributedSampler style).
+
+    Every batch is a tensor of its own (no output buffer is reused), so a consumer may keep a
+    batch as long as it likes. A pass may be left at any point; the next one starts clean.
     """
 
     backend = "?"
@@ -22,7 +25,7 @@ class Loader:
                  dtype: torch.dtype, augment: str, return_index: bool):
         self.ds, self.sampler, self.res, self.device = ds, sampler, res, device
         self.dtype, self.augment, self.return_index = dtype, augment, return_index
-        self.epoch, self.first_batch = 0, 0
+        self.epoch, self.first_batch, self.pass_first = 0, 0, 0
         self.batch_size = sampler.batch_size
 
     def __len__(self) -> int:
@@ -33,16 +36,19 @@ class Loader:
         self.epoch, self.first_batch = epoch, first_batch
 
     def __iter__(self):
-        epoch = self.epoch
-        try:
-            yield from self._epoch(epoch)
-        finally:
-            self.first_batch = 0
-        if self.epoch == epoch:  # not moved by set_epoch meanwhile: the next pass is a new epoch
+        """One pass. Handing out the epoch's last batch completes it (the next pass is the next
+        epoch), whether or not the consumer then exhausts the iterator."""
+        epoch, self.pass_first, self.first_batch = self.epoch, self.first_batch, 0
+        last = len(self) - self.pass_first
+        for k, batch in enumerate(self._epoch(epoch), 1):
+            if k == last and self.epoch == epoch:  # not moved by set_epoch meanwhile
+                self.epoch = epoch + 1
+            yield batch
+        if last <= 0 and self.epoch == epoch:  # an empty pass: a resume at the epoch's very end
             self.epoch = epoch + 1
 
     def plans(self, epoch: int):
-        return self.sampler.batches(epoch, self.first_batch)
+        return self.sampler.batches(epoch, self.pass_first)
 
     def _epoch(self, epoch: int):
         raise NotImplementedError

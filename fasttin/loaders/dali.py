@@ -16,6 +16,7 @@ import torch
 
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import DataError, decode
 
 
 def available() -> str | None:
@@ -99,6 +100,7 @@ class DaliLoader(Loader):
         gpu = self.device.type == "cuda"
         self.in_flight: deque = deque()
         self.feeding_epoch = 0
+        self.pass_count, self.open_pass = 0, None  # the pass DALI is still in, if any
         self.feed = _Feed(self)
         self.pipe = build_pipeline(
             self.feed, payload=ds.payload, gpu=gpu, res=self.res, augment=self.augment,
@@ -107,16 +109,30 @@ class DaliLoader(Loader):
         self.pipe.build()
 
     def _epoch(self, epoch: int):
+        """One pass. A pass that the consumer leaves early (at any batch, the last one included,
+        or by starting another pass while it is still open) is drained before the next one
+        starts, and the feed is rewound explicitly: DALI's own iter() on the feed comes at times
+        of its choosing (after the end of the data, not when a consumer leaves)."""
+        if self.open_pass is not None:
+            self.drain()
+        self.pass_count += 1
+        this_pass = self.open_pass = self.pass_count
         self.feeding_epoch = epoch
+        self.feed.batches = None
         self.pipe.reset()
-        finished = False
         try:
             while True:
                 try:
                     (out,) = self.pipe.run()
                 except StopIteration:
-                    finished = True
+                    self.open_pass = None
                     return
+                except RuntimeError:  # DALI's decoder failed: name the sample if it is one of ours
+                    self.open_pass = None  # no drain: running a failed pipeline again would mask this
+                    culprit = self.bad_sample()
+                    if culprit is None:
+                        raise
+                    raise DataError(culprit) from None
                 p = self.in_flight.popleft()
                 images = torch.from_dlpack(out.as_tensor())  # [B, res, res, 3] fp16, no copy
                 if images.dtype != self.dtype:
@@ -124,11 +140,27 @@ class DaliLoader(Loader):
                 labels, index = self.host_targets(p)
                 yield self.output(images.permute(0, 3, 1, 2), self.to_device(labels), self.to_device(index))
         finally:
-            if not finished:  # the consumer stopped early: drop what DALI prefetched for this epoch
-                self.feed.batches = iter(())
+            if self.open_pass == this_pass:  # left early, and no newer pass has taken over
+                self.drain()
+
+    def bad_sample(self) -> str | None:
+        """The message of the first sample in flight that does not decode on the CPU, if any (a
+        sample at a time, only after a failure)."""
+        for p in list(self.in_flight):
+            for i in p.index.tolist():
                 try:
-                    while True:
-                        self.pipe.run()
-                except StopIteration:
-                    pass
-                self.in_flight.clear()
+                    decode(self.ds, i)
+                except DataError as e:
+                    return str(e)
+        return None
+
+    def drain(self) -> None:
+        """End the open pass: no more input, and what DALI prefetched for it is dropped."""
+        self.feed.batches = iter(())
+        try:
+            while True:
+                self.pipe.run()
+        except StopIteration:
+            pass
+        self.in_flight.clear()
+        self.open_pass = None

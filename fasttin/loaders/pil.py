@@ -5,16 +5,20 @@ The portable path, and the one the classic ImageFolder pipeline is compared with
 """
 from __future__ import annotations
 
+import atexit
 import gc
-import io
 import os
+import signal
+import weakref
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data._utils import signal_handling
 
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import DataError, decode
 from fasttin.loaders.sampler import BatchPlan
 
 
@@ -25,14 +29,22 @@ class _Batches(torch.utils.data.Dataset):
         self.ds, self.res, self.augment = ds, res, augment
 
     def __getitem__(self, p: BatchPlan):
+        """(uint8 batch, plan, None), or (None, plan, message) for a sample that does not decode:
+        the main process raises it, as one line (a worker's exception would arrive wrapped in
+        its traceback)."""
+        try:
+            return torch.from_numpy(self.batch(p)), p, None
+        except DataError as e:
+            return None, p, str(e)
+
+    def batch(self, p: BatchPlan) -> np.ndarray:
         res, out = self.res, np.empty((len(p.index), self.res, self.res, 3), np.uint8)
         for j, (i, box, flip) in enumerate(zip(p.index.tolist(), p.boxes.tolist(), p.flips.tolist())):
-            if self.ds.payload == "raw":
-                im = Image.fromarray(self.ds.image(i))
-            else:
-                with Image.open(io.BytesIO(self.ds.encoded(i))) as im:
-                    im = im.convert("RGB")
             x0, y0, w, h = box
+            if self.augment != "crop" and res == w == h and not flip:
+                out[j] = decode(self.ds, i)  # nothing to cut, mirror or resize
+                continue
+            im = Image.fromarray(decode(self.ds, i))
             if self.augment == "crop":  # PIL pads a crop outside the image with black
                 im, x0, y0 = im.crop((x0, y0, x0 + w, y0 + h)), 0, 0
             if res != w or res != h or x0 or y0:
@@ -40,11 +52,30 @@ class _Batches(torch.utils.data.Dataset):
             if flip:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)
             out[j] = np.asarray(im)
-        return torch.from_numpy(out), p
+        return out
 
 
 def _identity(x):
     return x
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SIGINT and SIGTERM sent to the whole process group (Ctrl-C, `timeout`, Slurm, a pod's stop)
+    must not kill the workers mid-epoch: the main process decides when to stop (the trainer
+    finishes its step and saves), then stops them itself (`PilLoader.close`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, stop the workers of every loader still open: multiprocessing's own exit hook
+    (registered earlier, so it runs later) would SIGTERM them, which they ignore, and then wait."""
+    for loader in list(_OPEN):
+        loader.close()
 
 
 class _Plans:
@@ -73,17 +104,23 @@ class PilLoader(Loader):
         self._loader = torch.utils.data.DataLoader(
             _Batches(ds, self.res, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
-            collate_fn=_identity, persistent_workers=workers > 0,
+            collate_fn=_identity, persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
             multiprocessing_context="fork" if workers else None)
+        _OPEN.add(self)
 
     def close(self) -> None:
-        """Stop the workers now. torch's own shutdown waits 5 s per idle persistent worker (it
-        never sees the stop message while blocked in its 5 s poll), so they are terminated first."""
+        """Stop the workers now. They ignore SIGTERM (see `_ignore_stop_signals`), and torch's own
+        shutdown waits 5 s per idle persistent worker (it never sees the stop message while
+        blocked in its 5 s poll), so they are killed first, after torch stops watching their pids
+        (a killed worker it still watched would raise in this process)."""
         it = getattr(self._loader, "_iterator", None)
         if it is not None:
+            if getattr(it, "_worker_pids_set", False):
+                signal_handling._remove_worker_pids(id(it))
+                it._worker_pids_set = False
             for w in getattr(it, "_workers", []):
                 if w.is_alive():
-                    w.terminate()
+                    w.kill()
             it._shutdown_workers()
             self._loader._iterator = None
 
@@ -96,7 +133,9 @@ class PilLoader(Loader):
             # The workers are about to be forked: collect unreachable objects first, so that none (a
             # dropped DALI pipeline, say) runs its finaliser in a child, where its threads do not exist.
             gc.collect()
-        for images, p in self._loader:
+        for images, p, failure in self._loader:
+            if failure is not None:
+                raise DataError(failure)
             labels, index = self.host_targets(p)
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
             yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),

@@ -1,8 +1,15 @@
-"""The resident backend: the whole split decoded once into device memory as uint8 [N, 64, 64, 3].
+"""The resident backend: the whole split decoded once into device memory as uint8.
 
-Per batch everything happens on the device, batch-wise (airbench style): take the epoch's
-indices, cut/mirror/upscale (`augment.resize_batch`), normalise. The epoch's plan goes to the
-device in one copy at the start of the epoch, so a batch costs no host work at all.
+Per batch everything happens on the device, batch-wise (airbench style): gather, upscale,
+normalise. The epoch's plan goes to the device in one copy at the start of the epoch, so a batch
+costs no host work at all.
+
+The store is laid out so that the plan's cut and mirror cost nothing: with `flip` or `crop` it
+holds every image twice, as is and mirrored (a flip is an index), and with `crop` every image is
+black-padded by CROP_PAD, so a crop is an offset. A batch is then ONE row gather (`index_select`
+over an overlapping view whose rows are every 64-pixel run of the store): crop, flip and the
+sample gather together, memcpy-speed on the CPU, one kernel on CUDA. `rrc` keeps the plain store
+and mirrors in its interpolation matrices.
 """
 from __future__ import annotations
 
@@ -13,8 +20,9 @@ import os
 import numpy as np
 import torch
 
-from fasttin.loaders.augment import resize_batch
+from fasttin.loaders.augment import CROP_PAD, SIZE, normalize, resize_boxes, upscale
 from fasttin.loaders.base import Loader
+from fasttin.loaders.errors import decode_many
 from fasttin.loaders.sampler import PAD_LABEL
 from fasttin.shards import IMAGE_SHAPE
 
@@ -32,23 +40,30 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def needed_bytes(n: int, batch_size: int, res: int) -> int:
-    """The split itself plus the per-batch working set (a few float copies of a batch at `res`)."""
-    return n * IMAGE_BYTES + 6 * batch_size * 3 * res * res * 4
+def store_layout(augment: str) -> tuple[int, int]:
+    """(copies, side) of each image in the store: mirrored copies for flip/crop, padding for crop."""
+    copies = 2 if augment in ("flip", "crop") else 1
+    return copies, SIZE + 2 * CROP_PAD * (augment == "crop")
+
+
+def needed_bytes(n: int, batch_size: int, res: int, augment: str = "none") -> int:
+    """The store plus the per-batch working set (a few float copies of a batch at `res`)."""
+    copies, side = store_layout(augment)
+    return n * copies * side * side * 3 + 6 * batch_size * 3 * res * res * 4
 
 
 _DS = None
 
 
 def _decode_chunk(idx):
-    return _DS.images(idx)
+    return decode_many(_DS, idx)
 
 
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
     workers = workers or os.cpu_count() or 1
     if ds.payload == "raw" or workers == 1 or len(ds) < 4096:
-        return ds.images()
+        return decode_many(ds, np.arange(len(ds)))
     global _DS
     _DS = ds
     gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
@@ -61,14 +76,21 @@ class ResidentLoader(Loader):
 
     def __init__(self, ds, sampler, **kw):
         super().__init__(ds, sampler, **kw)
-        need, free = needed_bytes(len(ds), sampler.batch_size, self.res), free_memory(self.device)
+        need = needed_bytes(len(ds), sampler.batch_size, self.res, self.augment)
+        free = free_memory(self.device)
         if need > free:
             raise MemoryError(
                 f"resident backend needs {need / 2**30:.2f} GiB on {self.device} for {len(ds):,} images "
                 f"of split {ds.split!r} at res {self.res}, but only {free / 2**30:.2f} GiB is free: "
                 "use backend='dali' (streams from the shards) or backend='pil' (CPU workers)")
-        self.images = torch.from_numpy(decode_all(ds)).to(self.device)
+        images = decode_all(ds)
         self.labels = torch.from_numpy(ds.labels).to(self.device)
+        if self.augment == "rrc":
+            self.images = torch.from_numpy(images).to(self.device)
+        else:
+            self.copies, self.side = store_layout(self.augment)
+            self.runs = build_store(images, self.copies, self.side, self.device)
+            self.row_steps = torch.arange(SIZE, device=self.device) * self.side
 
     def _epoch(self, epoch: int):
         plans = list(self.plans(epoch))
@@ -80,9 +102,45 @@ class ResidentLoader(Loader):
         boxes, flips = cat("boxes").to(dev, non_blocking=True), cat("flips").to(dev, non_blocking=True)
         labels = torch.where(pad, PAD_LABEL, self.labels[index])
         shown = torch.where(pad, -1, index)
+        first_run = None if self.augment == "rrc" else self.first_runs(index, boxes, flips)
         start = 0
         for p in plans:
             s = slice(start, start + len(p.index))
             start = s.stop
-            images = resize_batch(self.images[index[s]], boxes[s], flips[s], self.res, self.dtype, self.augment)
+            if first_run is None:
+                images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.res, self.dtype)
+            else:
+                images = normalize(upscale(self.windows(first_run[s]), self.res), self.dtype)
             yield self.output(images, labels[s], shown[s])
+
+    def first_runs(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Row number in `self.runs` of each sample's first output row: its image (or the mirrored
+        copy) and its window's top-left corner, the plan's crop offset taken in padded pixels."""
+        pad = (self.side - SIZE) // 2
+        x0, y0 = boxes[:, 0].long() + pad, boxes[:, 1].long() + pad
+        if self.copies == 2:  # the mirrored copy's window of a flipped sample starts at side-64-x0
+            x0 = torch.where(flips, self.side - SIZE - x0, x0)
+            index = index * 2 + flips.long()
+        return (index * self.side + y0) * self.side + x0
+
+    def windows(self, first_run: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, 64, 64] channels_last: every sample's 64 rows in one gather."""
+        rows = (first_run[:, None] + self.row_steps).view(-1)
+        return self.runs.index_select(0, rows).view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2)
+
+
+def build_store(images: np.ndarray, copies: int, side: int, device: torch.device,
+                chunk: int = 8192) -> torch.Tensor:
+    """The store on `device`, as a view of overlapping rows: row r is the 64-pixel run (192 bytes)
+    that starts at pixel r of the [N * copies, side, side, 3] store (the images, each padded to
+    `side`, then its mirror image when copies == 2). Filled a chunk at a time, so that building
+    it needs little beyond the store itself."""
+    n, pad = len(images), (side - SIZE) // 2
+    store = torch.zeros((n, copies, side, side, 3), dtype=torch.uint8, device=device)
+    for a in range(0, n, chunk):
+        part = store[a:a + chunk]
+        part[:, 0, pad:pad + SIZE, pad:pad + SIZE] = torch.from_numpy(images[a:a + chunk]).to(device)
+        if copies == 2:
+            part[:, 1] = part[:, 0].flip(2)
+    flat = store.view(-1)
+    return flat.as_strided((flat.numel() // 3 - SIZE + 1, SIZE * 3), (3, 1))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fasttin.loaders.augment import plan
+from fasttin.loaders.errors import LoaderArgumentError
 
 PAD_LABEL = -100  # the label of a padding sample: CrossEntropyLoss ignores it, metrics skip it
 
@@ -27,7 +28,7 @@ class EpochSampler:
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
                  rank: int, world_size: int, augment: str):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+            raise LoaderArgumentError(f"rank {rank} is not in [0, world_size={world_size})")
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.augment = seed, rank, world_size, augment
         if drop_last:
@@ -35,7 +36,7 @@ class EpochSampler:
         else:
             self.per_rank = -(-n // world_size)  # ceil: the short ranks are padded
         if self.per_rank == 0:
-            raise ValueError(f"{n} samples make no batch of {batch_size} over {world_size} rank(s) "
+            raise LoaderArgumentError(f"{n} samples make no batch of {batch_size} over {world_size} rank(s) "
                              "with drop_last=True: lower batch_size or set drop_last=False")
 
     def __len__(self) -> int:
