@@ -36,8 +36,11 @@ class Worker:
     """One peer's worker process; each question waits for its one-line answer, up to a deadline."""
 
     def __init__(self, spec: Spec, site: Path, timeout_s: float):
+        # FFCV's folder only for the FFCV workers: nothing else may see its numba or its build
         paths = [str(ROOT)] + ([str(site)] if spec.peer.startswith("ffcv-") else [])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        if os.environ.get("PYTHONPATH"):
+            paths.append(os.environ["PYTHONPATH"])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         self.peer, self.timeout_s = spec.peer, timeout_s
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers.worker",
                                       json.dumps(dataclasses.asdict(spec))],
