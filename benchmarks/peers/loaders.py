@@ -209,7 +209,9 @@ def version(peer: str) -> str:
         return fasttin.__version__
     if peer.startswith("ffcv"):
         from importlib.metadata import version as dist_version
-        return dist_version("ffcv")  # ffcv.__version__ still says 0.0.3rc1 in 1.0.2
+
+        import numba
+        return f"{dist_version('ffcv')} (numba {numba.__version__})"  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
     if peer.startswith("dali"):
         import nvidia.dali
         return nvidia.dali.__version__
