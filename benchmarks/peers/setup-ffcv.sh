@@ -22,8 +22,11 @@ APT=(libturbojpeg0-dev libopencv-dev pkg-config)
 [ -x "$PY" ] || command -v "$PY" >/dev/null || { echo "setup-ffcv: no Python at $PY: set PYTHON" >&2; exit 2; }
 
 check() {
-    PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
-        'from importlib.metadata import version as v; import ffcv, numba, numpy; print(f"ffcv {v(\"ffcv\")}, numba {numba.__version__}, numpy {numpy.__version__}")'
+    PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" "$PY" - <<'EOF'
+from importlib.metadata import version
+import ffcv, numba, numpy
+print(f"ffcv {version('ffcv')}, numba {numba.__version__}, numpy {numpy.__version__}")
+EOF
 }
 
 if check 2>/dev/null; then
