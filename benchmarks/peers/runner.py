@@ -123,6 +123,8 @@ def _rounds(live: dict, records: dict, rounds: int, mae_images: int) -> None:
             answer = ask(peer, "epoch")
             if answer:
                 runs[peer].append(answer["images"] / answer["seconds"])
+        print(f"  peers    round {r + 1}/{rounds}: " + ", ".join(f"{p} {runs[p][-1]:,.0f}" for p in live if runs[p]),
+              file=sys.stderr, flush=True)
     for peer in list(live):
         answer = ask(peer, f"mae {mae_images}")
         if answer:
