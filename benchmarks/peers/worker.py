@@ -1,0 +1,117 @@
+"""python -m benchmarks.peers.worker SPEC_JSON: one peer's loader in a process of its own.
+
+The runner drives it with one command a line on stdin; each answer is one JSON line on the
+original stdout (whatever the libraries print is sent to stderr instead):
+  at start   {"ready": {version, kernel, dtype}}, or {"skipped": why} when the peer is not installed
+  epoch      one whole timed epoch: {"images", "seconds", "shape", "dtype"}
+  mae N      {"mae": error, "images": N} on the first N images (see benchmarks.peers.mae)
+  quit       exit
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.peers import mae as mae_mod
+from benchmarks.peers.loaders import PEERS, Spec, build, kernel, version
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def why_unavailable(peer: str) -> str | None:
+    """A reason to skip the peer, found before building it (None: try to build it)."""
+    if peer in ("fasttin-dali", "dali-files"):
+        from fasttin.loaders import dali
+        return dali.available()
+    if peer.startswith("ffcv-"):
+        try:
+            import ffcv  # noqa: F401
+        except ImportError as e:
+            return (f"FFCV is not importable ({type(e).__name__}: {e}); install it with "
+                    "benchmarks/peers/setup-ffcv.sh")
+    return None
+
+
+def timed_epoch(epoch, spec: Spec) -> dict:
+    """One whole epoch, each batch brought to a half-precision NCHW view as a trainer would take it."""
+    dtype = getattr(torch, spec.dtype)
+    n, shape, out = 0, None, None
+    t = time.perf_counter()
+    for x in epoch():
+        if x.dtype not in HALF:
+            x = x.to(dtype)  # the float32 loaders (torchvision, classic): to the run's half type
+        n += x.shape[0]
+        shape, out = shape or list(x.shape), out or str(x.dtype).removeprefix("torch.")
+    seconds = time.perf_counter() - t
+    if shape is not None and shape[1:] != [3, spec.res, spec.res]:
+        raise RuntimeError(f"{spec.peer} gave batches of shape {shape}, expected [B, 3, {spec.res}, {spec.res}]")
+    return {"images": n, "seconds": seconds, "shape": shape, "dtype": out}
+
+
+def measure_mae(spec: Spec, n: int) -> dict:
+    """The peer's error against PIL bicubic on the first n images (unflipped, in pack order)."""
+    from fasttin.shards import open_split
+    ds = open_split(spec.data, spec.split)
+    n = min(n, len(ds))
+    epoch = build(dataclasses.replace(spec, flip=False, shuffle=False, dtype="float32", limit=n))
+    got = []
+    for x in epoch():
+        got.append(mae_mod.to_pixels(x))
+        if sum(len(g) for g in got) >= n:
+            break
+    pixels = np.concatenate(got)[:n]
+    return {"mae": mae_mod.mean_abs_error(pixels, mae_mod.reference(ds, n, spec.res)), "images": n}
+
+
+def stop_children() -> None:
+    """End this process's DataLoader workers now: torch's own shutdown waits 5 s for each idle
+    persistent worker (see fasttin.loaders.pil)."""
+    for child in mp.active_children():
+        child.terminate()
+        child.join()
+
+
+def serve(spec: Spec, reply) -> None:
+    why = why_unavailable(spec.peer)
+    if why:
+        reply(skipped=why)
+        return
+    epoch = build(spec)
+    half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
+    reply(ready={"version": version(spec.peer), "kernel": kernel(spec.peer, spec.res), "dtype": half})
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "epoch":
+            reply(**timed_epoch(epoch, spec))
+        elif cmd == "mae":
+            reply(**measure_mae(spec, int(args[0])))
+        elif cmd == "quit":
+            stop_children()
+            return
+        else:
+            raise ValueError(f"unknown command {cmd!r}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec = Spec(**json.loads(argv[0]))
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints of the libraries go to stderr, never into the answers
+    torch.set_num_threads(spec.workers)
+
+    def reply(**fields):
+        answers.write(json.dumps(fields) + "\n")
+
+    serve(spec, reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
