@@ -107,4 +107,17 @@ def resolve(name: str, **overrides) -> dict:
     cfg = {**BASE, **RECIPES[name], **{k: v for k, v in overrides.items() if v is not None}, "recipe": name}
     if cfg["label_smoothing"] > 1:
         raise SettingError(f"--label-smoothing {cfg['label_smoothing']}: at most 1")
+    _check_lr_range(cfg)
     return cfg
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_lr_range(cfg: dict) -> None:
+    """The schedule's largest lr must be a float32: the optimizer cannot even apply a larger one."""
+    drops = (cfg["epochs"] - 1) // cfg["step_size"] if cfg["schedule"] == "step" else 0
+    log_top = math.log10(cfg["lr"]) + max(0.0, drops * math.log10(cfg["gamma"]))
+    if log_top >= math.log10(FLOAT32_MAX):
+        raise SettingError(f"--lr {cfg['lr']:g} with --gamma {cfg['gamma']:g} every --step-size {cfg['step_size']} "
+                           f"reaches an lr of 1e{log_top:.0f} in {cfg['epochs']} epochs: beyond float32 (3.4e38)")

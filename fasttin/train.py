@@ -216,13 +216,14 @@ def open_data(plan: Plan) -> Data:
     cfg, world = plan.cfg, plan.world
     if cfg["batch_size"] % world:
         raise UsageError(f"--batch-size {cfg['batch_size']} does not split over {world} processes")
+    n_train = plan.manifest.get("splits", {}).get("train", {}).get("count", cfg["batch_size"])
+    if cfg["batch_size"] > n_train:
+        raise UsageError(f"--batch-size {cfg['batch_size']}: more than the {n_train} training images of {cfg['data']}")
     common = dict(backend=cfg["backend"], res=cfg["res"], device=plan.device, seed=cfg["seed"], rank=plan.rank,
                   world_size=world, dtype=AMP_DTYPE[cfg["amp"]], workers=cfg["workers"],
                   batch_size=cfg["batch_size"] // world)
     train = make_loader(cfg["data"], "train", augment=cfg["augment"], shuffle=True, drop_last=True, **common)
     val = make_loader(cfg["data"], "val", augment="none", shuffle=False, drop_last=False, **common)
-    if len(train) == 0:
-        raise UsageError(f"--batch-size {cfg['batch_size']}: larger than the {len(train.ds)} training images")
     classes = plan.manifest["classes"]
     plan.say(f"data: {len(train.ds):,} train / {len(val.ds):,} val images, {len(classes)} classes, backend "
              f"{train.backend}, res {cfg['res']}, global batch {cfg['batch_size']} on {world} process(es) of "
@@ -253,17 +254,20 @@ def initial_weights(model, plan: Plan) -> list[str]:
 
 
 def build(plan: Plan, data: Data):
-    """(TrainStep, freshly initialised tensor names), and config.json written (rank 0)."""
+    """(TrainStep, the names of the freshly initialised tensors)."""
     cfg = plan.cfg
     torch.manual_seed(cfg["seed"])
     model = build_model(len(data.classes), cfg["stem"])
     fresh = initial_weights(model, plan)
-    step = make_step(model, cfg, device=plan.device, steps_per_epoch=len(data.train), world=plan.world)
+    return make_step(model, cfg, device=plan.device, steps_per_epoch=len(data.train), world=plan.world), fresh
+
+
+def write_config(plan: Plan, data: Data, fresh: list[str]) -> None:
+    """config.json: every setting as actually used (after a fallback), and where it ran."""
     if plan.main:
         write_json_atomic(plan.out / "config.json", {
-            **cfg, "world_size": plan.world, "device": str(plan.device), "num_classes": len(data.classes),
+            **plan.cfg, "world_size": plan.world, "device": str(plan.device), "num_classes": len(data.classes),
             "fresh_init": fresh, "environment": environment()})
-    return step, fresh
 
 
 # --- resume ---------------------------------------------------------------------------------------
@@ -288,8 +292,9 @@ def restore(plan: Plan, step, data: Data) -> Position:
     step.load_state_dict(ckpt)
     checkpoint.set_rng_state(ckpt["rng"])
     pos = Position(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("best_acc1", 0.0))
-    pos.rows = [r for r in report.read_metrics(plan.out / "metrics.jsonl") if r["epoch"] <= pos.epoch]
-    if plan.main:
+    rows = report.read_metrics(plan.out / "metrics.jsonl")
+    pos.rows = [r for r in rows if r["epoch"] <= pos.epoch]
+    if plan.main and pos.rows != rows:
         report.write_metrics(plan.out / "metrics.jsonl", pos.rows)
     plan.say(f"resumed from {where}: {pos.epoch} epoch(s) done"
              + (f", {pos.batch} batch(es) into epoch {pos.epoch + 1}" if pos.batch else ""))
@@ -477,11 +482,12 @@ def run(plan: Plan, *, auto_resume: bool = False, overwrite: bool = False, resum
         plan.say(CPU_HINT)
     with StopRequest(plan.world, plan.device) as stop:  # from here on a signal stops at a step boundary
         data = open_data(plan)
-        step, _ = build(plan, data)
+        step, fresh = build(plan, data)
         pos = restore(plan, step, data)
         if pos.epoch >= plan.cfg["epochs"]:
             plan.say(f"all {pos.epoch} epoch(s) of {plan.out} are done; nothing to train (--epochs N extends it)")
             return {"done": True}
+        write_config(plan, data, fresh)
         return Fit(plan, step, data, pos, stop).run()
 
 

@@ -29,7 +29,7 @@ def test_logged_lr_is_the_lr_the_epoch_trained_at():
     """StepLR(7): epoch 7 (1-based) trains at 1e-3, epoch 8 at 1e-4; read off the real scheduler."""
     step = tiny_step(lr=1e-3, step_size=7, gamma=0.1)
     seen = []
-    for epoch in range(9):
+    for _epoch in range(9):
         seen.append(step.optimizer.param_groups[0]["lr"])  # what the epoch's first step uses
         for _ in range(3):
             step.optimizer.step()
