@@ -250,7 +250,10 @@ def test_fast_recipe_path_runs(packed, tmp_path):
                 "--workers", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     lrs = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lrs[0] < lrs[1] and lrs[2] < lrs[1]  # warmup, then the cosine decay
+    from fasttin.loop import lr_factor
+    factor = lr_factor(resolve("fast", epochs=3), steps_per_epoch=4)  # 200 train images / 50
+    assert lrs == pytest.approx([0.4 * factor(e * 4) for e in range(3)])  # each epoch's first step
+    assert lrs[0] < lrs[1] < lrs[2]  # two warmup epochs, then the cosine starts at the peak
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["tta"] and cfg["augment"] == "crop" and cfg["label_smoothing"] == 0.1 and cfg["nesterov"]
 
