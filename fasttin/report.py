@@ -42,14 +42,14 @@ class LiveView:
         self.progress.update(self.task, completed=self.progress.tasks[-1].total)
         self.progress.console.print(
             f"epoch {row['epoch']}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} | val loss "
-            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%} | "
+            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%}\n  "
             f"{row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s | {time_split(row)}")
 
 
 def time_split(row: dict) -> str:
     """Where an epoch's (or a run's) time went, as shares: data wait, compute, eval, checkpoint."""
     return ", ".join(f"{label} {row.get(key + '_share', 0.0):.0%}" for key, label in (
-        ("data_wait", "data wait"), ("compute", "compute"), ("eval", "eval"), ("checkpoint", "checkpoint")))
+        ("data_wait", "wait"), ("compute", "compute"), ("eval", "eval"), ("checkpoint", "ckpt")))
 
 
 def read_metrics(path: Path) -> list[dict]:

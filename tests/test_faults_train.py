@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import ROOT, TORCHRUN, run_cli, wait_for
+from test_train import progress
 
 from fasttin import checkpoint
 from fasttin.pack import pack
@@ -116,13 +117,6 @@ def test_nonfinite_from_the_start_claims_no_checkpoint(tiny, tmp_path):
     r = train(tiny, tmp_path, "--epochs", "2", "--lr", "1e38", "--weight-decay", "1000")
     last = one_line_error(r, 3, "non-finite")
     assert "no checkpoint was saved" in last and not (tmp_path / "last.pt").exists()
-
-
-def progress(out):
-    try:
-        return json.loads((out / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
