@@ -1,12 +1,16 @@
-"""The training step and evaluation, shared by fasttin.train and fasttin.eval.
+"""The training step, evaluation and the time accounting: one step that fasttin.train, fasttin.eval
+and the benchmarks all call, so "end to end" in a benchmark is exactly a training step.
 
 Metrics accumulate in device tensors; the host reads them only every `log_every` steps and at
-the end of an epoch, so the step itself never waits for the device.
+the end of an epoch, so the step itself never waits for the device. The clock follows the same
+rule: CUDA events are recorded around the loader's next() and the step, and read only when the
+logging step has synchronised anyway.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -14,9 +18,14 @@ from torch import nn
 
 from fasttin.loaders.sampler import PAD_LABEL
 
+AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}  # the only AMP table
 
-class NonFiniteLoss(RuntimeError):
-    pass
+
+class NonFinite(RuntimeError):
+    """The loss or the weights stopped being finite: nothing of this state may be saved."""
+
+
+NonFiniteLoss = NonFinite  # the older name
 
 
 class Meter:
@@ -42,10 +51,10 @@ class Meter:
         return {"loss": loss / d, "acc1": top1 / d, "acc5": top5 / d, "n": int(n)}
 
 
-def autocast(device: torch.device, amp: str):
+def autocast(device, amp: str):
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPE[amp])
 
 
 def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -71,48 +80,214 @@ def lr_factor(cfg: dict, steps_per_epoch: int):
     return factor
 
 
-def train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, *, device, amp: str,
-                log_every: int = 25, on_log=None, should_stop=lambda: False,
-                on_first_step=None) -> tuple[dict, int]:
-    """One pass (or the rest of one, after a mid-epoch resume). Returns (metrics, steps done)."""
-    model.train()
-    meter, steps = Meter(device), 0
-    for images, labels in loader:
-        with autocast(device, amp):
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        meter.add(loss.detach() * len(labels), logits.detach(), labels)
+def _no_range(name):
+    return contextlib.nullcontext()
+
+
+class TrainStep:
+    """One optimisation step (autocast, loss, backward, scaler, optimizer, scheduler, metrics) with
+    no host-device synchronisation. `mark` names the phases for a profiler (off: a no-op)."""
+
+    def __init__(self, model, net, optimizer, scheduler, scaler, loss_fn, *, device, amp, factor, base_lr,
+                 steps_per_epoch):
+        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
+        self.scaler, self.loss_fn, self.device, self.amp = scaler, loss_fn, torch.device(device), amp
+        self.factor, self.base_lr, self.steps_per_epoch = factor, base_lr, steps_per_epoch
+        self.meter = Meter(self.device)
+        self.mark = _no_range
+
+    def __call__(self, images, labels) -> None:
+        with self.mark("forward"), autocast(self.device, self.amp):
+            logits = self.net(images)
+            loss = self.loss_fn(logits, labels)
+        with self.mark("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        with self.mark("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        self.meter.add(loss.detach() * len(labels), logits.detach(), labels)
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The lr the 0-based `epoch` trains at (its first step's): what metrics.jsonl logs."""
+        return self.base_lr * self.factor(epoch * self.steps_per_epoch)
+
+    def weights_finite(self) -> bool:
+        """Every parameter and buffer finite (one synchronisation: call it before a save only)."""
+        flags = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1) -> TrainStep:
+    """The model on `device` (channels_last per cfg), DDP when world > 1, compiled per cfg, with
+    SGD, the lr schedule, a GradScaler (fp16 only) and label-smoothed cross-entropy."""
+    device = torch.device(device)
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    wrapped = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    net = torch.compile(wrapped, mode=cfg["compile"]) if cfg.get("compile") else wrapped
+    optimizer = make_optimizer(model, cfg)
+    factor = lr_factor(cfg, steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    return TrainStep(model, net, optimizer, scheduler, scaler, loss_fn, device=device, amp=cfg["amp"],
+                     factor=factor, base_lr=cfg["lr"], steps_per_epoch=steps_per_epoch)
+
+
+class StepClock:
+    """Where the training time goes, without a host-device synchronisation of its own.
+
+    Intervals are contiguous: data wait runs from the end of the previous step (or the epoch's
+    start) to the return of the loader's next(); compute from there to the end of the step. On
+    CUDA the bounds are events, read by `collect()` only after a synchronisation (logging steps,
+    the epoch's end); on the CPU they are wall time. `add` books host-timed phases (eval,
+    checkpoint), which synchronise anyway.
+    """
+
+    def __init__(self, device="cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.totals = {"data_wait_s": 0.0, "compute_s": 0.0}
+        self.first_compute_s = None  # the first step's compute: with --compile, the compilation
+        self._marks: list = []  # (kind, event or time): the end of a data wait or of a step
+
+    def _now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._marks = [("start", self._now())]
+
+    def data_ready(self) -> None:
+        self._marks.append(("data_wait_s", self._now()))
+
+    def step_done(self) -> None:
+        self._marks.append(("compute_s", self._now()))
+
+    def collect(self) -> None:
+        """Fold the marks into the totals; on CUDA only after the device has synchronised."""
+        marks = self._marks
+        for (_, a), (kind, b) in zip(marks, marks[1:]):
+            s = a.elapsed_time(b) / 1000 if self.cuda else b - a
+            if kind == "compute_s" and self.first_compute_s is None:
+                self.first_compute_s = s
+            self.totals[kind] += s
+        self._marks = marks[-1:]
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.totals[kind] = self.totals.get(kind, 0.0) + seconds
+
+    def take(self) -> dict:
+        """The totals since the last take (an epoch's), and reset."""
+        out, self.totals = self.totals, {"data_wait_s": 0.0, "compute_s": 0.0}
+        return out
+
+
+def _check(m: dict, where: str) -> dict:
+    if not math.isfinite(m["loss"]):
+        raise NonFinite(f"the training loss became {m['loss']} {where}")
+    return m
+
+
+def train_epoch(step: TrainStep, loader, *, clock: StepClock | None = None, log_every: int = 25, on_log=None,
+                should_stop=lambda: False, max_steps=None, on_step=None) -> tuple[dict, int]:
+    """One pass (or the rest of one, after a mid-epoch resume, or `max_steps`). Returns (metrics,
+    steps done). `on_log(steps, metrics)` runs at the logging steps, `on_step(steps)` after each step."""
+    step.net.train()
+    step.meter = Meter(step.device)
+    steps, batches = 0, iter(loader)
+    if clock is not None:
+        clock.start()
+    while max_steps is None or steps < max_steps:
+        with step.mark("load"):
+            batch = next(batches, None)
+        if batch is None:
+            break
+        if clock is not None:
+            clock.data_ready()
+        step(*batch)
         steps += 1
-        if steps == 1 and on_first_step is not None:
-            on_first_step()
-        if on_log is not None and steps % log_every == 0:
-            m = meter.read()
-            if not math.isfinite(m["loss"]):
-                raise NonFiniteLoss(f"training loss became {m['loss']} at step {steps} of the epoch")
-            on_log(steps, m)
+        if clock is not None:
+            clock.step_done()
+        if on_step is not None:
+            on_step(steps)
+        if steps % log_every == 0 and (on_log is not None or clock is not None):
+            m = _check(step.meter.read(), f"at step {steps} of the epoch")  # synchronises
+            if clock is not None:
+                clock.collect()
+            if on_log is not None:
+                on_log(steps, m)
         if should_stop():
             break
-    m = meter.read()
-    if not math.isfinite(m["loss"]):
-        raise NonFiniteLoss(f"training loss became {m['loss']} in this epoch")
+    m = _check(step.meter.read(), "in this epoch")
+    if clock is not None:
+        clock.collect()
     return m, steps
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, device, amp: str, tta: bool = False) -> dict:
+def evaluate(net, loader, *, device, amp: str, tta: bool = False) -> dict:
     """loss, top-1, top-5 over the whole split; padding samples (distributed) are not counted."""
-    model.eval()
+    net.eval()
     meter = Meter(device)
     for images, labels in loader:
         with autocast(device, amp):
-            logits = model(images).float()
+            logits = net(images).float()
             if tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
+                logits = (logits + net(images.flip(3)).float()) / 2
         loss = nn.functional.cross_entropy(logits, labels, ignore_index=PAD_LABEL, reduction="sum")
         meter.add(loss, logits, labels)
     return meter.read()
+
+
+SHARE_KEYS = ("data_wait", "compute", "eval", "checkpoint")
+
+
+def shares(times: dict, total_s: float) -> dict:
+    """Each accounted time as a share of `total_s` (the epoch's or the run's wall time)."""
+    return {f"{k}_share": times.get(f"{k}_s", 0.0) / max(total_s, 1e-9) for k in SHARE_KEYS}
+
+
+def verdict(shares: dict, **context) -> str:
+    """One line: what binds the run and what to try. `shares` holds the fractions data_wait,
+    compute, eval, checkpoint and compile (of the run's time); context may give backend,
+    better_backend (e.g. "the split fits on cuda:0 (1.2 GiB): try --backend resident"), device,
+    amp, channels_last, compile, tta."""
+    s = {k: shares.get(k, 0.0) for k in (*SHARE_KEYS, "compile")}
+    backend = context.get("backend") or "the"
+    if s["compile"] > 0.3:
+        return (f"compile-bound: compiling took {s['compile']:.0%} of this short run; train longer for "
+                "--compile to pay off, or drop it")
+    if s["data_wait"] > 0.2:
+        try_ = context.get("better_backend") or ("try more --workers, or a lower --res" if backend != "resident"
+                                                 else "the resident loader is waiting: try a lower --res")
+        return f"data-bound: {s['data_wait']:.0%} of the time waiting for the {backend} loader; {try_}"
+    if s["eval"] + s["checkpoint"] > 0.25:
+        heavy = "eval" if s["eval"] >= s["checkpoint"] else "checkpoint"
+        tip = ("validation runs once per epoch over the whole split" + ("; --no-tta halves it"
+                                                                        if context.get("tta") else "")
+               if heavy == "eval" else "checkpoints are saved every epoch: a faster disk for --out helps")
+        return (f"{heavy}-heavy: {s['eval']:.0%} of the time in validation, {s['checkpoint']:.0%} saving "
+                f"checkpoints; {tip}")
+    tips = [t for t, on in (("--amp bf16", context.get("amp") == "off"),
+                            ("--channels-last", context.get("channels_last") is False),
+                            ("--compile", not context.get("compile") and context.get("device") == "cuda")) if on]
+    tail = f"; try {', '.join(tips)}" if tips else ""
+    return f"compute-bound: the loader waited {s['data_wait']:.1%} of the time{tail}"

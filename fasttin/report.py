@@ -19,7 +19,8 @@ class LiveView:
 
     def __init__(self, enabled: bool = True):
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}"),
+                                 TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}  "
+                                            "data wait {task.fields[wait]}"),
                                  TimeRemainingColumn(), console=console, disable=not enabled)
 
     def __enter__(self):
@@ -30,17 +31,25 @@ class LiveView:
         return self.progress.__exit__(*exc)
 
     def start_epoch(self, epoch: int, total: int, done: int = 0):
-        self.task = self.progress.add_task("train", total=total, completed=done, epoch=epoch, rate="", loss="")
+        self.task = self.progress.add_task("train", total=total, completed=done, epoch=epoch, rate="", loss="",
+                                          wait="")
 
-    def update(self, steps: int, loss: float, img_s: float):
-        self.progress.update(self.task, completed=steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}")
+    def update(self, steps: int, loss: float, img_s: float, wait_share: float = 0.0):
+        self.progress.update(self.task, completed=steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}",
+                             wait=f"{wait_share:.0%}")
 
     def end_epoch(self, row: dict):
         self.progress.update(self.task, completed=self.progress.tasks[-1].total)
         self.progress.console.print(
             f"epoch {row['epoch']}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} | val loss "
-            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%} | "
-            f"{row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s")
+            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%}\n  "
+            f"{row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s | {time_split(row)}")
+
+
+def time_split(row: dict) -> str:
+    """Where an epoch's (or a run's) time went, as shares: data wait, compute, eval, checkpoint."""
+    return ", ".join(f"{label} {row.get(key + '_share', 0.0):.0%}" for key, label in (
+        ("data_wait", "wait"), ("compute", "compute"), ("eval", "eval"), ("checkpoint", "ckpt")))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -82,10 +91,12 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
 
 def closing_table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("epoch", "lr", "train loss", "train acc", "val loss", "val top-1", "val top-5", "s", "img/s"):
+    for col in ("epoch", "lr", "train loss", "train acc", "val loss", "val top-1", "val top-5", "s", "img/s",
+                "data wait", "compute", "eval", "ckpt"):
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(str(r["epoch"]), f"{r['lr']:.2e}", f"{r['train_loss']:.3f}", f"{r['train_acc']:.1%}",
                   f"{r['val_loss']:.3f}", f"{r['val_acc1']:.1%}", f"{r['val_acc5']:.1%}", f"{r['epoch_s']:.1f}",
-                  f"{r['train_img_s']:,.0f}")
+                  f"{r['train_img_s']:,.0f}", *(f"{r.get(k + '_share', 0.0):.0%}" for k in
+                                                ("data_wait", "compute", "eval", "checkpoint")))
     return t

@@ -1,0 +1,153 @@
+"""Faults against `python -m fasttin.train`: each case asserts the exit code, one line naming the
+culprit, no traceback, and that nothing was lost (an earlier run's files byte-identical)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TORCHRUN, run_cli, wait_for
+from test_train import progress
+
+from fasttin import checkpoint
+from fasttin.pack import pack
+
+QUICK = ["--recipe", "seed-64-scratch", "--res", "32", "--batch-size", "50", "--lr", "0.02", "--device", "cpu",
+         "--workers", "1", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """10 classes, 50 train images (one batch of 50: one step an epoch), 10 val."""
+    out = tmp_path_factory.mktemp("tiny")
+    pack(None, out, synthetic=5, classes=10, workers=1, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """Another data set with the same class count."""
+    out = tmp_path_factory.mktemp("other")
+    pack(None, out, synthetic=6, classes=10, workers=1, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def done_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("done")
+    r = train(tiny, out, "--epochs", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def train(data, out, *extra, env=None):
+    return run_cli("fasttin.train", "--data", data, "--out", out, *QUICK, "--backend", "resident", *extra, env=env)
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(r, code, needle):
+    assert r.returncode == code, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert needle in last, last
+    return last
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--momentum", "nan"], "--momentum"),
+    (["--gamma=-inf"], "--gamma"), (["--res", "8"], "--res"), (["--device", "tpu"], "--device"),
+    (["--schedule", "linear"], "--schedule"), (["--batch-size", "500"], "--batch-size"),
+    (["--lr", "1e300"], "--lr"), (["--gamma", "1e300", "--step-size", "1", "--epochs", "2"], "--gamma"),
+])
+def test_bad_flags(tiny, tmp_path, flags, needle):
+    r = train(tiny, tmp_path / "run", *flags)
+    one_line_error(r, 2, needle)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_missing_data(tmp_path):
+    r = train(tmp_path / "nowhere", tmp_path / "run")
+    one_line_error(r, 2, str(tmp_path / "nowhere"))
+
+
+def test_unwritable_out(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = train(tiny, tmp_path / "file" / "run")
+    one_line_error(r, 2, str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], "--resume"),  # an existing run folder, no flag: the three ways out named
+    (["--resume", "--res", "48"], "--res"), (["--resume", "--batch-size", "25"], "--batch-size"),
+    (["--resume", "--lr", "0.05"], "--lr"), (["--resume", "DATA"], "--data"),
+])
+def test_existing_run_is_never_changed(tiny, other_tiny, done_run, flags, needle):
+    before = snapshot(done_run)
+    data = other_tiny if "DATA" in flags else tiny
+    r = train(data, done_run, "--epochs", "1", *[f for f in flags if f != "DATA"])
+    one_line_error(r, 2, needle)
+    assert snapshot(done_run) == before
+
+
+def test_resume_of_a_finished_run_exits_0(tiny, done_run):
+    before = snapshot(done_run)
+    r = train(tiny, done_run, "--epochs", "1", "--auto-resume")
+    assert r.returncode == 0 and "are done" in r.stderr and "Traceback" not in r.stderr
+    assert snapshot(done_run) == before
+
+
+def test_nonfinite_weights_at_epoch_end_are_never_saved(tiny, tmp_path):
+    """Epoch 2 trains at lr 2e38 with a weight decay of 1000: its one step makes the weights inf
+    while its loss was finite. Epoch 1's checkpoint stays, and only then is it called intact."""
+    r = train(tiny, tmp_path, "--epochs", "2", "--step-size", "1", "--gamma", "1e40", "--weight-decay", "1000")
+    last = one_line_error(r, 3, "weights")
+    assert "is intact" in last
+    ck = checkpoint.load(tmp_path / "last.pt")
+    assert ck["epoch"] == 1 and checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in rows] == [1]
+
+
+def test_nonfinite_from_the_start_claims_no_checkpoint(tiny, tmp_path):
+    r = train(tiny, tmp_path, "--epochs", "2", "--lr", "1e38", "--weight-decay", "1000")
+    last = one_line_error(r, 3, "non-finite")
+    assert "no checkpoint was saved" in last and not (tmp_path / "last.pt").exists()
+
+
+def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
+    """SIGTERM to the whole process group (timeout, Slurm, Ctrl-C): the pil workers get it too."""
+    proc = subprocess.Popen([sys.executable, "-m", "fasttin.train", "--data", str(tiny), "--out", str(tmp_path),
+                             *QUICK, "--backend", "pil", "--batch-size", "10", "--epochs", "2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: progress(tmp_path).get("step", 0) >= 2, proc, what="the second step")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "SIGTERM: saved" in err.strip().splitlines()[-1]
+    assert checkpoint.load(tmp_path / "last.pt")["step"] >= 2
+    r = run_cli("fasttin.train", "--data", tiny, "--out", tmp_path, *QUICK, "--backend", "pil", "--batch-size", "10",
+                "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
+    """torchrun --max-restarts=1 with --auto-resume: SIGKILL rank 0 in epoch 2; the group restarts
+    from last.pt and metrics.jsonl ends with every epoch exactly once."""
+    proc = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", "-m", "fasttin.train", "--data",
+                             str(tiny), "--out", str(tmp_path), *QUICK, "--backend", "resident", "--batch-size", "20",
+                             "--epochs", "3", "--auto-resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2, proc, what="a step of epoch 2")
+    victim = progress(tmp_path)["pid"]
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+    rows = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
