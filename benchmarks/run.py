@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from fasttin.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, UserError
 from fasttin.fileio import ensure_writable
 from fasttin.recipes import RECIPES, resolve
 
@@ -138,8 +138,9 @@ def open_data(args):
         raise UserError(f"--split {args.split}: {e}") from None
 
 
-def measure(args) -> tuple[list[dict], dict]:
-    """Every selected stage of the table; returns the records and the machine's description."""
+def measure(args, out: dict) -> None:
+    """Every selected stage of the table, into out["records"] as they come (so that an interrupted
+    run still has what it measured) with the machine's description in out["environment"]."""
     import torch
 
     from benchmarks import stages
@@ -153,27 +154,42 @@ def measure(args) -> tuple[list[dict], dict]:
         ds = open_data(args)
         torch.manual_seed(0)
         b = Bench(args, torch.device(args.device), ds)
-        env = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        b.records = out["records"]
+        env = out["environment"] = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"benchmarks on {b.device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from "
               f"{args.data}", file=sys.stderr)
-        records = run_table(b, stages.table(), args.stages, args.res)
-    stages.add_ratios(records)
-    for r in records:
-        r["environment"] = env
-    return records, env
+        run_table(b, stages.table(), args.stages, args.res)
+    stages.add_ratios(out["records"])
 
 
-def report(args, argv, records: list[dict], env: dict) -> int:
+def keep_partial(args, out: dict, why: str) -> str:
+    """The records of a run that stopped early, into --json marked incomplete; says where."""
+    from benchmarks import writers
+    if not (args.json and out["records"]):
+        return ""
+    out["incomplete"] = f"{why} after {len(out['records'])} records"
+    try:
+        writers.write_json(args.json, finish(out))
+    except UserError:
+        return ""
+    return f"; the {len(out['records'])} records measured so far are in {args.json}, marked incomplete"
+
+
+def finish(out: dict) -> dict:
+    for r in out["records"]:
+        r["environment"] = out["environment"]
+    return out
+
+
+def report(args, out: dict) -> int:
     """The files first (JSON, Markdown, plot: one failing costs only itself), then the tables."""
     from rich.console import Console
 
     from benchmarks import writers
-    command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = {"environment": env, "command": command, "records": records}
-    failed = writers.write_outputs({"json": args.json, "markdown": args.markdown, "plot": args.plot}, out)
+    failed = writers.write_outputs({"json": args.json, "markdown": args.markdown, "plot": args.plot}, finish(out))
     console = Console()
-    console.print(writers.table(records))
-    writers.print_summary(records, console)
+    console.print(writers.table(out["records"]))
+    writers.print_summary(out["records"], console)
     for line in failed:
         print(f"benchmarks.run: error: {line}", file=sys.stderr)
     return EXIT_BAD_INPUT if failed else EXIT_OK
@@ -182,7 +198,17 @@ def report(args, argv, records: list[dict], env: dict) -> int:
 def bench(args, argv) -> int:
     check_outputs(args)
     settle(args)
-    return report(args, argv, *measure(args))
+    command = "python -m benchmarks.run " + " ".join(map(str, argv if argv is not None else sys.argv[1:]))
+    out = {"environment": None, "command": command, "records": []}
+    try:
+        measure(args, out)
+    except KeyboardInterrupt:
+        print(f"benchmarks.run: interrupted{keep_partial(args, out, 'interrupted')}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException:  # a bug in a stage: keep what was measured, and the traceback
+        keep_partial(args, out, "a stage failed")
+        raise
+    return report(args, out)
 
 
 def main(argv=None) -> int:

@@ -116,10 +116,12 @@ class Bench:
             raise NoImages("a repeat yielded no images (the pass ended at once)")
         return n, dt
 
-    def measure(self, fn, nbytes_per_image: float = 0, repeats: int | None = None) -> dict:
+    def measure(self, fn, nbytes_per_image: float = 0, repeats: int | None = None, after_warmup=None) -> dict:
         """fn() processes images and returns how many; one warm-up call, then `repeats` timed ones."""
         repeats = repeats or self.args.repeats
         self.timed(fn)
+        if after_warmup is not None:
+            after_warmup()
         rates = [n / dt for n, dt in (self.timed(fn) for _ in range(repeats))]
         return summarise(rates, nbytes_per_image)
 

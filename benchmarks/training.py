@@ -3,7 +3,8 @@ settings, so that "end to end" here is exactly what `fasttin.train` does per ste
 scaler, label smoothing, SGD without decay on norms, the lr schedule, the device-side metrics).
 
 model: the step on one resident random batch, the compute ceiling of each configuration.
-train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling.
+train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling and the
+trainer's own time accounting (StepClock: data wait and compute), which feeds `loop.verdict`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from benchmarks.pipelines import loader_for
 from benchmarks.runner import Bench, Skip
-from fasttin.loop import AMP_DTYPE, make_step, train_epoch
+from fasttin.loop import AMP_DTYPE, StepClock, make_step, shares, train_epoch
 from fasttin.model import build_model
 from fasttin.recipes import resolve
 
@@ -83,15 +84,19 @@ def measure_model(b: Bench, res: int, stem: str, amp: str, channels_last: bool, 
 
 
 def measure_train(b: Bench, res: int, backend: str) -> dict:
-    """loop.train_epoch over the loader, --steps steps a repeat (each repeat starts a new epoch)."""
+    """loop.train_epoch over the loader, --steps steps a repeat (each repeat starts a new epoch),
+    with the trainer's StepClock: the record carries where the timed steps' time went."""
     loader = loader_for(b, backend, res)
     cfg = settings(b, res)
     step = new_step(b, cfg, steps_per_epoch=len(loader))
-    n = b.args.steps
+    clock = StepClock(b.device)
     per = b.args.classic_batch_size if backend == "classic" else b.args.batch_size
 
     def epoch() -> int:
-        _, done = train_epoch(step, loader, max_steps=n)
+        _, done = train_epoch(step, loader, clock=clock, max_steps=b.args.steps)
         return done * per
-    return {**b.measure(epoch), "batch_size": per, "model": model_label(cfg), "recipe": b.args.recipe,
-            "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch.")}
+    fields = b.measure(epoch, after_warmup=clock.take)
+    times = clock.take()
+    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per, "model": model_label(cfg),
+            "recipe": b.args.recipe, "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
+            "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}

@@ -112,18 +112,23 @@ def _rate(records, **match):
 
 
 def verdicts(records: list[dict]) -> list[str]:
-    """loop.verdict for the fastest end-to-end backend at each resolution, from its share of the
-    model-only ceiling: what the step did not spend computing, it spent waiting for data."""
+    """loop.verdict for the fastest end-to-end backend at each resolution, from the shares of its
+    timed steps (the trainer's StepClock), pointing at a faster loader when the records show one."""
     lines = []
     for res in sorted({r["res"] for r in records if r["res"]}):
-        train = [r for r in records if r["stage"] == "train" and r["res"] == res and r.get("vs_model")]
+        at = [r for r in records if r["res"] == res and r.get("img_per_s")]
+        train = [r for r in at if r["stage"] == "train" and r.get("data_wait_share") is not None]
         if not train:
             continue
         best = max(train, key=lambda r: r["img_per_s"])
-        compute = min(1.0, best["vs_model"])
-        shares = {"data_wait": 1.0 - compute, "compute": compute, "eval": 0.0, "checkpoint": 0.0}
-        lines.append(f"res {res}: " + verdict(shares, backend=best["backend"], device=best["device"], res=res,
-                                             img_per_s=best["img_per_s"]))
+        loaders = {r["backend"]: r["img_per_s"] for r in at if r["stage"] == "loader"}
+        faster = max(loaders, key=loaders.get, default=best["backend"])
+        better = None if faster == best["backend"] else (
+            f"the {faster} loader is faster here ({loaders[faster]:,.0f} img/s loader-only): try --backend {faster}")
+        s = {k: best.get(f"{k}_share", 0.0) for k in ("data_wait", "compute")}
+        context = {k: best.get("settings", {}).get(k) for k in ("amp", "channels_last", "compile")}
+        lines.append(f"res {res}, {best['backend']}: " + verdict(s, backend=best["backend"], better_backend=better,
+                                                                 device=best["device"], **context))
     return lines
 
 

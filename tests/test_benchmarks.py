@@ -33,10 +33,12 @@ def test_quick_benchmark_yields_complete_json(tmp_path):
     assert any(x["stage"] == "copy" and "no CUDA" in x.get("skipped", "") for x in recs)
     train = [x for x in recs if x["stage"] == "train" and not x.get("skipped")]
     assert train and all(x["recipe"] == "seed-64-scratch" and x.get("vs_model") for x in train)
+    for x in train:  # the trainer's own accounting of the timed steps
+        assert abs(x["data_wait_share"] + x["compute_share"] - 1) < 0.02 and x["compute_s"] > 0
     assert out["environment"]["torch"] and out["environment"]["cores"] >= 1
     assert "| stage |" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.png").stat().st_size > 1000
-    assert "res 64: " in r.stdout  # loop.verdict's line in the summary
+    assert "res 64, " in r.stdout and "-bound: " in r.stdout  # loop.verdict's line in the summary
 
 
 def test_the_cli_knows_every_stage_of_the_table():
@@ -109,6 +111,19 @@ def test_outputs_are_checked_before_any_work(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "file" / "b.json") in lines[0], r.stderr
     assert "Traceback" not in r.stderr and "benchmarks on" not in r.stderr
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch, capsys):
+    def interrupt(b):
+        raise KeyboardInterrupt
+    rows = [Stage("read", "first", lambda b: b.measure(lambda: 4), per_res=False),
+            Stage("read", "second", interrupt, per_res=False)]
+    monkeypatch.setattr(stages, "table", lambda: rows)
+    path = tmp_path / "b.json"
+    assert main(["--data", str(packed), "--device", "cpu", "--stages", "read", "--json", str(path)]) == 130
+    out = json.loads(path.read_text())
+    assert [r["name"] for r in out["records"]] == ["first"] and "interrupted" in out["incomplete"]
+    assert str(path) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
