@@ -41,7 +41,7 @@ def backend_loader(b: Bench, backend: str, res: int):
             return make_loader(b.args.data, b.args.split, backend=backend, res=res, batch_size=b.args.batch_size,
                                device=b.device, augment=b.args.augment, dtype=AMP_DTYPE[b.args.amp], drop_last=True,
                                workers=b.args.workers)
-        except (MemoryError, RuntimeError) as e:  # e.g. the split does not fit on the device
+        except (MemoryError, RuntimeError, UserError) as e:  # e.g. the split does not fit on the device
             raise Skip(f"backend {backend} cannot be built here: {e}") from None
     return b.shared(("loader", backend, res), build)
 

@@ -119,8 +119,11 @@ def settle(args) -> None:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device here; use --device cpu")
+    from fasttin.loaders import AUGMENTS
     cfg = resolve(args.recipe)
     args.amp, args.augment = cfg["amp"], args.augment or cfg["augment"]
+    if args.augment not in AUGMENTS:
+        raise UserError(f"--augment {args.augment}: choose one of {', '.join(AUGMENTS)}")
     args.res = args.res or ([64] if args.quick else [64, 224])
     if args.quick:
         args.repeats, args.batches, args.steps, args.decode_images = 2, 0, 1, 256

@@ -12,12 +12,14 @@ import gc
 import io
 import multiprocessing as mp
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks import pipelines, training
 from benchmarks.runner import Bench, Skip, Stage
+from fasttin.errors import UserError
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
 from fasttin.loop import AMP_DTYPE
@@ -162,13 +164,19 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
 
 
 def run_peers(b: Bench, res: int) -> None:
-    """`benchmarks.peers.run_peers(bench, res)` adds one record per peer itself (skipped with the
-    reason when a peer is not installed), so this row adds none unless it added nothing at all."""
-    from benchmarks import peers
-    n = len(b.records)
-    peers.run_peers(b, res)
-    if len(b.records) == n:
+    """benchmarks.peers.run_peers: fasttin's loaders and the peers (FFCV, DALI's file reader,
+    torchvision, classic), each in its own process, alternated epoch by epoch; it returns records in
+    this schema, one per peer (skipped with the reason when a peer is not installed)."""
+    from benchmarks.peers import run_peers as peers
+    try:
+        records = peers(b.args.data, b.args.split, [res], batch_size=b.args.batch_size, rounds=b.args.repeats,
+                        workers=b.args.workers or CORES, dtype="float16" if b.args.amp == "fp16" else "bfloat16",
+                        cache=Path(b.args.cache) / "peers")
+    except UserError as e:  # e.g. a split smaller than one batch
+        raise Skip(str(e)) from None
+    if not records:
         raise Skip("benchmarks.peers measured no peer")
+    b.records.extend(records)
 
 
 def _loader_point(backend: str):
@@ -214,7 +222,7 @@ def table() -> list[Stage]:
                 loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate=True) for k in LOADERS],
         *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
                 grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in LOADERS],
-        Stage("peers", "FFCV, DALI file reader, torchvision ImageFolder", run_peers, ("peers",)),
+        Stage("peers", "FFCV, DALI file reader, torchvision, classic (own processes)", run_peers, ("peers",)),
     ]
 
 

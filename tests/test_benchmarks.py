@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from benchmarks import pipelines, stages, writers
+from benchmarks import pipelines, runner, stages, writers
 from benchmarks.run import STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
@@ -67,6 +67,12 @@ def test_missing_needs_and_skips_become_records_with_reasons():
     assert by[("skips itself", 224)]["skipped"] == "not at 224"
     assert by[("measures", 64)]["img_per_s"] > 0 and by[("measures", 64)]["repeats"] == 3
     assert len(recs) == 7 and not any(r["stage"] == "train" for r in recs)
+
+
+def test_the_peers_stage_is_skipped_with_a_reason_without_its_module(monkeypatch):
+    monkeypatch.setitem(runner.NEEDS, "peers", lambda b: runner._importable("benchmarks.no_such_peers"))
+    recs = run_table(fake_bench(), stages.table(), {"peers"}, [64])
+    assert [r["skipped"] for r in recs] == ["benchmarks.no_such_peers is not installed"]
 
 
 def test_alternation_takes_turns_and_never_records_an_empty_repeat():
@@ -131,6 +137,7 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
     (["--data", "{packed}", "--split", "nope", "--stages", "read"], "nope"),
     (["--summarize", "{tmp}/none.json"], "none.json"),
     (["--markdown", "{tmp}/file/b.md"], "b.md"),
+    (["--data", "{packed}", "--augment", "bogus"], "bogus"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
     (tmp_path / "file").write_text("")
