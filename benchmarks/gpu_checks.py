@@ -33,7 +33,7 @@ def pixels(x: torch.Tensor) -> np.ndarray:
 
 def first_batch(data, backend, device, res, augment="none"):
     ld = make_loader(data, "val", backend=backend, res=res, batch_size=64, device=device, shuffle=False,
-                     augment=augment, dtype=torch.float32, return_index=True)
+                     augment=augment, dtype=torch.float32, return_index=True, drop_last=False)
     x, _, idx = next(iter(ld))
     return pixels(x), idx.cpu().numpy()
 
@@ -74,13 +74,16 @@ def check_training(data, device, steps, recipe, out):
                          augment=cfg["augment"], dtype=AMP_DTYPE[cfg["amp"]])
         step = make_step(build_model(len(ld.ds.classes), cfg["stem"]), cfg, device=device, steps_per_epoch=len(ld))
         t, losses = time.perf_counter(), []
-        for _ in range(max(2, steps // k)):  # chunks of k steps; each train_epoch call is one reading
-            metrics, _ = train_epoch(step, ld, max_steps=k)
+        empty = None
+        for i in range(max(2, steps // k)):  # chunks of k steps; each train_epoch call is one reading
+            metrics, done = train_epoch(step, ld, max_steps=k)
+            if done == 0:  # a pass with no batch reads as loss 0: never let it pass for progress
+                empty = f"pass {i + 1} yielded no batch"
+                break
             losses.append(metrics["loss"])
-        first, last = losses[0], losses[-1]
         out.append({"check": f"{backend} on {device}: {len(losses) * k} steps of the {recipe} step",
-                    "value": [first, last], "limit": "last < first", "ok": bool(last < first),
-                    "seconds": time.perf_counter() - t})
+                    "value": empty or [losses[0], losses[-1]], "limit": "last < first",
+                    "ok": empty is None and bool(losses[-1] < losses[0]), "seconds": time.perf_counter() - t})
 
 
 def main(argv=None) -> int:
