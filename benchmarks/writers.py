@@ -154,6 +154,8 @@ def summary(records: list[dict]):
 
 
 def print_summary(records: list[dict], console) -> None:
-    console.print(summary(records))
+    t = summary(records)
+    if t.row_count:  # nothing to sum up when only read, decode or peers ran
+        console.print(t)
     for line in verdicts(records):
         console.print(line, markup=False, highlight=False)
