@@ -2,7 +2,8 @@
 
 The dali backend's mixed decoder and GPU resize, and the resident backend on the device, must
 agree with DALI's CPU mode (mean absolute error under 1.0 on the 0-255 scale); epochs must be
-exact on the device; a few hundred training steps of each backend must bring the loss down.
+exact on the device; a few hundred steps of fasttin.loop's training step (a recipe's settings,
+exactly as fasttin.train runs it) over each backend must bring the loss down.
 On a CPU machine it runs as a rehearsal (device cpu against itself).
 """
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from fasttin.fileio import write_atomic
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
+from fasttin.loop import AMP_DTYPE, make_step, train_epoch
 from fasttin.model import build_model
+from fasttin.recipes import RECIPES, resolve
 from fasttin.shards import open_split
 
 
@@ -30,7 +33,7 @@ def pixels(x: torch.Tensor) -> np.ndarray:
 
 def first_batch(data, backend, device, res, augment="none"):
     ld = make_loader(data, "val", backend=backend, res=res, batch_size=64, device=device, shuffle=False,
-                     augment=augment, dtype=torch.float32, return_index=True)
+                     augment=augment, dtype=torch.float32, return_index=True, drop_last=False)
     x, _, idx = next(iter(ld))
     return pixels(x), idx.cpu().numpy()
 
@@ -60,28 +63,27 @@ def check_epochs(data, device, out):
                     "ok": ok})
 
 
-def check_training(data, device, steps, out):
+def check_training(data, device, steps, recipe, out):
+    """fasttin.loop's step with the recipe's settings, as fasttin.train runs it, over each backend:
+    the mean loss of the last tenth of the steps must be below that of the first tenth."""
+    k = max(1, steps // 10)
     for backend in ("dali", "resident", "pil"):
         torch.manual_seed(0)
-        ld = make_loader(data, "train", backend=backend, res=64, batch_size=128, device=device, augment="flip")
-        model = build_model(len(ld.ds.classes)).to(device, memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-        losses, t = [], time.perf_counter()
-        while len(losses) < steps:
-            for x, y in ld:
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = torch.nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach())
-                if len(losses) == steps:
-                    break
-        losses = torch.stack(losses).float().cpu().numpy()  # read once, at the end
-        k = max(1, steps // 10)
-        first, last = float(losses[:k].mean()), float(losses[-k:].mean())
-        out.append({"check": f"{backend} on {device}: {steps} training steps", "value": [first, last],
-                    "limit": "last < first", "ok": bool(last < first), "seconds": time.perf_counter() - t})
+        cfg = resolve(recipe, res=64, batch_size=128)
+        ld = make_loader(data, "train", backend=backend, res=64, batch_size=128, device=device,
+                         augment=cfg["augment"], dtype=AMP_DTYPE[cfg["amp"]])
+        step = make_step(build_model(len(ld.ds.classes), cfg["stem"]), cfg, device=device, steps_per_epoch=len(ld))
+        t, losses = time.perf_counter(), []
+        empty = None
+        for i in range(max(2, steps // k)):  # chunks of k steps; each train_epoch call is one reading
+            metrics, done = train_epoch(step, ld, max_steps=k)
+            if done == 0:  # a pass with no batch reads as loss 0: never let it pass for progress
+                empty = f"pass {i + 1} yielded no batch"
+                break
+            losses.append(metrics["loss"])
+        out.append({"check": f"{backend} on {device}: {len(losses) * k} steps of the {recipe} step",
+                    "value": empty or [losses[0], losses[-1]], "limit": "last < first",
+                    "ok": empty is None and bool(losses[-1] < losses[0]), "seconds": time.perf_counter() - t})
 
 
 def main(argv=None) -> int:
@@ -89,12 +91,14 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--recipe", choices=list(RECIPES), default="seed-64-scratch",
+                   help="the trainer's settings the training check steps with")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out: list[dict] = []
     for check in (lambda: check_agreement(args.data, device, out), lambda: check_epochs(args.data, device, out),
-                  lambda: check_training(args.data, device, args.steps, out)):
+                  lambda: check_training(args.data, device, args.steps, args.recipe, out)):
         try:
             check()
         except Exception as e:  # a crash is a finding too: record it and go on

@@ -1,7 +1,18 @@
-"""benchmarks.run --quick: every stage reports, nothing silently missing."""
+"""benchmarks.run: every stage reports, nothing silently missing; the stage table's runner, the
+writers and the early output checks."""
 import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
+import torch
 from conftest import run_cli
+
+from benchmarks import pipelines, runner, stages, writers
+from benchmarks.run import STAGE_NAMES, main
+from benchmarks.runner import Bench, Skip, Stage, run_table
 
 
 def test_quick_benchmark_yields_complete_json(tmp_path):
@@ -10,8 +21,8 @@ def test_quick_benchmark_yields_complete_json(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads((tmp_path / "b.json").read_text())
     recs = out["records"]
-    stages = {x["stage"] for x in recs}
-    assert {"read", "decode", "resize", "model", "classic", "loader", "train"} <= stages
+    seen = {x["stage"] for x in recs}
+    assert {"read", "decode", "resize", "model", "classic", "loader", "train"} <= seen
     for x in recs:
         assert {"stage", "backend", "res", "batch_size", "device", "dtype", "img_per_s", "mb_per_s",
                 "repeats", "environment"} <= set(x)
@@ -20,6 +31,152 @@ def test_quick_benchmark_yields_complete_json(tmp_path):
         else:
             assert x["img_per_s"] > 0 and x["repeats"] >= 1
     assert any(x["stage"] == "copy" and "no CUDA" in x.get("skipped", "") for x in recs)
+    train = [x for x in recs if x["stage"] == "train" and not x.get("skipped")]
+    assert train and all(x["recipe"] == "seed-64-scratch" and x.get("vs_model") for x in train)
+    for x in train:  # the trainer's own accounting of the timed steps
+        assert abs(x["data_wait_share"] + x["compute_share"] - 1) < 0.02 and x["compute_s"] > 0
     assert out["environment"]["torch"] and out["environment"]["cores"] >= 1
     assert "| stage |" in (tmp_path / "b.md").read_text()
     assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "res 64, " in r.stdout and "-bound: " in r.stdout  # loop.verdict's line in the summary
+
+
+def test_the_cli_knows_every_stage_of_the_table():
+    assert {s.stage for s in stages.table()} == set(STAGE_NAMES)
+
+
+def fake_bench(device="cpu", repeats=3, payload="raw"):
+    args = SimpleNamespace(repeats=repeats, batch_size=8)
+    return Bench(args, torch.device(device), SimpleNamespace(payload=payload))
+
+
+def test_missing_needs_and_skips_become_records_with_reasons():
+    ran = []
+    table = [
+        Stage("copy", "needs a GPU", lambda b, res: ran.append(res), ("cuda",)),
+        Stage("decode", "needs JPEG", lambda b: ran.append("decode"), ("jpeg",), per_res=False),
+        Stage("model", "skips itself", lambda b, res: (_ for _ in ()).throw(Skip(f"not at {res}"))),
+        Stage("read", "measures", lambda b, res: b.measure(lambda: 4), grid=lambda b, res: [{"res": res}]),
+        Stage("train", "not selected", lambda b, res: ran.append("train")),
+    ]
+    recs = run_table(fake_bench(), table, {"copy", "decode", "model", "read"}, [64, 224])
+    assert ran == []  # a row whose needs are missing never runs
+    by = {(r["name"], r["res"]): r for r in recs}
+    assert by[("needs a GPU", 64)]["skipped"] == "no CUDA device"
+    assert by[("needs JPEG", None)]["skipped"] == "raw payload: nothing to decode"
+    assert by[("skips itself", 224)]["skipped"] == "not at 224"
+    assert by[("measures", 64)]["img_per_s"] > 0 and by[("measures", 64)]["repeats"] == 3
+    assert len(recs) == 7 and not any(r["stage"] == "train" for r in recs)
+
+
+def test_the_peers_stage_is_skipped_with_a_reason_without_its_module(monkeypatch):
+    monkeypatch.setitem(runner.NEEDS, "peers", lambda b: runner._importable("benchmarks.no_such_peers"))
+    recs = run_table(fake_bench(), stages.table(), {"peers"}, [64])
+    assert [r["skipped"] for r in recs] == ["benchmarks.no_such_peers is not installed"]
+
+
+def test_alternation_takes_turns_and_never_records_an_empty_repeat():
+    calls = []
+
+    def consumer(name, images):
+        def run():
+            calls.append(name)
+            return images(len([c for c in calls if c == name]))
+        return run
+
+    table = [Stage("loader", "{backend}", lambda b, res, backend: consumer(backend, BEHAVIOUR[backend]),
+                   grid=lambda b, res: [{"res": res, "backend": k} for k in BEHAVIOUR], alternate=True)]
+    BEHAVIOUR = {"a": lambda n: 10, "b": lambda n: 0 if n == 2 else 10, "c": lambda n: 10}
+    recs = run_table(fake_bench(repeats=3), table, {"loader"}, [64])
+    # warm-up a, b, c; then rounds a b c, a c, a c: b stopped at its first empty pass
+    assert calls == ["a", "b", "c", "a", "b", "c", "a", "c", "a", "c"]
+    by = {r["name"]: r for r in recs}
+    assert by["a"]["repeats"] == 3 and by["c"]["repeats"] == 3 and by["a"]["img_per_s"] > 0
+    assert by["b"]["img_per_s"] is None and "no images" in by["b"]["skipped"]
+
+
+def test_a_failing_writer_loses_none_of_the_others(tmp_path):
+    out = {"environment": {"date": "d", "cpu": "c", "cores": 2, "gpu": None, "torch": "t", "torchvision": "v",
+                           "dali": None, "pillow": "p", "pillow_simd": False, "python": "3"},
+           "command": "python -m benchmarks.run", "records": [
+               {"stage": "read", "name": "x", "res": None, "batch_size": 8, "device": "cpu", "img_per_s": 5.0,
+                "mb_per_s": None}]}
+    (tmp_path / "b.md").mkdir()  # the markdown cannot replace a folder
+    paths = {"json": tmp_path / "b.json", "markdown": tmp_path / "b.md", "plot": tmp_path / "b.png"}
+    failed = writers.write_outputs(paths, out)
+    assert len(failed) == 1 and str(paths["markdown"]) in failed[0]
+    assert json.loads(paths["json"].read_text()) == out
+    assert paths["plot"].stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md", "b.png"]  # no temporary left
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    r = run_cli("benchmarks.run", "--device", "cpu", "--json", tmp_path / "file" / "b.json", timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / "file" / "b.json") in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "benchmarks on" not in r.stderr
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch, capsys):
+    def interrupt(b):
+        raise KeyboardInterrupt
+    rows = [Stage("read", "first", lambda b: b.measure(lambda: 4), per_res=False),
+            Stage("read", "second", interrupt, per_res=False)]
+    monkeypatch.setattr(stages, "table", lambda: rows)
+    path = tmp_path / "b.json"
+    assert main(["--data", str(packed), "--device", "cpu", "--stages", "read", "--json", str(path)]) == 130
+    out = json.loads(path.read_text())
+    assert [r["name"] for r in out["records"]] == ["first"] and "interrupted" in out["incomplete"]
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--data", "{tmp}/missing", "--stages", "read"], "missing"),
+    (["--data", "{packed}", "--split", "nope", "--stages", "read"], "nope"),
+    (["--summarize", "{tmp}/none.json"], "none.json"),
+    (["--markdown", "{tmp}/file/b.md"], "b.md"),
+    (["--data", "{packed}", "--augment", "bogus"], "bogus"),
+])
+def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
+    (tmp_path / "file").write_text("")
+    argv = [a.format(tmp=tmp_path, packed=packed) for a in argv]
+    assert main([*argv, "--device", "cpu", "--cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("benchmarks.run: error:") and needle in err[0], err
+
+
+@pytest.mark.parametrize("flag", [["--res", "abc"], ["--stages", "read,bogus"], ["--repeats", "0"]])
+def test_bad_flags_are_refused_by_the_parser(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*flag, "--device", "cpu"])
+    assert e.value.code == 2
+    assert flag[0] in capsys.readouterr().err
+
+
+class FakeSplit:
+    """A split whose second sample key comes from a hostile annotation file."""
+
+    classes = ["n0001"]
+
+    def __init__(self, keys):
+        self.keys, self.labels = keys, np.zeros(len(keys), np.int64)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def image(self, i):
+        return np.zeros((64, 64, 3), np.uint8)
+
+
+@pytest.mark.parametrize("key", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "..", "x\n.JPEG", ""])
+def test_classic_cache_stays_in_its_folder(key, tmp_path):
+    cache = tmp_path / "cache"
+    args = SimpleNamespace(data=str(tmp_path / "data"), split="val", cache=str(cache))
+    b = SimpleNamespace(ds=FakeSplit(["ok_0.JPEG", key]), args=args)
+    with pytest.raises(pipelines.UnsafeName, match="sample key"):
+        pipelines.classic_root(b, 64)
+    written = {str(Path(d) / f) for d, _, fs in os.walk(tmp_path) for f in fs}
+    assert written == {str(cache / "classic-data-val-2-64" / "n0001" / "ok_0.JPEG")}
+    assert pipelines.bare_name("n01443537_3.JPEG", "key") == "n01443537_3.JPEG"

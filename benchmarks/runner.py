@@ -1,0 +1,223 @@
+"""The one runner of the benchmark table: needs, warm-up, timed repeats, alternation, records.
+
+A stage row (`Stage`) says what it measures, what it needs and its parameter grid; the runner
+turns every grid point into one record. A need that is missing, or a `Skip` raised by the stage,
+becomes a record with `skipped` and the reason, so nothing goes silently missing. Every figure is
+the median of `repeats` timed repeats after a warm-up, the device synchronised; a repeat that
+yields no images is never recorded as 0 img/s (it is skipped, with the reason).
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fasttin.loaders import dali as dali_backend
+
+
+class Skip(Exception):
+    """Raised by a stage that cannot measure this point; the message is the record's reason."""
+
+
+class NoImages(Skip):
+    """A warm-up or timed repeat that produced no images: a loader bug, never a 0 img/s figure."""
+
+
+def _importable(module: str) -> str | None:
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a missing parent package
+        found = False
+    return None if found else f"{module} is not installed"
+
+
+# need -> why it is missing on this bench (None: present)
+NEEDS: dict[str, Callable[[Bench], str | None]] = {
+    "cuda": lambda b: None if b.device.type == "cuda" else "no CUDA device",
+    "dali": lambda b: dali_backend.available(),
+    "jpeg": lambda b: None if b.ds.payload == "jpeg" else "raw payload: nothing to decode",
+    "cv2": lambda b: _importable("cv2"),
+    "torchvision": lambda b: _importable("torchvision"),
+    "peers": lambda b: _importable("benchmarks.peers"),
+}
+
+RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment")  # grid keys that are record fields too
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the benchmark table.
+
+    run(bench, **point) returns the measured record fields (from `bench.measure`); a row with
+    `alternate` instead returns a consumer (one pass -> images) that the runner times in turn with
+    the other alternating rows of the same resolution. `grid(bench, res)` lists the points (res is
+    None for rows with `per_res=False`); `name` is a format string over a point, or a function of it.
+    """
+
+    stage: str
+    name: str | Callable[[dict], str]
+    run: Callable
+    needs: tuple[str, ...] = ()
+    grid: Callable[[Bench, int | None], list[dict]] | None = None
+    per_res: bool = True
+    alternate: bool = False
+    fields: dict = field(default_factory=dict)  # fixed record fields: backend, device, dtype...
+
+    def points(self, b: Bench, res: int | None) -> list[dict]:
+        if self.grid is not None:
+            return self.grid(b, res)
+        return [{"res": res}] if self.per_res else [{}]
+
+    def label(self, point: dict) -> str:
+        return self.name(point) if callable(self.name) else self.name.format(**point)
+
+
+class Bench:
+    """The shared settings, the data set, the records so far, and a cache of built objects (the
+    loaders) that the stages of one resolution share."""
+
+    def __init__(self, args, device: torch.device, ds):
+        self.args, self.device, self.ds = args, device, ds
+        self.records: list[dict] = []
+        self.cache: dict = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def missing(self, needs) -> str | None:
+        return next((why for why in (NEEDS[n](self) for n in needs) if why), None)
+
+    def shared(self, key, build):
+        """build() once per key until `release()`; a Skip raised while building is kept and re-raised."""
+        if key not in self.cache:
+            try:
+                self.cache[key] = build()
+            except Skip as e:
+                self.cache[key] = e
+        if isinstance(self.cache[key], Skip):
+            raise self.cache[key]
+        return self.cache[key]
+
+    def release(self) -> None:
+        self.cache.clear()
+
+    def timed(self, fn) -> tuple[int, float]:
+        t = time.perf_counter()
+        n = fn()
+        self.sync()
+        dt = time.perf_counter() - t
+        if not n:
+            raise NoImages("a repeat yielded no images (the pass ended at once)")
+        return n, dt
+
+    def measure(self, fn, nbytes_per_image: float = 0, repeats: int | None = None, after_warmup=None) -> dict:
+        """fn() processes images and returns how many; one warm-up call, then `repeats` timed ones."""
+        repeats = repeats or self.args.repeats
+        self.timed(fn)
+        if after_warmup is not None:
+            after_warmup()
+        rates = [n / dt for n, dt in (self.timed(fn) for _ in range(repeats))]
+        return summarise(rates, nbytes_per_image)
+
+    def alternate(self, consumers: dict) -> dict:
+        """Time consumers (one pass each -> images) in turn, repeat by repeat, so that they share
+        the machine's state; returns key -> measured fields, or the Skip that stopped that key."""
+        out, rates = {}, {k: [] for k in consumers}
+        for k, fn in consumers.items():  # warm-up: a whole pass, so workers are started, caches filled
+            try:
+                self.timed(fn)
+            except Skip as e:
+                out[k] = e
+        for _ in range(self.args.repeats):
+            for k, fn in consumers.items():
+                if k in out:
+                    continue
+                try:
+                    n, dt = self.timed(fn)
+                except Skip as e:
+                    out[k] = e
+                    continue
+                rates[k].append(n / dt)
+        return {k: out.get(k) or summarise(rates[k]) for k in consumers}
+
+    def add(self, stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
+        rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": self.args.batch_size,
+               "device": self.device.type, "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
+        rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
+        if skipped:
+            rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
+        self.records.append(rec)
+        shown = f"skipped: {skipped}" if skipped else f"{rec['img_per_s']:,.0f} img/s"
+        print(f"  {stage:8s} {name:42s} res {str(rec['res'] or '-'):>4s}  {shown}", file=sys.stderr, flush=True)
+        return rec
+
+
+def summarise(rates: list[float], nbytes_per_image: float = 0) -> dict:
+    med = statistics.median(rates)
+    return {"img_per_s": med, "mb_per_s": med * nbytes_per_image / 1e6 if nbytes_per_image else None,
+            "repeats": len(rates), "runs": rates}
+
+
+def _record_fields(stage: Stage, point: dict) -> dict:
+    return {**stage.fields, **{k: point[k] for k in RECORD_KEYS if k in point}}
+
+
+def run_point(b: Bench, stage: Stage, point: dict) -> dict | None:
+    fields = _record_fields(stage, point)
+    why = b.missing(stage.needs)
+    if why is None:
+        try:
+            got = stage.run(b, **point)
+            # None: the stage added its own records (the peers stage: one per peer)
+            return got if got is None else b.add(stage.stage, stage.label(point), **{**fields, **got})
+        except Skip as e:
+            why = str(e)
+    return b.add(stage.stage, stage.label(point), skipped=why, **fields)
+
+
+def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
+    """Rows whose figures are measured alternately (the loaders and the pipelines they are compared with)."""
+    consumers, skipped = {}, {}
+    for i, (stage, point) in enumerate(rows):
+        why = b.missing(stage.needs)
+        if why is None:
+            try:
+                consumers[i] = stage.run(b, **point)
+            except Skip as e:
+                why = str(e)
+        if why:
+            skipped[i] = why
+    measured = b.alternate(consumers)
+    for i, (stage, point) in enumerate(rows):
+        got = measured.get(i)
+        why = skipped.get(i) or (str(got) if isinstance(got, Skip) else None)
+        fields = _record_fields(stage, point)
+        b.add(stage.stage, stage.label(point), skipped=why, **fields, **({} if why else got))
+
+
+def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:
+    """Every selected row at every grid point: the rows without a resolution first, then per
+    resolution in table order, the alternating rows of a resolution measured together where the
+    first of them stands. Built objects (loaders) are released between resolutions."""
+    rows = [s for s in table if s.stage in selected]
+    for s in (s for s in rows if not s.per_res):
+        for point in s.points(b, None):
+            run_point(b, s, point)
+    for res in resolutions:
+        group = [(s, p) for s in rows if s.per_res and s.alternate for p in s.points(b, res)]
+        for s in (s for s in rows if s.per_res):
+            if s.alternate:
+                if group:
+                    run_alternating(b, group)
+                    group = []
+                continue
+            for point in s.points(b, res):
+                run_point(b, s, point)
+        b.release()
+    return b.records

@@ -1,0 +1,243 @@
+"""The benchmark table: every stage of the pipeline, what it needs and its parameter grid.
+
+read: shard payloads (warm and cold page cache); decode: pillow on 1 and all cores, DALI CPU and
+mixed (GPU); resize: pillow, DALI, torch; copy: host -> device; model: the compute ceiling per
+configuration; loader: each backend and the classic pipeline, alternated repeat by repeat;
+train: loader + fasttin.loop's step; peers: the loaders users would otherwise choose (optional).
+The DALI decode and resize rows build their graphs with the dali backend's own `build_pipeline`.
+"""
+from __future__ import annotations
+
+import gc
+import io
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import pipelines, training
+from benchmarks.runner import Bench, Skip, Stage
+from fasttin.errors import UserError
+from fasttin.loaders.augment import SIZE
+from fasttin.loaders.dali import build_pipeline
+from fasttin.loop import AMP_DTYPE
+
+CORES = os.cpu_count() or 1
+
+
+# ---- read ----------------------------------------------------------------------------------------
+
+def _read_all(ds) -> int:
+    for v in ds.encoded_batch(np.arange(len(ds))):
+        bytes(v)
+    return len(ds)
+
+
+def _drop_page_cache(ds) -> None:
+    for m in ds.manifest["splits"][ds.split]["shards"]:
+        fd = os.open(ds.data_dir / m["file"], os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # works for clean pages, no root needed
+        os.close(fd)
+
+
+def measure_read(b: Bench, cold: bool) -> dict:
+    ds = b.ds
+    per_image = float(ds.payload_bytes.sum()) / len(ds)
+
+    def read() -> int:
+        if cold:
+            _drop_page_cache(ds)
+        return _read_all(ds)
+    return b.measure(read, per_image)
+
+
+# ---- decode and resize ----------------------------------------------------------------------------
+
+def _pil_decode(chunk) -> int:
+    from PIL import Image
+    for i in chunk:
+        with Image.open(io.BytesIO(_pil_decode.ds.encoded(i))) as im:
+            im.convert("RGB").load()
+    return len(chunk)
+
+
+def _sample(b: Bench) -> np.ndarray:
+    return np.arange(min(b.args.decode_images, len(b.ds)))
+
+
+def measure_pil_decode(b: Bench, cores: int) -> dict:
+    idx = _sample(b)
+    _pil_decode.ds = b.ds  # inherited by the forked workers
+    if cores == 1:
+        return b.measure(lambda: _pil_decode(idx))
+    chunks = np.array_split(idx, cores * 4)
+    gc.collect()
+    with mp.get_context("fork").Pool(cores) as pool:
+        return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
+
+
+class _Batches:
+    """build_pipeline's feed (external_source, cycle="raise"): the same prepared batches each pass."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter([[x] for x in self.batches])
+
+
+def dali_graph(b: Bench, gpu: bool, *, decode: bool, res: int):
+    """(pass -> images) over the dali backend's own graph: decode (JPEG payloads, no resize) or
+    resize (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation."""
+    idx = _sample(b)
+    bs = min(len(idx), 256)
+    idx = idx[: len(idx) // bs * bs]
+    if decode:
+        batches = [b.ds.encoded_batch(idx[i:i + bs]) for i in range(0, len(idx), bs)]
+    else:
+        flat = b.ds.images(idx).reshape(len(idx), -1)
+        batches = [list(flat[i:i + bs]) for i in range(0, len(idx), bs)]
+    pipe = build_pipeline(_Batches(batches), payload="jpeg" if decode else "raw", gpu=gpu, res=SIZE if decode else res,
+                          augment="none", batch_size=bs, threads=CORES,
+                          device_id=(b.device.index or 0) if gpu else None, seed=0)
+    pipe.build()
+
+    def run() -> int:
+        pipe.reset()
+        done = 0
+        while True:
+            try:
+                pipe.run()
+            except StopIteration:
+                return done
+            done += bs
+    return run
+
+
+def measure_dali(b: Bench, gpu: bool, decode: bool, res: int | None = None) -> dict:
+    return b.measure(dali_graph(b, gpu, decode=decode, res=res))
+
+
+def measure_pil_resize(b: Bench, res: int) -> dict:
+    from PIL import Image
+    pil = [Image.fromarray(x) for x in b.ds.images(_sample(b))]
+
+    def resize() -> int:
+        for im in pil:
+            im.resize((res, res), Image.BICUBIC)
+        return len(pil)
+    return b.measure(resize)
+
+
+def measure_torch_resize(b: Bench, res: int, device: str) -> dict:
+    x = torch.from_numpy(b.ds.images(_sample(b))).to(device).permute(0, 3, 1, 2)
+    x = x if device == "cpu" else x.float()  # uint8 bicubic is a CPU kernel only
+
+    def resize() -> int:
+        torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True)
+        return len(x)
+    return {**b.measure(resize), "dtype": str(x.dtype).removeprefix("torch.")}
+
+
+# ---- copy -----------------------------------------------------------------------------------------
+
+def measure_copy(b: Bench, res: int, pinned: bool) -> dict:
+    bs = b.args.batch_size
+    host = torch.empty(bs * 3 * res * res, dtype=torch.uint8, pin_memory=pinned)  # a pil backend's batch
+
+    def copy() -> int:
+        host.to("cuda", non_blocking=True)
+        return bs
+    return b.measure(copy, 3 * res * res)
+
+
+# ---- loaders, peers ---------------------------------------------------------------------------------
+
+LOADERS = ("resident", "pil", "dali", "classic")
+LOADER_NEEDS = {"dali": ("dali",), "classic": ("cv2", "torchvision")}
+
+
+def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
+    return pipelines.one_pass(b, pipelines.loader_for(b, backend, res))
+
+
+def run_peers(b: Bench, res: int) -> None:
+    """benchmarks.peers.run_peers: fasttin's loaders and the peers (FFCV, DALI's file reader,
+    torchvision, classic), each in its own process, alternated epoch by epoch; it returns records in
+    this schema, one per peer (skipped with the reason when a peer is not installed)."""
+    from benchmarks.peers import run_peers as peers
+    try:
+        records = peers(b.args.data, b.args.split, [res], batch_size=b.args.batch_size, rounds=b.args.repeats,
+                        workers=b.args.workers or CORES, dtype="float16" if b.args.amp == "fp16" else "bfloat16",
+                        cache=Path(b.args.cache) / "peers")
+    except UserError as e:  # e.g. a split smaller than one batch
+        raise Skip(str(e)) from None
+    if not records:
+        raise Skip("benchmarks.peers measured no peer")
+    b.records.extend(records)
+
+
+def _loader_point(backend: str):
+    """One point a resolution; the record notes the augmentation, batch and dtype the loader hands out."""
+    def grid(b: Bench, res: int) -> list[dict]:
+        if backend == "classic":  # flip only, float32 from ToTensor, the write-up's batch
+            return [{"res": res, "backend": backend, "augment": "flip", "dtype": "float32",
+                     "batch_size": b.args.classic_batch_size}]
+        return [{"res": res, "backend": backend, "augment": b.args.augment,
+                 "dtype": str(AMP_DTYPE[b.args.amp]).removeprefix("torch.")}]
+    return grid
+
+
+def _each(key, values):
+    return lambda b, res: [{"res": res, key: v} for v in values]
+
+
+def table() -> list[Stage]:
+    jpeg = ("jpeg",)
+    cores = f"{CORES} cores"
+    return [
+        Stage("read", "shard payloads, warm page cache", lambda b: measure_read(b, False), per_res=False),
+        Stage("read", "shard payloads, cold (fadvise DONTNEED)", lambda b: measure_read(b, True), per_res=False),
+        Stage("decode", "pillow, 1 core", lambda b: measure_pil_decode(b, 1), jpeg, per_res=False),
+        Stage("decode", f"pillow, {cores}", lambda b: measure_pil_decode(b, CORES), jpeg, per_res=False),
+        Stage("decode", "DALI CPU (+ normalise)", lambda b: measure_dali(b, False, True), ("jpeg", "dali"),
+              per_res=False, fields={"device": "cpu"}),
+        Stage("decode", "DALI mixed (GPU) (+ normalise)", lambda b: measure_dali(b, True, True),
+              ("jpeg", "dali", "cuda"), per_res=False, fields={"device": "cuda"}),
+        Stage("resize", "pillow(-simd) bicubic, 1 core", measure_pil_resize),
+        Stage("resize", "DALI CPU cubic (+ normalise)", lambda b, res: measure_dali(b, False, False, res), ("dali",),
+              fields={"device": "cpu"}),
+        Stage("resize", "DALI GPU cubic (+ normalise)", lambda b, res: measure_dali(b, True, False, res),
+              ("dali", "cuda"), fields={"device": "cuda"}),
+        Stage("resize", "torch bicubic (antialias), CPU", lambda b, res: measure_torch_resize(b, res, "cpu"),
+              fields={"device": "cpu"}),
+        Stage("resize", "torch bicubic (antialias), GPU", lambda b, res: measure_torch_resize(b, res, "cuda"),
+              ("cuda",), fields={"device": "cuda"}),
+        Stage("copy", "host->device batch, {kind}", lambda b, res, kind: measure_copy(b, res, kind == "pinned"),
+              ("cuda",), grid=_each("kind", ("pinned", "pageable")), fields={"device": "cuda", "dtype": "uint8"}),
+        Stage("model", training.model_label, training.measure_model, grid=training.model_grid),
+        *[Stage("classic" if k == "classic" else "loader", _LOADER_NAMES.get(k, "{backend}, augment {augment}"),
+                loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate=True) for k in LOADERS],
+        *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
+                grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in LOADERS],
+        Stage("peers", "FFCV, DALI file reader, torchvision, classic (own processes)", run_peers, ("peers",)),
+    ]
+
+
+_LOADER_NAMES = {"classic": "ImageFolder + OpenCV-upscaled files, loader only"}
+
+
+def add_ratios(records: list[dict]) -> None:
+    """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling)."""
+    for res in {r["res"] for r in records if r["res"]}:
+        done = [r for r in records if r["res"] == res and r.get("img_per_s")]
+        classic = next((r for r in done if r["stage"] == "classic"), None)
+        best = max((r for r in done if r["stage"] == "loader"), key=lambda r: r["img_per_s"], default=None)
+        if classic and best:
+            best["vs_classic"] = best["img_per_s"] / classic["img_per_s"]
+        for r in (r for r in done if r["stage"] == "train"):
+            model = next((m for m in done if m["stage"] == "model" and m["name"] == r.get("model")), None)
+            if model:
+                r["vs_model"] = r["img_per_s"] / model["img_per_s"]

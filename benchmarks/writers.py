@@ -1,0 +1,161 @@
+"""What a benchmark run leaves behind: JSON (the records, the evidence), Markdown, a PNG chart, the
+rich tables on the terminal, and the summary with loop.verdict's one line per resolution.
+
+`write_outputs` writes JSON first, then Markdown, then the plot; a writer that fails (a read-only
+folder, a full disk, no matplotlib) costs only its own file and is reported as one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from fasttin.errors import UserError
+from fasttin.fileio import OutputError, tmp_name, write_atomic, write_json_atomic
+from fasttin.loop import verdict
+
+
+def write_json(path: Path, out: dict) -> None:
+    write_json_atomic(path, out)
+
+
+def markdown(out: dict) -> str:
+    env, records = out["environment"], out["records"]
+    lines = [f"Command: `{out['command']}`  ",
+             f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}, GPU: {env['gpu'] or 'none'}; "
+             f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
+             f"pillow {env['pillow']} (simd: {env['pillow_simd']}), Python {env['python']}", "",
+             "| stage | what | res | batch | device | img/s | MB/s | ratio | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        rate = "" if r["img_per_s"] is None else f"{r['img_per_s']:,.0f}"
+        mb = f"{r['mb_per_s']:,.0f}" if r.get("mb_per_s") else ""
+        note = f"skipped: {r['skipped']}" if r.get("skipped") else ""
+        lines.append(f"| {r['stage']} | {r['name']} | {r['res'] or ''} | {r['batch_size']} | {r['device']} | "
+                     f"{rate} | {mb} | {ratio(r)} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, out: dict) -> None:
+    write_atomic(path, markdown(out).encode())
+
+
+def ratio(r: dict) -> str:
+    if r.get("vs_model"):
+        return f"{r['vs_model']:.2f}x of model-only"
+    return f"{r['vs_classic']:.2f}x classic" if r.get("vs_classic") else ""
+
+
+def write_plot(path: Path, out: dict) -> None:
+    """Horizontal bars, log scale, one colour per stage; saved beside `path`, then renamed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise OutputError(f"cannot write {path}: matplotlib is not installed") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    env = out["environment"]
+    done = [r for r in out["records"] if r.get("img_per_s")]
+    colors = {s: plt.cm.tab10(i) for i, s in enumerate(sorted({r["stage"] for r in done}))}
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(done) + 1.5))
+    ax.barh(range(len(done)), [r["img_per_s"] for r in done], color=[colors[r["stage"]] for r in done])
+    ax.set_yticks(range(len(done)), [f"{r['stage']}: {r['name']}" + (f" @{r['res']}" if r["res"] else "")
+                                     for r in done], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("images per second (log scale)")
+    ax.set_title(f"fasttin, {env['gpu'] or env['cpu'] + ' x' + str(env['cores'])}, {env['date']}", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    tmp = tmp_name(Path(path))
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
+
+
+WRITERS = (("json", write_json), ("markdown", write_markdown), ("plot", write_plot))  # in this order
+
+
+def write_outputs(paths: dict, out: dict, writers=WRITERS) -> list[str]:
+    """Each requested output in turn (JSON first); returns one line per output that failed."""
+    failed = []
+    for key, write in writers:
+        if paths.get(key):
+            try:
+                write(paths[key], out)
+            except UserError as e:
+                failed.append(str(e))
+    return failed
+
+
+def table(records: list[dict]):
+    from rich.table import Table
+    t = Table(title="fasttin benchmarks")
+    for c in ("stage", "what", "res", "device", "img/s", "MB/s", "ratio"):
+        t.add_column(c, justify="left" if c in ("stage", "what") else "right")
+    for r in records:
+        t.add_row(r["stage"], r["name"], str(r["res"] or ""), r["device"],
+                  "skipped" if r.get("skipped") else f"{r['img_per_s']:,.0f}",
+                  f"{r['mb_per_s']:,.0f}" if r.get("mb_per_s") else "", ratio(r).split(" ")[0])
+    return t
+
+
+def _rate(records, **match):
+    found = (r for r in records if r.get("img_per_s") and all(r.get(k) == v for k, v in match.items()))
+    return next((r["img_per_s"] for r in found), None)
+
+
+def verdicts(records: list[dict]) -> list[str]:
+    """loop.verdict for the fastest end-to-end backend at each resolution, from the shares of its
+    timed steps (the trainer's StepClock), pointing at a faster loader when the records show one."""
+    lines = []
+    for res in sorted({r["res"] for r in records if r["res"]}):
+        at = [r for r in records if r["res"] == res and r.get("img_per_s")]
+        train = [r for r in at if r["stage"] == "train" and r.get("data_wait_share") is not None]
+        if not train:
+            continue
+        best = max(train, key=lambda r: r["img_per_s"])
+        loaders = {r["backend"]: r["img_per_s"] for r in at if r["stage"] == "loader"}
+        faster = max(loaders, key=loaders.get, default=best["backend"])
+        better = None if faster == best["backend"] else (
+            f"the {faster} loader is faster here ({loaders[faster]:,.0f} img/s loader-only): try --backend {faster}")
+        s = {k: best.get(f"{k}_share", 0.0) for k in ("data_wait", "compute")}
+        context = {k: best.get("settings", {}).get(k) for k in ("amp", "channels_last", "compile")}
+        lines.append(f"res {res}, {best['backend']}: " + verdict(s, backend=best["backend"], better_backend=better,
+                                                                 device=best["device"], **context))
+    return lines
+
+
+def summary(records: list[dict]):
+    """The headline: loader-only and end-to-end per backend against the step's model-only ceiling."""
+    from rich.table import Table
+    t = Table(title="summary (model: the recipe's step on a resident batch)")
+    for c in ("res", "model img/s", "backend", "loader img/s", "loader/model", "train img/s", "train/model"):
+        t.add_column(c, justify="right")
+    f = lambda v: "" if v is None else f"{v:,.0f}"  # noqa: E731
+    for res in sorted({r["res"] for r in records if r["res"]}):
+        at = [r for r in records if r["res"] == res]
+        for backend in ("resident", "dali", "pil", "classic"):
+            loader = _rate(at, stage="classic" if backend == "classic" else "loader", backend=backend)
+            train = next((r for r in at if r["stage"] == "train" and r["backend"] == backend), {})
+            model = _rate(at, stage="model", name=train.get("model"))
+            if loader is None and not train.get("img_per_s"):
+                continue
+            share = lambda v: "" if v is None or not model else f"{v / model:.2f}"  # noqa: E731
+            t.add_row(str(res), f(model), backend, f(loader), share(loader), f(train.get("img_per_s")),
+                      share(train.get("img_per_s")))
+    return t
+
+
+def print_summary(records: list[dict], console) -> None:
+    t = summary(records)
+    if t.row_count:  # nothing to sum up when only read, decode or peers ran
+        console.print(t)
+    for line in verdicts(records):
+        console.print(line, markup=False, highlight=False)
