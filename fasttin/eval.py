@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -19,11 +18,10 @@ from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from fasttin.fileio import ensure_writable, write_json_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import BACKENDS, make_loader
+from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
 from fasttin.pack import DEFAULT_OUT
 from fasttin.shards import FormatError, read_manifest
-
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}
 
 
 def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, backend="auto", batch_size=256,

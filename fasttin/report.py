@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fasttin.fileio import write_atomic
+from fasttin.fileio import tmp_name, write_atomic
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
 
@@ -83,7 +83,7 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = tmp_name(path).with_name(tmp_name(path).name + ".png")  # matplotlib picks the format by suffix
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
