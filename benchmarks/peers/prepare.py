@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fasttin.fileio import _alive, tmp_name  # _alive: the liveness test clean_stale_tmp uses
+from fasttin.fileio import alive, tmp_name
 
 
 def split_tag(ds) -> str:
@@ -38,7 +38,7 @@ def _build(root: Path, write) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     for stale in root.parent.glob(root.name + ".tmp*"):
         pid = stale.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = tmp_name(root)
     try:
