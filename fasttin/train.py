@@ -152,8 +152,10 @@ class Plan:
         return Path(self.cfg["out"])
 
     def say(self, *a, **k) -> None:
+        """A log line on rank 0: never wrapped (a message stays one line whatever its path's length)
+        and never read as rich markup (a path may hold brackets)."""
         if self.main:
-            report.console.print(*a, **k)
+            report.console.print(*a, **{"soft_wrap": True, "markup": False, "highlight": False, **k})
 
 
 def read_classes(cfg: dict) -> dict:
@@ -356,6 +358,8 @@ class Fit:
         if self.stop.should_stop() and first + steps < spe:
             self.save_position(epoch, first + steps)
             return False
+        if steps % self.cfg["log_every"]:  # an epoch shorter than the cadence still reports (rate, progress)
+            self.on_log(epoch, first + steps, train)
         times = self.clock.take()
         if self.cfg["compile"] and self.compile_s is None:
             self.compile_s = self.clock.first_compute_s

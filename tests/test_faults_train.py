@@ -128,7 +128,7 @@ def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
-    assert "Traceback" not in err and "SIGTERM: saved" in err.strip().splitlines()[-1]
+    assert "Traceback" not in err and "SIGTERM: saved" in err.strip().splitlines()[-1], err[-3000:]
     assert checkpoint.load(tmp_path / "last.pt")["step"] >= 2
     r = run_cli("fasttin.train", "--data", tiny, "--out", tmp_path, *QUICK, "--backend", "pil", "--batch-size", "10",
                 "--epochs", "2", "--resume")

@@ -85,7 +85,7 @@ def popen_train(data, out, *extra):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(learnable, reference_run, tmp_path):
-    proc = popen_train(learnable, tmp_path, "--epochs", "2")
+    proc = popen_train(learnable, tmp_path, "--epochs", "2", "--log-every", "5")  # 20 steps an epoch
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2, proc, what="a logging step of epoch 2")
     proc.kill()
