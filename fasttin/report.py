@@ -15,13 +15,14 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)  # lo
 
 
 class LiveView:
-    """A progress bar per epoch with img/s, loss and ETA; silent on ranks other than 0."""
+    """A progress bar per epoch with img/s, loss and ETA; silent on ranks other than 0, and in logs
+    (not a terminal), where a bar's final frame would land after the run's last message."""
 
     def __init__(self, enabled: bool = True):
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}  "
                                             "data wait {task.fields[wait]}"),
-                                 TimeRemainingColumn(), console=console, disable=not enabled)
+                                 TimeRemainingColumn(), console=console, disable=not enabled or not console.is_terminal)
 
     def __enter__(self):
         self.progress.__enter__()
