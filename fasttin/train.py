@@ -126,7 +126,12 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # torchrun's agent keeps one store across restarts (--max-restarts): without a prefix per attempt,
+    # a restarted rank can read the dead attempt's gloo/NCCL addresses and fail to connect, or hang.
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"fasttin/attempt{attempt}", store),
+                            rank=rank, world_size=size)
     return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
