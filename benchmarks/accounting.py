@@ -26,8 +26,8 @@ def measure(*, res: int, batch: int, steps: int, repeats: int, device: str, log_
              torch.randint(0, 200, (batch,), generator=g).to(device)) for _ in range(steps)]
     train_epoch(step, data, log_every=log_every)  # warm-up
     times = {"without": [], "with": []}
-    for _ in range(repeats):
-        for kind in ("without", "with"):
+    for i in range(repeats):  # ABBA order: neither side always runs first (or on a warmer cache)
+        for kind in ("without", "with") if i % 2 == 0 else ("with", "without"):
             clock = StepClock(device) if kind == "with" else None
             t0 = time.perf_counter()
             train_epoch(step, data, clock=clock, log_every=log_every)
