@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TORCHRUN, run_cli, wait_for
+from conftest import CLI_TIMEOUT, ROOT, TORCHRUN, run_cli, wait_for
 from test_train import progress
 
 from fasttin import checkpoint
@@ -142,11 +142,15 @@ def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
     proc = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", "-m", "fasttin.train", "--data",
                              str(tiny), "--out", str(tmp_path), *QUICK, "--backend", "resident", "--batch-size", "20",
                              "--epochs", "3", "--auto-resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2, proc, what="a step of epoch 2")
-    victim = progress(tmp_path)["pid"]
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2, proc, what="a step of epoch 2")
+        victim = progress(tmp_path)["pid"]
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=CLI_TIMEOUT)
+    finally:  # a failed test must not leave a torchrun group behind on a shared machine
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err
     rows = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,7 @@ The portable path, and the one the classic ImageFolder pipeline is compared with
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import signal
@@ -65,6 +66,23 @@ def _ignore_stop_signals(worker_id: int) -> None:
     finishes its step and saves), then stops them itself (`PilLoader.close`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the fork: see _forking
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _forking():
+    """Block SIGINT/SIGTERM in this thread while the workers are forked. A worker installs torch's
+    own SIGTERM handler before `_ignore_stop_signals` runs, so a group signal landing in between
+    killed it (seen on CI). Forked with the signals blocked, a worker has them pending until it
+    ignores them; this process gets its own pending one as soon as the fork is done."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()
@@ -133,7 +151,9 @@ class PilLoader(Loader):
             # The workers are about to be forked: collect unreachable objects first, so that none (a
             # dropped DALI pipeline, say) runs its finaliser in a child, where its threads do not exist.
             gc.collect()
-        for images, p, failure in self._loader:
+        with _forking():
+            batches = iter(self._loader)  # forks the workers the first time (persistent after)
+        for images, p, failure in batches:
             if failure is not None:
                 raise DataError(failure)
             labels, index = self.host_targets(p)
