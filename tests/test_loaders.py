@@ -16,7 +16,7 @@ from PIL import Image
 from fasttin.errors import UserError
 from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
 from fasttin.loaders import resident as resident_mod
-from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
+from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
 from fasttin.shards import FormatError, open_split
 from fasttin.synthetic import class_of_pixels
 
@@ -138,6 +138,28 @@ def test_store_is_built_the_same_in_chunks():
         a = resident_mod.build_store(images, copies, side, torch.device("cpu"), chunk=7)
         b = resident_mod.build_store(images, copies, side, torch.device("cpu"))
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_upscale_is_the_plain_one(threads):
+    """The CPU's slice-threaded upscale + normalise gives the unthreaded result bit for bit, in
+    every half type and for batches that do not split evenly, and gives torch its thread count back
+    even when a slice fails."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), np.uint8)).permute(0, 3, 1, 2)
+        for b, dtype in itertools.product([1, 2, 5, 7], [torch.bfloat16, torch.float16, torch.float32]):
+            got, want = upscale_normalize(x[:b], 97, dtype), normalize(upscale(x[:b], 97), dtype)
+            assert got.dtype == dtype and got.shape == want.shape == (b, 3, 97, 97)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got, want), (b, dtype)
+            assert torch.get_num_threads() == threads
+        with pytest.raises(RuntimeError):
+            upscale_normalize(x.float().permute(0, 2, 3, 1), 97, torch.bfloat16)  # NHWC float: wrong channels
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("augment", ["flip", "crop", "rrc"])

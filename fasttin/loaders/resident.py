@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from fasttin.loaders.augment import CROP_PAD, SIZE, normalize, resize_boxes, upscale
+from fasttin.loaders.augment import CROP_PAD, SIZE, resize_boxes, upscale_normalize
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import decode_many
 from fasttin.loaders.sampler import PAD_LABEL
@@ -110,7 +110,7 @@ class ResidentLoader(Loader):
             if first_run is None:
                 images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.res, self.dtype)
             else:
-                images = normalize(upscale(self.windows(first_run[s]), self.res), self.dtype)
+                images = upscale_normalize(self.windows(first_run[s]), self.res, self.dtype)
             yield self.output(images, labels[s], shown[s])
 
     def first_runs(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
