@@ -70,10 +70,13 @@ REALDATA_FIXTURES = {"tin_zip", "real_packed"}
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the real archive carries the realdata marker, whoever wrote it, so
-    `-m "not realdata"` and the README's marker list stay true."""
+    `-m "not realdata"` and the README's marker list stay true; slow tests run first."""
     for item in items:
         if REALDATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)
+    # Longest first: pytest-xdist hands tests out in this order, so a long test started last
+    # cannot leave one process working alone at the end (the suite's time on 2 cores).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")

@@ -150,13 +150,14 @@ def test_threaded_upscale_is_the_plain_one(threads):
     try:
         x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), np.uint8)).permute(0, 3, 1, 2)
         for b, dtype in itertools.product([1, 2, 5, 7], [torch.bfloat16, torch.float16, torch.float32]):
-            got, want = upscale_normalize(x[:b], 97, dtype), normalize(upscale(x[:b], 97), dtype)
+            keys = torch.arange(b).flip(0)  # in any order
+            got, want = upscale_normalize(lambda k: x[k], keys, 97, dtype), normalize(upscale(x[keys], 97), dtype)
             assert got.dtype == dtype and got.shape == want.shape == (b, 3, 97, 97)
             assert got.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(got, want), (b, dtype)
             assert torch.get_num_threads() == threads
         with pytest.raises(RuntimeError):
-            upscale_normalize(x.float().permute(0, 2, 3, 1), 97, torch.bfloat16)  # NHWC float: wrong channels
+            upscale_normalize(lambda k: x[k].float().permute(0, 2, 3, 1), torch.arange(7), 97, torch.bfloat16)
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)

@@ -110,7 +110,7 @@ class ResidentLoader(Loader):
             if first_run is None:
                 images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.res, self.dtype)
             else:
-                images = upscale_normalize(self.windows(first_run[s]), self.res, self.dtype)
+                images = upscale_normalize(self.windows, first_run[s], self.res, self.dtype)
             yield self.output(images, labels[s], shown[s])
 
     def first_runs(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
