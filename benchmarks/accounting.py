@@ -1,17 +1,24 @@
 """python -m benchmarks.accounting: what the trainer's time accounting (loop.StepClock) costs.
 
 Runs the real training step over the same in-memory batches with and without the clock,
-alternating the two in one process so that drift and load hit both alike, and prints the ratio
-of the medians. The target is at most 1% (issue 11).
+alternating the two in one process (ABBA) so that drift and load hit both alike, and prints the
+ratio of the medians and the median of each pair's ratio (the sturdier of the two on a machine
+whose speed drifts). The target is at most 1% (issue 11).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+from benchmarks.run import positive
+from fasttin.errors import EXIT_BAD_INPUT, UserError
+from fasttin.fileio import ensure_writable, write_json_atomic
+from fasttin.info import environment
 from fasttin.loop import StepClock, make_step, train_epoch
 from fasttin.model import build_model
 from fasttin.recipes import resolve
@@ -33,23 +40,38 @@ def measure(*, res: int, batch: int, steps: int, repeats: int, device: str, log_
             train_epoch(step, data, clock=clock, log_every=log_every)
             times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {**med, "overhead": med["with"] / med["without"] - 1, "runs": times}
+    paired = statistics.median(w / wo for w, wo in zip(times["with"], times["without"])) - 1
+    return {**med, "overhead": med["with"] / med["without"] - 1, "paired_overhead": paired, "runs": times}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.accounting", description=__doc__.split("\n\n")[0])
-    p.add_argument("--res", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20, help="steps per measured pass")
-    p.add_argument("--repeats", type=int, default=5, help="alternated pairs of passes")
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--res", type=positive, default=32)
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--steps", type=positive, default=20, help="steps per measured pass")
+    p.add_argument("--repeats", type=positive, default=5, help="alternated pairs of passes")
+    p.add_argument("--log-every", type=positive, default=25)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", type=Path, help="write the figures here")
     a = p.parse_args(argv)
+    if a.json:
+        try:
+            ensure_writable(a.json)
+        except UserError as e:
+            print(f"benchmarks.accounting: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     r = measure(res=a.res, batch=a.batch_size, steps=a.steps, repeats=a.repeats, device=a.device,
                 log_every=a.log_every)
     print(f"{a.steps} steps, res {a.res}, batch {a.batch_size}, {a.device}, {a.repeats} alternated pairs: "
           f"median {r['without']:.3f} s without the clock, {r['with']:.3f} s with it: "
-          f"overhead {r['overhead']:+.2%} (ratio {r['with'] / r['without']:.4f})")
+          f"overhead {r['overhead']:+.2%} (ratio {r['with'] / r['without']:.4f}); median of the pairs' "
+          f"ratios: {r['paired_overhead']:+.2%}")
+    if a.json:
+        write_json_atomic(a.json, {"environment": {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                          time.gmtime())},
+                                   "command": " ".join(["python -m benchmarks.accounting",
+                                                        *(argv if argv is not None else sys.argv[1:])]),
+                                   "settings": {k: v for k, v in vars(a).items() if k != "json"}, **r})
     return 0
 
 

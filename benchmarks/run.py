@@ -24,6 +24,7 @@ from fasttin.recipes import RECIPES, resolve
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
 STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers")
+BACKEND_NAMES = ("resident", "pil", "dali", "classic")  # the loader and train stages' loaders
 
 
 def positive(text: str) -> int:
@@ -46,12 +47,20 @@ def resolutions(text: str) -> list[int]:
     return res
 
 
+def names_from(choices: tuple[str, ...], what: str):
+    """An argparse type: a comma-separated subset of `choices`."""
+    def parse(text: str) -> set[str]:
+        chosen = set(text.split(","))
+        unknown = chosen - set(choices)
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(sorted(unknown))}: choose from "
+                                             f"{', '.join(choices)}")
+        return chosen
+    return parse
+
+
 def stage_list(text: str) -> set[str]:
-    chosen = set(text.split(","))
-    unknown = chosen - set(STAGE_NAMES)
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown stages {', '.join(sorted(unknown))}: choose from "
-                                         f"{', '.join(STAGE_NAMES)}")
+    chosen = names_from(STAGE_NAMES, "stages")(text)
     return chosen | ({"classic"} if "loader" in chosen else set())  # loader includes the classic pipeline
 
 
@@ -80,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=stage_list, default="read,decode,resize,copy,model,loader,train",
                    help=f"which stages to run, of {','.join(STAGE_NAMES)} (loader includes classic; "
                    "peers is optional)")
+    p.add_argument("--backends", type=names_from(BACKEND_NAMES, "backends"), default=",".join(BACKEND_NAMES),
+                   help=f"the loaders of the loader and train stages, of {','.join(BACKEND_NAMES)} (default all)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -161,7 +172,7 @@ def measure(args, out: dict) -> None:
         env = out["environment"] = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         print(f"benchmarks on {b.device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from "
               f"{args.data}", file=sys.stderr)
-        run_table(b, stages.table(), args.stages, args.res)
+        run_table(b, stages.table(args.backends), args.stages, args.res)
     stages.add_ratios(out["records"])
 
 

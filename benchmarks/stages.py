@@ -194,7 +194,9 @@ def _each(key, values):
     return lambda b, res: [{"res": res, key: v} for v in values]
 
 
-def table() -> list[Stage]:
+def table(backends=LOADERS) -> list[Stage]:
+    """Every stage; the loader and train stages for `backends` only."""
+    loaders = [k for k in LOADERS if k in backends]
     jpeg = ("jpeg",)
     cores = f"{CORES} cores"
     return [
@@ -219,9 +221,9 @@ def table() -> list[Stage]:
               ("cuda",), grid=_each("kind", ("pinned", "pageable")), fields={"device": "cuda", "dtype": "uint8"}),
         Stage("model", training.model_label, training.measure_model, grid=training.model_grid),
         *[Stage("classic" if k == "classic" else "loader", _LOADER_NAMES.get(k, "{backend}, augment {augment}"),
-                loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate=True) for k in LOADERS],
+                loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate=True) for k in loaders],
         *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
-                grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in LOADERS],
+                grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in loaders],
         Stage("peers", "FFCV, DALI file reader, torchvision, classic (own processes)", run_peers, ("peers",)),
     ]
 

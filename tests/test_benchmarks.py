@@ -2,6 +2,7 @@
 writers and the early output checks."""
 import json
 import os
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import torch
 from conftest import run_cli
 
 from benchmarks import pipelines, runner, stages, writers
-from benchmarks.run import STAGE_NAMES, main
+from benchmarks.run import BACKEND_NAMES, STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
 
@@ -43,6 +44,18 @@ def test_quick_benchmark_yields_complete_json(tmp_path):
 
 def test_the_cli_knows_every_stage_of_the_table():
     assert {s.stage for s in stages.table()} == set(STAGE_NAMES)
+    assert BACKEND_NAMES == stages.LOADERS
+
+
+def test_backends_choose_the_loaders_of_the_loader_and_train_stages(tmp_path, capsys):
+    assert main(["--quick", "--stages", "loader,train", "--backends", "resident", "--json", str(tmp_path / "b.json"),
+                 "--device", "cpu"]) == 0
+    records = json.loads((tmp_path / "b.json").read_text())["records"]
+    assert {r["stage"] for r in records} == {"loader", "train"}  # loader brings classic only when chosen
+    assert {r["backend"] for r in records} == {"resident"} and all(r["img_per_s"] for r in records)
+    with pytest.raises(SystemExit):
+        main(["--backends", "resident,ffcv"])
+    assert "unknown backends ffcv" in capsys.readouterr().err
 
 
 def fake_bench(device="cpu", repeats=3, payload="raw"):
@@ -124,7 +137,7 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
         raise KeyboardInterrupt
     rows = [Stage("read", "first", lambda b: b.measure(lambda: 4), per_res=False),
             Stage("read", "second", interrupt, per_res=False)]
-    monkeypatch.setattr(stages, "table", lambda: rows)
+    monkeypatch.setattr(stages, "table", lambda backends: rows)
     path = tmp_path / "b.json"
     assert main(["--data", str(packed), "--device", "cpu", "--stages", "read", "--json", str(path)]) == 130
     out = json.loads(path.read_text())
@@ -180,3 +193,40 @@ def test_classic_cache_stays_in_its_folder(key, tmp_path):
     written = {str(Path(d) / f) for d, _, fs in os.walk(tmp_path) for f in fs}
     assert written == {str(cache / "classic-data-val-2-64" / "n0001" / "ok_0.JPEG")}
     assert pipelines.bare_name("n01443537_3.JPEG", "key") == "n01443537_3.JPEG"
+
+
+@pytest.mark.slow
+def test_agreement_alternates_the_trainer_and_the_train_stage(packed, tmp_path, capsys):
+    from benchmarks.agreement import main as agreement
+    out = tmp_path / "a.json"
+    assert agreement(["--data", str(packed), "--res", "32", "--batch-size", "50", "--rounds", "2", "--epochs", "1",
+                      "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["trainer_img_per_s"]) == len(r["stage_img_per_s"]) == 2 and r["steps_per_epoch"] == 4
+    assert all(x > 0 for x in r["trainer_img_per_s"] + r["stage_img_per_s"])
+    median = statistics.median
+    assert r["ratio"] == pytest.approx(median(r["stage_img_per_s"]) / median(r["trainer_img_per_s"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split(":")[0] for x in lines[:4]] == ["round 1/2 trainer", "round 1/2 stage", "round 2/2 stage",
+                                                    "round 2/2 trainer"]  # ABBA
+    assert "stage / trainer" in lines[-1]
+
+
+@pytest.mark.parametrize("args, culprit", [(["--data", "nowhere"], "--data nowhere"),
+                                           (["--rounds", "0"], "0 must be at least 1")])
+def test_agreement_bad_input_is_one_line(packed, tmp_path, args, culprit):
+    r = run_cli("benchmarks.agreement", "--data", packed, *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert culprit in r.stderr.strip().splitlines()[-1]  # the one error line (argparse: after its usage)
+
+
+def test_accounting_measures_both_sides_alternately(tmp_path):
+    from benchmarks.accounting import main as accounting
+    out = tmp_path / "acc.json"
+    assert accounting(["--res", "16", "--batch-size", "4", "--steps", "2", "--repeats", "3", "--log-every", "1",
+                       "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["runs"]["with"]) == len(r["runs"]["without"]) == 3 and r["without"] > 0 and r["with"] > 0
+    assert r["overhead"] == pytest.approx(r["with"] / r["without"] - 1)
+    ratios = [w / wo for w, wo in zip(r["runs"]["with"], r["runs"]["without"])]
+    assert r["paired_overhead"] == pytest.approx(statistics.median(ratios) - 1)
