@@ -16,6 +16,7 @@ from benchmarks.run import BACKEND_NAMES, STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
 
+@pytest.mark.slow
 def test_quick_benchmark_yields_complete_json(tmp_path):
     r = run_cli("benchmarks.run", "--quick", "--device", "cpu", "--json", tmp_path / "b.json",
                 "--markdown", tmp_path / "b.md", "--plot", tmp_path / "b.png", timeout=300)

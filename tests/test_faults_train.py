@@ -86,6 +86,7 @@ def test_unwritable_out(tiny, tmp_path):
     (["--resume", "--res", "48"], "--res"), (["--resume", "--batch-size", "25"], "--batch-size"),
     (["--resume", "--lr", "0.05"], "--lr"), (["--resume", "DATA"], "--data"),
 ])
+@pytest.mark.slow
 def test_existing_run_is_never_changed(tiny, other_tiny, done_run, flags, needle):
     before = snapshot(done_run)
     data = other_tiny if "DATA" in flags else tiny
@@ -101,6 +102,7 @@ def test_resume_of_a_finished_run_exits_0(tiny, done_run):
     assert snapshot(done_run) == before
 
 
+@pytest.mark.slow
 def test_nonfinite_weights_at_epoch_end_are_never_saved(tiny, tmp_path):
     """Epoch 2 trains at lr 2e38 with a weight decay of 1000: its one step makes the weights inf
     while its loss was finite. Epoch 1's checkpoint stays, and only then is it called intact."""
@@ -113,12 +115,14 @@ def test_nonfinite_weights_at_epoch_end_are_never_saved(tiny, tmp_path):
     assert [json.loads(x)["epoch"] for x in rows] == [1]
 
 
+@pytest.mark.slow
 def test_nonfinite_from_the_start_claims_no_checkpoint(tiny, tmp_path):
     r = train(tiny, tmp_path, "--epochs", "2", "--lr", "1e38", "--weight-decay", "1000")
     last = one_line_error(r, 3, "non-finite")
     assert "no checkpoint was saved" in last and not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
     """SIGTERM to the whole process group (timeout, Slurm, Ctrl-C): the pil workers get it too."""
     proc = subprocess.Popen([sys.executable, "-m", "fasttin.train", "--data", str(tiny), "--out", str(tmp_path),
@@ -136,6 +140,7 @@ def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
     """torchrun --max-restarts=1 with --auto-resume: SIGKILL rank 0 in epoch 2; the group restarts
     from last.pt and metrics.jsonl ends with every epoch exactly once."""

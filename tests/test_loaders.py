@@ -345,6 +345,7 @@ def test_pil_workers_survive_a_signal_to_the_process_group(packed, sig):
     assert "epoch done 25 of 25 then 25" in out.text()
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_real_val_bicubic_references(real_packed):
     ds = open_split(real_packed, "val")

@@ -73,6 +73,7 @@ def test_verdict_rules(sh, ctx, starts, needle):
     assert line.startswith(starts) and needle in line and "\n" not in line
 
 
+@pytest.mark.slow
 def test_profiler_writes_a_readable_trace_on_the_cpu(tmp_path):
     step = tiny_step()
     prof = StepProfiler(2, tmp_path, torch.device("cpu"), warmup=1, say=lambda *a: None)

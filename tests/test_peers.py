@@ -60,6 +60,7 @@ def test_prepared_folders_hold_every_image_once(packed_raw, tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_runner_measures_the_installed_peers_and_skips_the_rest(packed, tmp_path):
     out = tmp_path / "peers.json"
     peers = "fasttin-resident,fasttin-pil,fasttin-dali,dali-files,torchvision,classic,ffcv-raw"

@@ -24,6 +24,7 @@ def train(data, out, *extra, timeout=300):
     return run_cli("fasttin.train", "--data", data, "--out", out, *QUICK, *extra, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_learns_a_synthetic_set_quickly(learnable, tmp_path):
     """Learning, the step schedule's logged lr, the time accounting in every row and the summary,
     the verdict, --profile's files and config.json holding every setting actually used."""
@@ -84,6 +85,7 @@ def popen_train(data, out, *extra):
                              *QUICK, *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(learnable, reference_run, tmp_path):
     proc = popen_train(learnable, tmp_path, "--epochs", "2", "--log-every", "5")  # 20 steps an epoch
     metrics = tmp_path / "metrics.jsonl"
@@ -98,6 +100,7 @@ def test_sigkill_then_resume_matches_uninterrupted(learnable, reference_run, tmp
     assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_resume_matches(learnable, reference_run, tmp_path):
     proc = popen_train(learnable, tmp_path, "--epochs", "2", "--log-every", "1")
     wait_for(lambda: progress(tmp_path).get("step", 0) >= 2, proc, what="the second step")
@@ -111,6 +114,7 @@ def test_sigterm_saves_mid_epoch_and_resume_matches(learnable, reference_run, tm
     assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(packed, tmp_path):
     r = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "fasttin.train", "--data", str(packed), "--out",
                         str(tmp_path), *QUICK, "--epochs", "2", "--batch-size", "20"],
@@ -170,6 +174,7 @@ def test_pretrained_imagenet_offline_is_one_line(packed, tmp_path):
     assert "--pretrained none" in last and "--pretrained PATH" in last
 
 
+@pytest.mark.slow
 def test_recipe_imagenet_weights_offline_train_from_scratch(packed, tmp_path):
     """The recipe (no --pretrained flag) asks for ImageNet weights that cannot be had: one line,
     then from scratch, recorded with the reason in config.json and summary.json."""
@@ -194,6 +199,7 @@ def test_bad_flags_one_line(packed, tmp_path, flags, needle):
     assert r.returncode != 0 and "Traceback" not in r.stderr and needle in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_and_predict(learnable, reference_run, tmp_path):
     ckpt = reference_run / "best.pt"
     r = run_cli("fasttin.eval", "--ckpt", ckpt, "--data", learnable, "--device", "cpu", "--backend", "pil",
@@ -242,6 +248,7 @@ def test_schedules():
     assert all(cos(s) >= cos(s + 1) for s in range(20, 99))
 
 
+@pytest.mark.slow
 def test_fast_recipe_path_runs(packed, tmp_path):
     """fast's settings (warmup + cosine, nesterov, label smoothing, no decay on norms, crop, flip
     TTA) end to end, small: the imagenet stem keeps it quick on the CPU."""
@@ -258,6 +265,7 @@ def test_fast_recipe_path_runs(packed, tmp_path):
     assert cfg["tta"] and cfg["augment"] == "crop" and cfg["label_smoothing"] == 0.1 and cfg["nesterov"]
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_stops_every_rank_at_the_same_step(learnable, tmp_path):
     proc = subprocess.Popen([*TORCHRUN, "--nproc_per_node=2", "-m", "fasttin.train", "--data", str(learnable),
                              "--out", str(tmp_path), *QUICK, "--epochs", "3", "--batch-size", "20", "--log-every", "2"],

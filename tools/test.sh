@@ -9,4 +9,12 @@ cd "$(dirname "$0")/.."
 tools/setup.sh
 # Two test processes (pytest-xdist): most tests wait on one single-threaded subprocess, so the
 # suite takes about half the time on 2 cores. FASTTIN_TEST_PROCS=0 runs it in one process.
-exec .venv/bin/python -m pytest -n "${FASTTIN_TEST_PROCS:-2}" "$@"
+procs=${FASTTIN_TEST_PROCS:-2}
+# With several test processes, each (and every command it starts) gets its share of the cores in
+# torch threads: two training runs at two OpenMP threads each on two cores spin against each other
+# and ran several times slower (a 35 s test took 158 s). OMP_NUM_THREADS set by the caller wins.
+if [ "$procs" != 0 ]; then
+  cores=$(nproc 2>/dev/null || echo 1)
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
+fi
+exec .venv/bin/python -m pytest -n "$procs" "$@"
