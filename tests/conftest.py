@@ -74,9 +74,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if REALDATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)
-    # Longest first: pytest-xdist hands tests out in this order, so a long test started last
-    # cannot leave one process working alone at the end (the suite's time on 2 cores).
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # Longest first (the real-data runs, then the other slow tests): pytest-xdist hands tests out
+    # in this order and tools/test.sh lets an idle process take over a busy one's queue
+    # (--dist worksteal), so no long test starts last with one process working alone.
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.get_closest_marker("realdata") is None))
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +119,15 @@ def tin_zip():
 
 @pytest.fixture(scope="session")
 def real_packed(tin_zip, tmp_path_factory):
-    """The whole real archive packed once per session (about 12 s on 2 cores)."""
-    out = tmp_path_factory.mktemp("real")
-    pack(tin_zip, out, quiet=True)
+    """The whole real archive packed once per run, shared by the test processes (xdist's workers
+    have their own temporary folders under one parent): the first to take the lock packs it
+    (about 45 s on one core), the others wait for the lock and find it packed."""
+    import fcntl
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+        tmp_path_factory.getbasetemp()
+    out = shared / "real-packed"
+    with open(shared / "real-packed.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.json").is_file():
+            pack(tin_zip, out, quiet=True)
     return out

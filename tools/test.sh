@@ -17,4 +17,6 @@ if [ "$procs" != 0 ]; then
   cores=$(nproc 2>/dev/null || echo 1)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
 fi
-exec .venv/bin/python -m pytest -n "$procs" "$@"
+dist=()
+[ "$procs" != 0 ] && dist=(--dist worksteal)  # an idle process takes tests from a busy one's queue
+exec .venv/bin/python -m pytest -n "$procs" "${dist[@]}" "$@"
