@@ -12,7 +12,7 @@ tools/setup.sh
 procs=${FASTTIN_TEST_PROCS:-2}
 # With several test processes, each (and every command it starts) gets its share of the cores in
 # torch threads: two training runs at two OpenMP threads each on two cores spin against each other
-# and ran several times slower (a 35 s test took 158 s). OMP_NUM_THREADS set by the caller wins.
+# and ran several times slower (one test: 158 s, against 60 s). OMP_NUM_THREADS set by the caller wins.
 if [ "$procs" != 0 ]; then
   cores=$(nproc 2>/dev/null || echo 1)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
