@@ -18,7 +18,7 @@ import torch
 from benchmarks.run import positive
 from fasttin.errors import EXIT_BAD_INPUT, UserError
 from fasttin.fileio import ensure_writable, write_json_atomic
-from fasttin.info import environment
+from fasttin.info import dated_environment
 from fasttin.loop import StepClock, make_step, train_epoch
 from fasttin.model import build_model
 from fasttin.recipes import resolve
@@ -67,8 +67,7 @@ def main(argv=None) -> int:
           f"overhead {r['overhead']:+.2%} (ratio {r['with'] / r['without']:.4f}); median of the pairs' "
           f"ratios: {r['paired_overhead']:+.2%}")
     if a.json:
-        write_json_atomic(a.json, {"environment": {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                          time.gmtime())},
+        write_json_atomic(a.json, {"environment": dated_environment(),
                                    "command": " ".join(["python -m benchmarks.accounting",
                                                         *(argv if argv is not None else sys.argv[1:])]),
                                    "settings": {k: v for k, v in vars(a).items() if k != "json"}, **r})

@@ -15,13 +15,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from benchmarks.run import positive
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
 from fasttin.fileio import ensure_writable, write_json_atomic
-from fasttin.info import environment
+from fasttin.info import dated_environment
 from fasttin.shards import FormatError, open_split
 
 
@@ -98,7 +97,7 @@ def measure(a, argv) -> int:
           f"({s / t - 1:+.1%}; target within 5%)")
     if a.json:
         write_json_atomic(Path(a.json), {
-            "environment": {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+            "environment": dated_environment(),
             "command": " ".join(["python -m benchmarks.agreement", *(argv if argv is not None else sys.argv[1:])]),
             "settings": {k: v for k, v in vars(a).items() if k != "json"}, "steps_per_epoch": steps,
             "trainer_img_per_s": trainer, "stage_img_per_s": stage, "ratio": s / t})

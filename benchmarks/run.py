@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, UserError
@@ -159,7 +158,7 @@ def measure(args, out: dict) -> None:
 
     from benchmarks import stages
     from benchmarks.runner import Bench, run_table
-    from fasttin.info import environment
+    from fasttin.info import dated_environment
     with tempfile.TemporaryDirectory(prefix="fasttin-bench-") as tmp:
         if args.data is None:
             from fasttin.pack import pack
@@ -169,7 +168,7 @@ def measure(args, out: dict) -> None:
         torch.manual_seed(0)
         b = Bench(args, torch.device(args.device), ds)
         b.records = out["records"]
-        env = out["environment"] = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        env = out["environment"] = dated_environment()
         print(f"benchmarks on {b.device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from "
               f"{args.data}", file=sys.stderr)
         run_table(b, stages.table(args.backends), args.stages, args.res)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 
 from fasttin.errors import UserError
 
@@ -65,6 +66,11 @@ def environment() -> dict:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
     }
+
+
+def dated_environment() -> dict:
+    """environment() with the UTC date and minute: the stamp every benchmark record carries."""
+    return {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.peers.loaders import PEERS
@@ -56,14 +55,14 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from fasttin.info import environment
+    from fasttin.info import dated_environment
     try:
         resolutions = [int(r) for r in args.res.split(",")]
     except ValueError:
         print(f"benchmarks.peers: error: --res must be comma-separated integers, got {args.res!r}", file=sys.stderr)
         return EXIT_BAD_INPUT
     command = "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv)
-    env = {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    env = dated_environment()
     try:
         for out in (args.json, args.markdown):
             if out:
