@@ -13,10 +13,10 @@ procs=${FASTTIN_TEST_PROCS:-2}
 # With several test processes, each (and every command it starts) gets its share of the cores in
 # torch threads: two training runs at two OpenMP threads each on two cores spin against each other
 # and ran several times slower (one test: 158 s, against 60 s). OMP_NUM_THREADS set by the caller wins.
+dist=()
 if [ "$procs" != 0 ]; then
   cores=$(nproc 2>/dev/null || echo 1)
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / procs > 0 ? cores / procs : 1 ))}
+  dist=(--dist worksteal)  # an idle process takes tests from a busy one's queue
 fi
-dist=()
-[ "$procs" != 0 ] && dist=(--dist worksteal)  # an idle process takes tests from a busy one's queue
 exec .venv/bin/python -m pytest -n "$procs" "${dist[@]}" "$@"
