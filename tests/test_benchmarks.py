@@ -231,3 +231,21 @@ def test_accounting_measures_both_sides_alternately(tmp_path):
     assert r["overhead"] == pytest.approx(r["with"] / r["without"] - 1)
     ratios = [w / wo for w, wo in zip(r["runs"]["with"], r["runs"]["without"])]
     assert r["paired_overhead"] == pytest.approx(statistics.median(ratios) - 1)
+
+
+def test_agreement_names_the_command_that_failed_and_keeps_the_old_json(packed, tmp_path):
+    old = tmp_path / "a.json"
+    old.write_text("earlier figures\n")
+    r = run_cli("benchmarks.agreement", "--data", packed, "--recipe", "no-such-recipe", "--json", old)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("benchmarks.agreement: error: python -m fasttin.train exited with status 2")
+    assert "no-such-recipe" in line and old.read_text() == "earlier figures\n"
+
+
+def test_accounting_unwritable_json_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("kept\n")
+    r = run_cli("benchmarks.accounting", "--device", "cpu", "--json", tmp_path / "a-file" / "acc.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""  # no pass was measured
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "a-file is a file" in r.stderr
+    assert (tmp_path / "a-file").read_text() == "kept\n"
