@@ -18,6 +18,7 @@ import re
 import struct
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,13 @@ try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
-from fasttin.fileio import why, write_atomic
+from fasttin.fileio import os_reason, write_atomic
 
-# exact types: an np.float64 is a float, but a restricted load cannot read it back
 # Checkpoints of earlier fasttin versions hold numpy's RNG state as an ndarray. Rebuilding a plain
 # array calls no code of the file's choosing (object arrays hold items the restricted unpickler
-# already vetted), so these three are allowed too: torch documents them for exactly this.
+# already vetted), so the four names it takes are allowed too: torch documents them for exactly this.
 _NUMPY_ARRAYS = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# exact types only: an np.float64 is a float, but a restricted load cannot read it back
 _PLAIN = {str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device}
 
 
@@ -98,7 +99,7 @@ def read(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         if e.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT):
-            raise CheckpointError(f"cannot read {path}: {why(e)}") from None
+            raise CheckpointError(f"cannot read {path}: {os_reason(e)}") from None
         raise CheckpointError(_refusal(path, e)) from None  # EINVAL: a zip cut short
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, UnicodeDecodeError, struct.error,
             IndexError, KeyError, TypeError, AttributeError) as e:
@@ -112,17 +113,6 @@ def load(path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a fasttin checkpoint")
     return obj
-
-
-def check_fits(ckpt: dict, num_classes: int, stem: str | None = None, where: str = "checkpoint") -> None:
-    """The checkpoint's architecture must be this run's: ResNet18, same class count (and stem)."""
-    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
-    if arch.get("name") != "resnet18":
-        raise CheckpointError(f"{where} holds a {arch.get('name', 'unknown')} model, not a fasttin resnet18")
-    if arch.get("num_classes") != num_classes:
-        raise CheckpointError(f"{where} has {arch.get('num_classes')} classes; this data set has {num_classes}")
-    if stem is not None and arch.get("stem") != stem:
-        raise CheckpointError(f"{where} has the {arch.get('stem')} stem; this run asks for {stem}")
 
 
 def rng_state() -> dict:
@@ -155,42 +145,47 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_model(ckpt: dict, device, channels_last: bool = True, where: str = "checkpoint"):
-    """The checkpoint's model, in eval mode on `device`; CheckpointError if it is not a fasttin
-    ResNet18 checkpoint (a bare state dict, another model's weights, a damaged entry)."""
-    from fasttin.model import STEMS, build_model
-    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
-    if arch.get("name") != "resnet18" or not isinstance(ckpt.get("model"), dict):
-        raise CheckpointError(f"{where} is not a fasttin checkpoint (no resnet18 'arch' and 'model' entries)")
-    classes, stem = arch.get("num_classes"), arch.get("stem")
-    if not isinstance(classes, int) or classes < 1 or stem not in STEMS:
-        raise CheckpointError(f"{where}: bad architecture entry (num_classes {classes!r}, stem {stem!r})")
-    model = build_model(classes, stem)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # missing/unexpected keys or shapes: another model's weights
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [""]
-        raise CheckpointError(f"{where}: its weights are not a resnet18 {stem} {classes}-class model's "
-                              f"({detail[0][:120]})") from None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device, memory_format=fmt).eval()
+@dataclass
+class Position:
+    """Where a run stands, as its last.pt records it: what a resumed run continues from."""
+    epoch: int = 0  # epochs done
+    batch: int = 0  # batches done into the next epoch
+    best: float = 0.0
+    best_weights: str = "raw"  # which weights best.pt holds
+    rows: list = field(default_factory=list)  # metrics.jsonl's rows up to this point
+    rows_seen: int | None = None  # how many rows the checkpoint had seen (None: an earlier fasttin's)
+    epoch_res: int | None = None  # the resolution of an epoch stopped midway
+    budget_spent_s: float = 0.0
+    budget_reserve_s: float = 0.0
+
+    def record(self, row: dict, val: dict) -> str | None:
+        """Add an epoch's row; returns which weights ("raw" or "ema") best.pt must now hold, if any:
+        the better of the two when it is at least as good as the best so far."""
+        self.rows.append(row)
+        self.batch = 0
+        which = "ema" if val.get("ema_acc1", -1.0) > val["acc1"] else "raw"
+        top = val["ema_acc1"] if which == "ema" else val["acc1"]
+        if top < self.best:
+            return None
+        self.best, self.best_weights = top, which
+        return which
+
+    @classmethod
+    def of(cls, ckpt: dict) -> Position:
+        return cls(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("best_acc1", 0.0), ckpt.get("best_weights", "raw"),
+                   rows_seen=ckpt.get("rows") if isinstance(ckpt.get("rows"), int) else None,
+                   epoch_res=ckpt.get("epoch_res"), budget_spent_s=ckpt.get("budget_spent_s", 0.0),
+                   budget_reserve_s=ckpt.get("budget_reserve_s", 0.0))
 
 
-def class_names(ckpt: dict, where: str = "checkpoint") -> tuple[list[str], list[str]]:
-    """(wnids, words) of the checkpoint's classes, one per output; index names when it has none.
-    The lists come from a file, so their shape is checked before anything indexes them."""
-    n = ckpt["arch"]["num_classes"]
-    wnids = ckpt.get("classes") or [str(i) for i in range(n)]
-    words = ckpt.get("words") or [""] * n
-    for name, values in (("classes", wnids), ("words", words)):
-        if not isinstance(values, list) or len(values) != n or not all(isinstance(v, str) for v in values):
-            raise CheckpointError(f"{where}: its '{name}' entry is not a list of {n} names")
-    return wnids, words
+def run_state(step_state: dict, *, epoch: int, batch: int, **run) -> dict:
+    """What last.pt holds: the step's state (model, optimizer, scaler, steps, EMA), the position
+    (`epoch` epochs done, `batch` batches into the next), every random stream, and the run's
+    own entries (config, best_acc1, classes, words, arch, budget_spent_s, epoch_res...)."""
+    return {**step_state, "epoch": epoch, "step": batch, "rng": rng_state(), **run}
 
 
-def trained_res(ckpt: dict, where: str = "checkpoint") -> int:
-    """The resolution the checkpoint was trained at (64 for checkpoints that do not say)."""
-    res = ckpt["arch"].get("res", 64)
-    if not isinstance(res, int) or res < 16:
-        raise CheckpointError(f"{where}: bad 'res' entry {res!r} in its architecture")
-    return res
+def best_state(weights: dict, which: str, **run) -> dict:
+    """What best.pt holds: the weights that validated best (`which`: "raw" or "ema") as its "model",
+    so that eval, predict and --pretrained read the best weights whichever they are."""
+    return {"model": weights, "weights": which, **run}

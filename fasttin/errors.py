@@ -1,11 +1,17 @@
-"""What a command reports as one line (no traceback), and the exit codes every command shares.
+"""What a command reports as one line (no traceback), the exit codes every command shares, and the
+one wrapper every command's `main` goes through.
 
 A `UserError` is something the user or the environment caused: a bad flag, a bad or damaged file,
-a missing device, a full or read-only disk. Each command's `main` catches `UserError` alone, prints
-`prog: error: message` and exits with `EXIT_BAD_INPUT`; anything else is a bug in fasttin and keeps
-its traceback.
+a missing device, a full or read-only disk. `run_command` turns any `Reported` failure (a
+UserError, or a training run that stopped on a non-finite loss) into `name: error: message` and
+its exit code; anything else is a bug in fasttin, or a real out-of-memory, and keeps its traceback.
 """
 from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_FAILED_CHECK = 1  # a check that ran and failed (pack --verify, gpu_checks)
@@ -14,5 +20,48 @@ EXIT_NONFINITE = 3  # training stopped on a NaN/inf loss or weights; the last go
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: the position was saved (train) or nothing complete-looking left
 
 
-class UserError(Exception):
+class Reported(Exception):
+    """A failure that a command reports as one line, `name: <word>: message`, with its exit code."""
+
+    exit_code = EXIT_FAILED_CHECK
+    word = "error"
+
+
+class UserError(Reported):
     """A problem with the input or the environment, reported as one line naming the culprit."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def run_command(name: str, body: Callable[[], int], interrupted: str = "") -> int:
+    """body()'s exit code; a Reported failure becomes one line on stderr and its own exit code, and
+    Ctrl-C (KeyboardInterrupt) the line `name: interrupted` (with what `interrupted` says was kept)
+    and EXIT_INTERRUPTED."""
+    try:
+        return body()
+    except Reported as e:
+        print(f"{name}: {e.word}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # a command may say what it kept: KeyboardInterrupt("...")
+        kept = str(e) or interrupted
+        print(f"{name}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, timeout, Slurm) stops a command as Ctrl-C does: it cleans up and says so."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the command `python -m name`, with its errors as one line (the culprit named,
+    the same `name: error:` prefix as every other error of the command) and exit status 2."""
+
+    def __init__(self, name: str, **kw):
+        super().__init__(prog=f"python -m {name}", **kw)
+        self.name = name
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.name}: error: {message} (--help lists the flags)\n")

@@ -4,7 +4,6 @@ Evaluating the seed-224 model at --res 64 reproduces the write-up's "224 model a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -12,16 +11,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fasttin import checkpoint
-from fasttin.checkpoint import CheckpointError
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from fasttin.errors import EXIT_OK, CommandParser, UserError, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
-from fasttin.pack import DEFAULT_OUT
-from fasttin.shards import FormatError, read_manifest
+from fasttin.model import from_checkpoint
+from fasttin.recipes import DEFAULT_DATA, count
+from fasttin.shards import read_manifest
 
 
 def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, backend="auto", batch_size=256,
@@ -36,35 +34,30 @@ def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, 
     if amp not in AMP or backend not in BACKENDS:
         raise UserError(f"amp {amp!r} / backend {backend!r}: choose amp from {sorted(AMP)}, backend from {BACKENDS}")
     device = resolve_device(device)
-    ckpt = checkpoint.load(Path(ckpt_path))
-    model = checkpoint.restore_model(ckpt, device, where=str(ckpt_path))
-    wnids, _ = checkpoint.class_names(ckpt, str(ckpt_path))
     manifest = read_manifest(data)
+    trained = from_checkpoint(ckpt_path, device, classes=[c["wnid"] for c in manifest["classes"]], data=data)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
-    checkpoint.check_fits(ckpt, len(manifest["classes"]), where=str(ckpt_path))
-    if ckpt.get("classes") and wnids != [c["wnid"] for c in manifest["classes"]]:
-        raise CheckpointError(f"{ckpt_path} was trained on other classes (or another order) than {data}")
-    res = res or checkpoint.trained_res(ckpt, str(ckpt_path))
-    loader = make_loader(data, split, backend=backend, res=res, batch_size=batch_size, device=device,
+    res = res or trained.res
+    loader = make_loader(data, split, backend=backend, res=res, batch_size=batch_size, device=device, verify=True,
                          shuffle=False, drop_last=False, dtype=AMP[amp], workers=workers)
     if (loader.ds.labels < 0).all():
         raise UserError(f"split {split!r} has no labels to score against (use fasttin.predict)")
-    m = evaluate(model, loader, device=device, amp=amp, tta=tta)
+    m = evaluate(trained.model, loader, device=device, amp=amp, tta=tta)
     return {"checkpoint": str(ckpt_path), "split": split, "res": res, "top1": m["acc1"], "top5": m["acc5"],
-            "loss": m["loss"], "images": m["n"], "trained_res": ckpt["arch"].get("res"),
-            "stem": ckpt["arch"]["stem"], "tta": tta}
+            "loss": m["loss"], "images": m["n"], "trained_res": trained.arch.get("res"),
+            "stem": trained.arch["stem"], "tta": tta}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fasttin.eval", description=__doc__.split("\n\n")[0])
+def parser() -> CommandParser:
+    p = CommandParser("fasttin.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, type=Path, help="a fasttin checkpoint (best.pt or last.pt)")
-    p.add_argument("--data", type=Path, default=DEFAULT_OUT, help="packed data set")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="packed data set")
     p.add_argument("--split", default="val", help="split to score (default val)")
-    p.add_argument("--res", type=int, help="resolution (default: the one the checkpoint was trained at)")
+    p.add_argument("--res", type=count("res"), help="resolution (default: the one the checkpoint was trained at)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=count("batch_size"), default=256)
     p.add_argument("--amp", choices=sorted(AMP), default="bf16")
     p.add_argument("--tta", action="store_true", help="average with the mirrored images' logits")
     p.add_argument("--json", type=Path, help="also write the result here (its folder is created)")
@@ -73,27 +66,25 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         if args.json:
             ensure_writable(args.json)  # before the work, not after it
         r = evaluate_checkpoint(args.ckpt, args.data, split=args.split, res=args.res, device=args.device,
                                 backend=args.backend, batch_size=args.batch_size, amp=args.amp, tta=args.tta)
-    except (UserError, FormatError, FileNotFoundError) as e:
-        print(f"fasttin.eval: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    t = Table(title=f"{args.ckpt} on {args.split} at res {r['res']}")
-    for k in ("images", "top-1", "top-5", "loss"):
-        t.add_column(k, justify="right")
-    t.add_row(f"{r['images']:,}", f"{r['top1']:.2%}", f"{r['top5']:.2%}", f"{r['loss']:.4f}")
-    Console(width=None if sys.stdout.isatty() else 120).print(t)
-    print(json.dumps(r), flush=True)  # the result is out before the file write can fail
-    if args.json:
-        try:
-            write_json_atomic(args.json, r)
-        except UserError as e:
-            print(f"fasttin.eval: error: {e} (the result is printed above)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    return EXIT_OK
+        t = Table(title=f"{args.ckpt} on {args.split} at res {r['res']}")
+        for k in ("images", "top-1", "top-5", "loss"):
+            t.add_column(k, justify="right")
+        t.add_row(f"{r['images']:,}", f"{r['top1']:.2%}", f"{r['top5']:.2%}", f"{r['loss']:.4f}")
+        Console(width=None if sys.stdout.isatty() else 120).print(t)
+        print(json.dumps(r), flush=True)  # the result is out before the file write can fail
+        if args.json:
+            try:
+                write_json_atomic(args.json, r)
+            except UserError as e:
+                raise UserError(f"{e} (the result is printed above)") from None
+        return EXIT_OK
+    return run_command("fasttin.eval", body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Files written atomically (temporary name, fsync, rename), output paths checked before the work,
-stale temporary files cleaned, and file digests: used by every layer.
+"""Every write and every rename of fasttin: files written atomically (temporary name, fsync,
+rename), folders built beside and swapped in, output paths checked before the work, stale
+temporaries cleaned, OS errors in a few words, and file digests.
 
-Temporary files are named `<final name>.tmp<pid>`, so `clean_stale_tmp` can tell the leftovers of
+Temporary files are named `<final name>.tmp<pid>[.suffix]`, so `clean_stale_tmp` can tell the leftovers of
 a killed process (its pid is gone) from those of a live one.
 """
 from __future__ import annotations
@@ -12,6 +13,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from fasttin.errors import UserError
@@ -23,7 +27,7 @@ class OutputError(UserError, OSError):
     """An output that cannot be written (read-only, full disk, missing parent, not a folder...)."""
 
 
-def why(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
     """An OSError in a few words for a one-line message (no errno numbers, no traceback)."""
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
@@ -32,25 +36,38 @@ def why(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(path.name + f".tmp{os.getpid()}")
+def tmp_name(path: Path, suffix: str = "") -> Path:
+    return path.with_name(path.name + f".tmp{os.getpid()}{suffix}")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` at `path`, all or nothing: a failure (full disk, say) removes the temporary file,
-    leaves any earlier `path` untouched and raises an OutputError that names `path`."""
+def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) -> None:
+    """`write(tmp)` makes the file at a temporary name beside `path` (ending in the same suffix, for
+    writers that choose the format by it), then the temporary replaces `path`: all or nothing. A
+    failure (full disk, say, or any exception of `write`) removes the temporary and leaves any
+    earlier `path` untouched; an OSError becomes an OutputError that names `path`. `sync=False`
+    skips the fsync: for hints, not records."""
     path = Path(path)
-    tmp = tmp_name(path)
+    tmp = tmp_name(path, path.suffix)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        if sync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):  # the temporary may never have been created
             tmp.unlink()
-        raise OutputError(f"cannot write {path}: {why(e)}") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+        raise
+
+
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """`data` at `path`, all or nothing (see `write_with`)."""
+    write_with(path, lambda tmp: Path(tmp).write_bytes(data), sync=sync)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -76,7 +93,7 @@ def ensure_writable(path: Path, *, folder: bool = False) -> None:
             f.write(b"\0")
         probe.unlink()
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {why(e)}") from None
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
 
 
 def alive(pid: int) -> bool:
@@ -111,3 +128,70 @@ def digest(path: Path, algorithm: str = "sha256") -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---- folders: built beside, then swapped in -------------------------------------------------------
+
+def _building(out: Path) -> Path:
+    return out.with_name(f"{out.name}.tmp{os.getpid()}")
+
+
+def _replaced(out: Path) -> Path:
+    return out.with_name(f"{out.name}.old.tmp{os.getpid()}")
+
+
+def clean_stale_folders(out: Path, complete: Callable[[Path], bool]) -> list[Path]:
+    """Remove what killed `replace_folder` calls for `out` left beside it: their build folders and
+    the old folder they were replacing (put back first, or the finished new one, if they died
+    between the two renames of the swap). Returns what was removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
+    stale = [p for p in out.parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not alive(int(m.group(2)))]
+    if not out.exists():  # died mid-swap: the finished new folder if there is one, else the old one
+        for p in sorted(stale, key=lambda p: ".old." in p.name):
+            if complete(p):
+                os.rename(p, out)
+                break
+    removed = [p for p in stale if p.exists()]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def replace_folder(out: Path, build: Callable[[Path], object]):
+    """build(folder) fills a new folder beside `out`, which then replaces `out` (or becomes it):
+    the old folder is renamed aside first and removed only once the new one is in place, with
+    SIGINT/SIGTERM held back during the two renames. A failure or a kill leaves the old `out` as it
+    was (a kill mid-swap is repaired by `clean_stale_folders`). Returns what build returned."""
+    out = Path(out)
+    work, old = _building(out), _replaced(out)
+    try:
+        work.mkdir()
+    except OSError as e:
+        raise OutputError(f"cannot create {work}: {os_reason(e)}") from None
+    try:
+        result = build(work)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # no stop mid-swap
+        try:
+            if out.exists():
+                os.rename(out, old)
+            os.rename(work, out)
+            fd = os.open(out.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            raise OutputError(f"cannot move the new {out.name} into {out}: {os_reason(e)}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return result

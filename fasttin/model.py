@@ -1,19 +1,24 @@
-"""ResNet18 for Tiny-ImageNet: torchvision's network, two stems, and pretrained-weight mapping.
+"""ResNet18 for Tiny-ImageNet: torchvision's network, two stems, pretrained-weight mapping, and
+the model of a checkpoint (what eval, predict and a resumed run build from one).
 
-The model knows nothing of data: the trainer tells it the class count and the stem.
+The model knows nothing of data: the trainer tells it the class count and the stem. Checkpoints
+are storage (fasttin/checkpoint.py); building a model from one happens here.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from fasttin import checkpoint
+from fasttin.checkpoint import CheckpointError
 from fasttin.errors import UserError
+from fasttin.recipes import STEMS
 
-STEMS = ("imagenet", "cifar")
 log = logging.getLogger("fasttin.model")
 
 
@@ -59,11 +64,10 @@ def imagenet_state_dict() -> dict:
 def read_state_dict(path: str | Path) -> dict:
     """A plain state dict, or the model weights of a fasttin checkpoint; read as data only
     (`checkpoint.read`: a file that would run code is refused)."""
-    from fasttin.checkpoint import CheckpointError, read
     if not Path(path).is_file():
         raise PretrainedError(f"--pretrained {path}: no such file")
     try:
-        obj = read(Path(path))
+        obj = checkpoint.read(Path(path))
     except CheckpointError as e:
         raise PretrainedError(f"--pretrained {e}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
@@ -90,3 +94,103 @@ def load_pretrained(model: nn.Module, sd: dict, name: str = "pretrained") -> lis
     if fresh:
         log.warning("%s: freshly initialised (shape differs): %s", name, ", ".join(fresh))
     return fresh
+
+
+def initial_weights(model: nn.Module, cfg: dict, *, explicit: bool, log) -> list[str]:
+    """Load cfg["pretrained"] into `model`; returns the freshly initialised tensors' names. When the
+    recipe (not an explicit flag) asks for ImageNet weights that cannot be had here, the run trains
+    from scratch and cfg records why: no figure passes for a pretrained one."""
+    if cfg["pretrained"] == "none":
+        return []
+    try:
+        sd = imagenet_state_dict() if cfg["pretrained"] == "imagenet" else read_state_dict(cfg["pretrained"])
+    except PretrainedError as e:
+        if cfg["pretrained"] != "imagenet" or explicit:
+            raise
+        log(f"the ImageNet weights cannot be had here, so {cfg['recipe']} trains from scratch "
+            "(recorded as pretrained none; --pretrained PATH uses a local copy)")
+        cfg.update(pretrained="none", pretrained_reason=str(e).split(";")[0])
+        return []
+    fresh = load_pretrained(model, sd, name=f"--pretrained {cfg['pretrained']}")
+    log(f"weights from {cfg['pretrained']}; freshly initialised: {', '.join(fresh) or 'nothing'}")
+    return fresh
+
+
+# ---- the model of a checkpoint -------------------------------------------------------------------
+
+def check_fits(ckpt: dict, num_classes: int, stem: str | None = None, where: str = "checkpoint") -> None:
+    """The checkpoint's architecture must be this run's: ResNet18, same class count (and stem)."""
+    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
+    if arch.get("name") != "resnet18":
+        raise CheckpointError(f"{where} holds a {arch.get('name', 'unknown')} model, not a fasttin resnet18")
+    if arch.get("num_classes") != num_classes:
+        raise CheckpointError(f"{where} has {arch.get('num_classes')} classes; this data set has {num_classes}")
+    if stem is not None and arch.get("stem") != stem:
+        raise CheckpointError(f"{where} has the {arch.get('stem')} stem; this run asks for {stem}")
+
+
+
+
+def restore_model(ckpt: dict, device, channels_last: bool = True, where: str = "checkpoint") -> nn.Module:
+    """The checkpoint's model, in eval mode on `device`; CheckpointError if it is not a fasttin
+    ResNet18 checkpoint (a bare state dict, another model's weights, a damaged entry)."""
+    arch = ckpt.get("arch") if isinstance(ckpt.get("arch"), dict) else {}
+    if arch.get("name") != "resnet18" or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{where} is not a fasttin checkpoint (no resnet18 'arch' and 'model' entries)")
+    classes, stem = arch.get("num_classes"), arch.get("stem")
+    if not isinstance(classes, int) or classes < 1 or stem not in STEMS:
+        raise CheckpointError(f"{where}: bad architecture entry (num_classes {classes!r}, stem {stem!r})")
+    model = build_model(classes, stem)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing/unexpected keys or shapes: another model's weights
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [""]
+        raise CheckpointError(f"{where}: its weights are not a resnet18 {stem} {classes}-class model's "
+                              f"({detail[0][:120]})") from None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(device, memory_format=fmt).eval()
+
+
+def class_names(ckpt: dict, where: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """(wnids, words) of the checkpoint's classes, one per output; index names when it has none.
+    The lists come from a file, so their shape is checked before anything indexes them."""
+    n = ckpt["arch"]["num_classes"]
+    wnids = ckpt.get("classes") or [str(i) for i in range(n)]
+    words = ckpt.get("words") or [""] * n
+    for name, values in (("classes", wnids), ("words", words)):
+        if not isinstance(values, list) or len(values) != n or not all(isinstance(v, str) for v in values):
+            raise CheckpointError(f"{where}: its '{name}' entry is not a list of {n} names")
+    return wnids, words
+
+
+def trained_res(ckpt: dict, where: str = "checkpoint") -> int:
+    """The resolution the checkpoint was trained at (64 for checkpoints that do not say)."""
+    res = ckpt["arch"].get("res", 64)
+    if not isinstance(res, int) or res < 16:
+        raise CheckpointError(f"{where}: bad 'res' entry {res!r} in its architecture")
+    return res
+
+
+@dataclass
+class Trained:
+    """A checkpoint's model in eval mode, with the classes and resolution it was trained on."""
+    model: nn.Module
+    wnids: list
+    words: list
+    res: int
+    arch: dict
+
+
+def from_checkpoint(path, device, *, classes: list | None = None, data="the data") -> Trained:
+    """The model of the fasttin checkpoint at `path` (read as data only) on `device`. With
+    `classes` (the data's wnids in order), a checkpoint trained on other classes, or on the
+    same ones in another order, is a CheckpointError: its outputs would be misnamed."""
+    where = str(path)
+    ckpt = checkpoint.load(Path(path))
+    model = restore_model(ckpt, device, where=where)
+    wnids, words = class_names(ckpt, where)
+    if classes is not None:
+        check_fits(ckpt, len(classes), where=where)
+        if ckpt.get("classes") and wnids != list(classes):
+            raise CheckpointError(f"{where} was trained on other classes (or another order) than {data}")
+    return Trained(model, wnids, words, trained_res(ckpt, where), ckpt["arch"])

@@ -8,18 +8,17 @@ sibling temporary folder and swapped in only when complete, so an interrupted or
 """
 from __future__ import annotations
 
-import argparse
 import io
 import multiprocessing as mp
 import os
 import re
-import shutil
 import signal
 import sys
 import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,13 +26,15 @@ import numpy as np
 from PIL import Image
 
 from fasttin import __version__
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_FAILED_CHECK, EXIT_INTERRUPTED, EXIT_OK, UserError
-from fasttin.fileio import OutputError, alive, clean_stale_tmp, ensure_writable, write_json_atomic
+from fasttin.errors import EXIT_FAILED_CHECK, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
+from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
+from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
     IMAGE_SHAPE,
     MANIFEST,
+    PAYLOAD_KINDS,
     FormatError,
     ShardWriter,
     open_split,
@@ -41,8 +42,6 @@ from fasttin.shards import (
 )
 from fasttin.source import SPLITS, MemberError, Source, download_official, shown
 from fasttin.synthetic import make_layout
-
-DEFAULT_OUT = Path(os.environ.get("FASTTIN_DATA", "data/tiny-imagenet-200-packed"))
 
 
 class PackError(UserError):
@@ -133,32 +132,10 @@ def is_complete(out: Path) -> bool:
         return False
 
 
-def _building(out: Path) -> Path:
-    return out.with_name(f"{out.name}.tmp{os.getpid()}")
-
-
-def _replaced(out: Path) -> Path:
-    return out.with_name(f"{out.name}.old.tmp{os.getpid()}")
-
-
 def clean_leftovers(out: Path) -> list[Path]:
-    """Remove what killed packs into `out` left: their sibling build folders, the old pack they
-    were replacing (put back first if they died between the two renames of the swap), and
-    `*.tmp<pid>` files inside `out`. Returns what was removed."""
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
-    stale = [p for p in out.parent.iterdir()
-             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not alive(int(m.group(2)))]
-    if not out.exists():  # died mid-swap: the finished new pack if there is one, else the old one
-        for p in sorted(stale, key=lambda p: ".old." in p.name):
-            if is_complete(p):
-                os.rename(p, out)
-                break
-    removed = [p for p in stale if p.exists()]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed + clean_stale_tmp(out)
+    """Remove what killed packs into `out` left: their build folders beside it (a swap cut short is
+    repaired first) and `*.tmp<pid>` files inside it. Returns what was removed."""
+    return clean_stale_folders(out, is_complete) + clean_stale_tmp(out)
 
 
 _PACK_FILE = re.compile(r"(manifest\.json|[^/]+\.shard)(\.tmp\d+)?|.*\.tmp\d+")
@@ -176,56 +153,44 @@ def _check_replaceable(out: Path) -> None:
                             f"{' ...' if len(other) > 1 else ''}): choose a new or empty folder")
 
 
-def _swap_in(work: Path, out: Path) -> None:
-    """The finished pack in `work` becomes `out`; the old pack is renamed aside first and removed
-    only once the new one is in place (a kill in between is repaired by clean_leftovers)."""
-    old = _replaced(out)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # no stop mid-swap
-    try:
-        if out.exists():
-            os.rename(out, old)
-        os.rename(work, out)
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        if old.exists() and not out.exists():
-            os.rename(old, out)
-        raise OutputError(f"cannot move the new pack into {out}: {e.strerror}") from None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclass(frozen=True)
+class PackOptions:
+    """How a pack is made: the one value the command, `pack()` and the manifest's "options" share
+    (a pack made with other options is never reused for these)."""
+    payload: str = "jpeg"  # jpeg: the original bytes; raw: decoded RGB uint8 64x64x3
+    classes: int | None = None  # the first N wnids in sorted order (drops test)
+    per_class: int | None = None  # the first N training images of each class by file name
+    shard_mb: float = 64  # target shard size
+    seed: int = 0  # the once-per-pack shuffle
+    skip_bad: bool = False  # pack the rest and list bad files in the manifest
+    synthetic: int | None = None  # a synthetic set shaped like Tiny-ImageNet, N train images per class
+
+    def __post_init__(self):
+        if self.payload not in PAYLOAD_KINDS:
+            raise PackError(f"--format {self.payload!r}: choose jpeg or raw")
+        for flag, v in (("--classes", self.classes), ("--per-class", self.per_class), ("--synthetic", self.synthetic)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise PackError(f"{flag} {v}: must be at least 1")
+        if not 0 < self.shard_mb * (1 << 20) < 1 << 32:
+            raise PackError(f"--shard-mb {self.shard_mb}: must be above 0 and below 4096 (u32 offsets)")
+        if self.seed < 0:
+            raise PackError(f"--seed {self.seed}: must be 0 or more")
 
 
-def _check_options(payload, classes, per_class, shard_mb, seed, workers) -> None:
-    if payload not in ("jpeg", "raw"):
-        raise PackError(f"--format {payload!r}: choose jpeg or raw")
-    for flag, v in (("--classes", classes), ("--per-class", per_class), ("--workers", workers)):
-        if v is not None and v < 1:
-            raise PackError(f"{flag} {v}: must be at least 1")
-    if not 0 < shard_mb * (1 << 20) < 1 << 32:
-        raise PackError(f"--shard-mb {shard_mb}: must be above 0 and below 4096 (u32 offsets)")
-    if seed < 0:
-        raise PackError(f"--seed {seed}: must be 0 or more")
-
-
-def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", classes: int | None = None,
-         per_class: int | None = None, shard_mb: float = 64, seed: int = 0, workers: int | None = None,
-         skip_bad: bool = False, force: bool = False, synthetic: int | None = None,
-         quiet: bool = False) -> dict:
-    """Pack a source into `out`; returns the manifest. Raises a UserError (PackError, SourceError,
-    OutputError...) on bad input or an unwritable output, leaving any earlier pack in `out` intact."""
+def pack(src: str | Path | None, out: str | Path, *, workers: int | None = None, force: bool = False,
+         quiet: bool = False, **options) -> dict:
+    """Pack a source into `out` with PackOptions(**options); returns the manifest. Raises a UserError
+    (PackError, SourceError, OutputError...) on bad input or an unwritable output, leaving any
+    earlier pack in `out` intact."""
     out = Path(out)
     out = out.resolve() if out.is_symlink() or out.name in ("", "..") else out  # the swap renames `out`
-    _check_options(payload, classes, per_class, shard_mb, seed, workers)
-    options = {"payload": payload, "classes": classes, "per_class": per_class, "shard_mb": shard_mb,
-               "seed": seed, "skip_bad": skip_bad, "synthetic": synthetic}
+    opts = PackOptions(**options)
+    if workers is not None and workers < 1:
+        raise PackError(f"--workers {workers}: must be at least 1")
     clean_leftovers(out)
     if is_complete(out) and not force:
         old = read_manifest(out)
-        if old.get("options") != options:
+        if old.get("options") != asdict(opts):
             raise PackError(f"{out} already holds a data set packed with other options "
                             f"({old.get('options')}); use --force to replace it")
         if not quiet:
@@ -233,29 +198,30 @@ def pack(src: str | Path | None, out: str | Path, *, payload: str = "jpeg", clas
         return old
     _check_replaceable(out)
     ensure_writable(out.parent, folder=True)
-    if synthetic is not None:
+    if opts.synthetic is not None:
         with tempfile.TemporaryDirectory(prefix="fasttin-synth-") as tmp:
-            root = make_layout(tmp, classes or 200, synthetic, seed=seed)
+            root = make_layout(tmp, opts.classes or 200, opts.synthetic, seed=opts.seed)
             # the synthetic layout has exactly `classes` classes: not a subset, so test stays
-            return _pack(Source(root), out, options, None, per_class, workers, quiet,
-                         source_info={"kind": "synthetic", "per_class": synthetic, "classes": classes or 200})
+            return _pack(Source(root), out, opts, workers, quiet, subset=False,
+                         source_info={"kind": "synthetic", "per_class": opts.synthetic,
+                                      "classes": opts.classes or 200})
     if src is None:
         src = download_official()
     source = Source(src)
     if source.kind == "folder" and out.resolve().is_relative_to(source.root.resolve()):
         raise PackError(f"--out {out} is inside --src {source.root}: refusing to write into the source")
-    return _pack(source, out, options, classes, per_class, workers, quiet)
+    return _pack(source, out, opts, workers, quiet)
 
 
-def _pack_split(split, items, layout, options, work, pool, bar) -> dict:
+def _pack_split(split, items, layout, opts: PackOptions, work, pool, bar) -> dict:
     """Check and write one split into `work`; its manifest entry."""
     t0 = time.perf_counter()
-    order = np.random.default_rng([options["seed"], SPLITS.index(split)]).permutation(len(items))
+    order = np.random.default_rng([opts.seed, SPLITS.index(split)]).permutation(len(items))
     items = [items[i] for i in order]
-    writer = ShardWriter(work, split, options["payload"], int(options["shard_mb"] * (1 << 20)))
+    writer = ShardWriter(work, split, opts.payload, int(opts.shard_mb * (1 << 20)))
     task = bar.add_task(split, total=len(items), rate="")
     chunks = [items[i:i + 256] for i in range(0, len(items), 256)]
-    tasks = [([it.member for it in c], options["payload"]) for c in chunks]
+    tasks = [([it.member for it in c], opts.payload) for c in chunks]
     results = pool.imap(_work, tasks) if pool else map(_work, tasks)
     converted, skipped = [], [{"file": f, "reason": r} for f, r in layout.problems.get(split, [])]
     for chunk, res in zip(chunks, results):
@@ -271,7 +237,7 @@ def _pack_split(split, items, layout, options, work, pool, bar) -> dict:
     shards = writer.commit()
     n = len(items) - (len(skipped) - len(layout.problems.get(split, [])))
     return {"count": n, "found": layout.found(split), "converted": converted, "skipped": skipped,
-            "shuffle_seed": [options["seed"], SPLITS.index(split)],
+            "shuffle_seed": [opts.seed, SPLITS.index(split)],
             "payload_bytes": sum(s["payload_bytes"] for s in shards), "shards": shards,
             "seconds": time.perf_counter() - t0}
 
@@ -284,51 +250,48 @@ def _bad_files(problems: list[dict], source: Source) -> PackError:
                      + "\n".join("  " + line for line in lines))
 
 
-def _pack(source, out, options, classes, per_class, workers, quiet, source_info=None):
+def _pack(source, out: Path, opts: PackOptions, workers, quiet, subset: bool = True, source_info=None) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     console = Console(stderr=True, quiet=quiet)
     t_all = time.perf_counter()
-    layout = source.layout(classes, per_class)
+    classes = opts.classes if subset else None
+    layout = source.layout(classes, opts.per_class)
     workers = workers or os.cpu_count() or 1
-    work = _building(out)
-    try:
-        work.mkdir()
-    except OSError as e:
-        raise OutputError(f"cannot create {work}: {e.strerror}") from None
     checksum = ThreadPoolExecutor(1).submit(source.checksum)  # hashlib frees the GIL: overlaps decoding
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (source,)) if workers > 1 else None
-    _init_worker(source)
     splits = {}
-    try:
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      "{task.fields[rate]}", TimeRemainingColumn(), console=console,
-                      disable=not console.is_terminal) as bar:  # a log or pipe gets the summary table
-            for split in SPLITS:
-                if classes is None or split != "test":  # test has no labels to subset by
-                    splits[split] = _pack_split(split, layout.items[split], layout, options, work, pool, bar)
+
+    def build(work: Path) -> dict:
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (source,)) if workers > 1 else None
+        _init_worker(source)
+        try:
+            with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                          "{task.fields[rate]}", TimeRemainingColumn(), console=console,
+                          disable=not console.is_terminal) as bar:  # a log or pipe gets the summary table
+                for split in SPLITS:
+                    if classes is None or split != "test":  # test has no labels to subset by
+                        splits[split] = _pack_split(split, layout.items[split], layout, opts, work, pool, bar)
+        finally:
+            if pool:
+                pool.terminate()
         source_skipped = [{"file": f, "reason": r} for f, r in layout.problems.get("source", [])]
         problems = source_skipped + [s for e in splits.values() for s in e["skipped"]]
-        if problems and not options["skip_bad"]:
+        if problems and not opts.skip_bad:
             raise _bad_files(problems, source)
         info = source_info or {"kind": source.kind, "path": str(source.path.resolve()), **checksum.result()}
         manifest = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "fasttin": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": info, "payload": options["payload"], "image_shape": list(IMAGE_SHAPE),
+            "source": info, "payload": opts.payload, "image_shape": list(IMAGE_SHAPE),
             "classes": [{"wnid": w, "words": layout.words.get(w, "")} for w in layout.wnids],
-            "options": options, "source_skipped": source_skipped,
+            "options": asdict(opts), "source_skipped": source_skipped,
             "splits": {k: {f: v for f, v in e.items() if f != "seconds"} for k, e in splits.items()},
         }
-        write_json_atomic(work / MANIFEST, manifest)
-        _swap_in(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        if pool:
-            pool.terminate()
+        write_json_atomic(work / MANIFEST, manifest)  # last: its presence means complete
+        return manifest
+
+    manifest = replace_folder(out, build)
     _report(console, out, splits, time.perf_counter() - t_all)
     return manifest
 
@@ -368,47 +331,41 @@ def verify(out: str | Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fasttin.pack", description=__doc__.split("\n\n")[0])
+    p = CommandParser("fasttin.pack", description=__doc__.split("\n\n")[0])
     p.add_argument("--src", default=os.environ.get("TIN_ZIP"),
                    help="tiny-imagenet-200.zip or its extracted folder (default: $TIN_ZIP, else download "
                         "the official archive into ~/.cache/fasttin and check its md5)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=Path, default=DEFAULT_DATA, help=f"output folder (default {DEFAULT_DATA})")
     p.add_argument("--format", dest="payload", choices=["jpeg", "raw"], default="jpeg",
                    help="jpeg: original bytes untouched (default); raw: decoded RGB uint8 64x64x3")
-    p.add_argument("--classes", type=int, help="keep the first N wnids in sorted order (drops test)")
-    p.add_argument("--per-class", type=int, help="keep the first N training images of each class by file name")
+    p.add_argument("--classes", type=count("classes"), help="keep the first N wnids in sorted order (drops test)")
+    p.add_argument("--per-class", type=count("per_class"),
+                   help="keep the first N training images of each class by file name")
     p.add_argument("--shard-mb", type=float, default=64, help="target shard size in MB (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the once-per-pack shuffle (default 0)")
-    p.add_argument("--workers", type=int, default=None, help="decode-check processes (default: all cores)")
+    p.add_argument("--seed", type=count("seed", positive=False), default=0,
+                   help="seed of the once-per-pack shuffle (default 0)")
+    p.add_argument("--workers", type=count("workers"), help="decode-check processes (default: all cores)")
     p.add_argument("--skip-bad", action="store_true", help="pack the rest and list bad files in the manifest")
     p.add_argument("--force", action="store_true",
                    help="repack even if --out is already complete (built beside it, swapped in when done)")
-    p.add_argument("--synthetic", type=int, metavar="N",
+    p.add_argument("--synthetic", type=count("synthetic"), metavar="N",
                    help="a synthetic set shaped like Tiny-ImageNet, N train images per class (tests, demos)")
     p.add_argument("--verify", type=Path, metavar="DIR",
                    help="check, re-hash and decode a packed data set (exit 1 if damaged)")
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # kill/timeout/Slurm: clean up like Ctrl-C
-    try:
+    interrupt_on_sigterm()
+
+    def body() -> int:
         if args.verify:
             return _verify_main(args.verify)
         pack(args.src, args.out, payload=args.payload, classes=args.classes, per_class=args.per_class,
              shard_mb=args.shard_mb, seed=args.seed, workers=args.workers, skip_bad=args.skip_bad,
              force=args.force, synthetic=args.synthetic)
-    except UserError as e:
-        print(f"fasttin.pack: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("fasttin.pack: interrupted; any earlier pack is intact and nothing complete-looking was "
-              "left behind", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if args.synthetic is None:
-        print(f"next: python -m fasttin.train --data {args.out} --res 224")
-    return EXIT_OK
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+        if args.synthetic is None:
+            print(f"next: python -m fasttin.train --data {args.out} --res 224")
+        return EXIT_OK
+    return run_command("fasttin.pack", body,
+                       interrupted="any earlier pack is intact and nothing complete-looking was left behind")
 
 
 def _verify_main(folder: Path) -> int:

@@ -10,7 +10,6 @@ and if the CSV cannot be written at the end the predictions go to stdout instead
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
@@ -20,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fasttin import checkpoint
-from fasttin.checkpoint import CheckpointError
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from fasttin.errors import EXIT_OK, CommandParser, UserError, run_command
 from fasttin.fileio import ensure_writable, write_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import normalize
-from fasttin.shards import FormatError, read_manifest
+from fasttin.model import from_checkpoint
+from fasttin.recipes import count
+from fasttin.shards import read_manifest
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # what PIL raises for a file it cannot read: not an image, cut short, a broken chunk, too many pixels
@@ -95,16 +94,13 @@ def predict_files(model, files, *, res, wnids, words, device, batch_size, echo) 
 
 
 @torch.no_grad()
-def predict_split(model, data: Path, split: str, *, res, wnids, device, batch_size, where) -> list[tuple]:
+def predict_split(model, data: Path, split: str, manifest: dict, *, res, wnids, device, batch_size) -> list[tuple]:
     """(sample name, top-5 wnids, top-1 probability) for every sample of a packed split."""
-    manifest = read_manifest(data)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
-    if [c["wnid"] for c in manifest["classes"]] != wnids:
-        raise CheckpointError(f"{where} was trained on other classes (or another order) than {data}")
     loader = make_loader(data, split, backend="pil" if device.type == "cpu" else "auto", res=res,
                          batch_size=batch_size, device=device, shuffle=False, drop_last=False,
-                         dtype=torch.float32, return_index=True)
+                         dtype=torch.float32, return_index=True, verify=True)
     rows = []
     for x, _, index in loader:
         pr, ix = model(x).float().softmax(1).topk(min(5, len(wnids)), 1)
@@ -122,15 +118,15 @@ def csv_text(rows) -> str:
     return buf.getvalue()
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fasttin.predict", description=__doc__.split("\n\n")[0])
+def parser() -> CommandParser:
+    p = CommandParser("fasttin.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, type=Path)
     p.add_argument("inputs", nargs="*", help="image files or folders")
     p.add_argument("--split", help="predict a packed split instead (e.g. test)")
     p.add_argument("--data", type=Path, help="packed data set, with --split")
     p.add_argument("--csv", type=Path, help="write predictions here (file, top-5 wnids, top-1 probability)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=count("batch_size"), default=256)
     return p
 
 
@@ -140,40 +136,34 @@ def predict(args) -> list[tuple]:
         raise UserError("give image files/folders, or --split with --data, not both")
     if args.split and args.data is None:
         raise UserError("--split needs --data")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: a positive integer")
     if args.csv:
         ensure_writable(args.csv)
     device = resolve_device(args.device)
-    where = str(args.ckpt)
-    ckpt = checkpoint.load(args.ckpt)
-    model = checkpoint.restore_model(ckpt, device, where=where)
-    wnids, words = checkpoint.class_names(ckpt, where)
-    res = checkpoint.trained_res(ckpt, where)
     if args.split:
-        return predict_split(model, args.data, args.split, res=res, wnids=wnids, device=device,
-                             batch_size=args.batch_size, where=where)
-    return predict_files(model, image_files(args.inputs), res=res, wnids=wnids, words=words, device=device,
+        manifest = read_manifest(args.data)
+        t = from_checkpoint(args.ckpt, device, classes=[c["wnid"] for c in manifest["classes"]], data=args.data)
+        return predict_split(t.model, args.data, args.split, manifest, res=t.res, wnids=t.wnids, device=device,
+                             batch_size=args.batch_size)
+    t = from_checkpoint(args.ckpt, device)
+    return predict_files(t.model, image_files(args.inputs), res=t.res, wnids=t.wnids, words=t.words, device=device,
                          batch_size=args.batch_size, echo=not args.csv)
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         rows = predict(args)
-    except (UserError, FormatError, FileNotFoundError) as e:
-        print(f"fasttin.predict: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.csv:
-        text = csv_text(rows)
-        try:
-            write_atomic(args.csv, text.encode())
-        except UserError as e:
-            sys.stdout.write(text)  # computed predictions are never thrown away
-            print(f"fasttin.predict: error: {e} (the predictions are printed above)", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        print(f"wrote {len(rows)} predictions to {args.csv}")
-    return EXIT_OK
+        if args.csv:
+            text = csv_text(rows)
+            try:
+                write_atomic(args.csv, text.encode())
+            except UserError as e:
+                sys.stdout.write(text)  # computed predictions are never thrown away
+                raise UserError(f"{e} (the predictions are printed above)") from None
+            print(f"wrote {len(rows)} predictions to {args.csv}")
+        return EXIT_OK
+    return run_command("fasttin.predict", body)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@ optimizer) appear as named ranges in the trace and, on CUDA, as NVTX ranges that
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, record_function
 
-from fasttin.fileio import write_atomic
+from fasttin.fileio import write_atomic, write_with
 
 
 def phase_ranges(device: torch.device):
@@ -36,8 +35,8 @@ class StepProfiler:
     """Profiles steps warmup+1 .. warmup+steps of the run (counted from this invocation's first
     step), then writes profile/trace.json and profile/top_ops.txt into `folder`."""
 
-    def __init__(self, steps: int, folder: Path, device: torch.device, warmup: int = 5, say=print):
-        self.steps, self.warmup, self.device, self.say = steps, warmup, torch.device(device), say
+    def __init__(self, steps: int, folder: Path, device: torch.device, warmup: int = 5, log=print):
+        self.steps, self.warmup, self.device, self.log = steps, warmup, torch.device(device), log
         self.folder = Path(folder) / "profile"
         self.count, self.prof, self.done = 0, None, False
 
@@ -65,11 +64,9 @@ class StepProfiler:
         self.done = True
         self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / "trace.json"
-        tmp = self.folder / f"trace.json.tmp{os.getpid()}"
-        self.prof.export_chrome_trace(str(tmp))
-        os.replace(tmp, trace)
+        write_with(trace, lambda tmp: self.prof.export_chrome_trace(str(tmp)))
         sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = self.prof.key_averages().table(sort_by=sort, row_limit=25)
         write_atomic(self.folder / "top_ops.txt", (table + "\n").encode())
-        self.say(f"profile of {self.count - self.warmup} step(s): {trace} (ui.perfetto.dev or TensorBoard) "
+        self.log(f"profile of {self.count - self.warmup} step(s): {trace} (ui.perfetto.dev or TensorBoard) "
                  f"and {self.folder / 'top_ops.txt'} (top operators by self time)")

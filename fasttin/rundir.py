@@ -1,17 +1,14 @@
 """Run folders are protected: decide, before any work, whether a run starts fresh or resumes.
 
-The trainer calls, on the main process (rank 0) only and before it writes anything into `out`:
+The trainer calls, on every rank and before anything is written into `out`:
 
-    resume, notes = rundir.prepare(out, cfg, resume=args.resume, auto_resume=args.auto_resume,
-                                   overwrite=args.overwrite)
-    for line in notes: print(line)
+    resume, notes = rundir.prepare_ranks(out, cfg, resume=..., auto_resume=..., overwrite=...,
+                                         explicit_pretrained=..., rank=rank, world=world)
 
+which runs `prepare` on rank 0 only and broadcasts its decision, or its refusal, to the others.
 `cfg` is the new run's resolved settings as they will be written to config.json (plain JSON
-values; "classes" the list of wnids of the data, "epochs" the target). The other ranks need only the
-decision: `rundir.will_resume(out, resume=..., auto_resume=...)` gives the same answer without
-touching the folder (call it before rank 0's `prepare`, or after a barrier: `prepare` never
-creates or removes last.pt). Any refusal is a `RunDirError` (a UserError: one line, exit 2) and
-leaves every file in `out` as it was.
+values; "classes" the list of wnids of the data, "epochs" the target). Any refusal is a
+`RunDirError` (a UserError: one line, exit 2) and leaves every file in `out` as it was.
 
 What `prepare` does:
 - checks `out` is a writable folder (creating it) and removes the `*.tmp<pid>` files that killed
@@ -157,3 +154,40 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
         notes.append(f"--epochs {new['epochs']}: the run had {old.get('epochs')}; the new target is recorded "
                      "in config.json")
     return notes
+
+
+def inherit_fallback(cfg: dict, out: Path, explicit: bool) -> None:
+    """A run that fell back from the recipe's ImageNet weights to none keeps that on resume."""
+    old = out / "config.json"
+    if explicit or cfg["pretrained"] != "imagenet" or not old.is_file():
+        return
+    try:
+        was = json.loads(old.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if isinstance(was, dict) and was.get("pretrained") == "none" and was.get("pretrained_reason"):
+        cfg.update(pretrained="none", pretrained_reason=was["pretrained_reason"])
+
+
+def prepare_ranks(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite: bool,
+                  explicit_pretrained: bool, rank: int = 0, world: int = 1) -> tuple[bool, list[str]]:
+    """`prepare` on rank 0, its decision (or its refusal) broadcast to every rank under torchrun;
+    a resumed run keeps its fallback from ImageNet weights to none on every rank."""
+    import torch.distributed as dist
+    result = None
+    if rank == 0:
+        if resume or auto_resume:
+            inherit_fallback(cfg, out, explicit_pretrained)
+        try:
+            result = prepare(out, cfg, resume=resume, auto_resume=auto_resume, overwrite=overwrite)
+        except UserError as e:
+            result = e
+    if world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, UserError):
+        raise result
+    if result[0] and rank != 0:
+        inherit_fallback(cfg, out, explicit_pretrained)
+    return result

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import digest
+from fasttin.fileio import digest, write_with
 from fasttin.shards import name_problem
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -342,23 +342,22 @@ def download_official(cache: Path | None = None, url: str = OFFICIAL_URL) -> Pat
     if dest.exists() and digest(dest, "md5") == OFFICIAL_MD5:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(f".zip.part{os.getpid()}")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, Progress(
-            "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn()) as bar:
-            task = bar.add_task("download", total=int(r.headers.get("Content-Length") or OFFICIAL_BYTES))
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.advance(task, len(chunk))
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SourceError(f"cannot download {url} ({e}); offline? pass --src PATH to a "
-                          "tiny-imagenet-200.zip or its folder") from None
-    size, md5 = tmp.stat().st_size, digest(tmp, "md5")
-    if size != OFFICIAL_BYTES or md5 != OFFICIAL_MD5:
-        tmp.unlink()
-        raise SourceError(f"downloaded {url}: {size} bytes, md5 {md5}; expected {OFFICIAL_BYTES} bytes, "
-                          f"md5 {OFFICIAL_MD5}: refused")
-    os.replace(tmp, dest)
+
+    def download(tmp: Path) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f, Progress(
+                "[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                TransferSpeedColumn(), TimeRemainingColumn()) as bar:
+                task = bar.add_task("download", total=int(r.headers.get("Content-Length") or OFFICIAL_BYTES))
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.advance(task, len(chunk))
+        except OSError as e:
+            raise SourceError(f"cannot download {url} ({e}); offline? pass --src PATH to a "
+                              "tiny-imagenet-200.zip or its folder") from None
+        size, md5 = tmp.stat().st_size, digest(tmp, "md5")
+        if size != OFFICIAL_BYTES or md5 != OFFICIAL_MD5:
+            raise SourceError(f"downloaded {url}: {size} bytes, md5 {md5}; expected {OFFICIAL_BYTES} bytes, "
+                              f"md5 {OFFICIAL_MD5}: refused")
+    write_with(dest, download)
     return dest

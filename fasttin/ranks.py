@@ -1,10 +1,12 @@
-"""SIGINT/SIGTERM stop a training run at a step boundary, so it can save its position.
+"""The processes of a run: torchrun's ranks set up, and the stop every rank takes together.
 
-Under torchrun every rank must stop at the same step, or the others hang in an all-reduce: the
-ranks agree at the logging steps (which synchronise anyway) and at the end of each epoch.
+SIGINT/SIGTERM stop a training run at a step boundary, so it can save its position. Under torchrun
+every rank must stop at the same step, or the others hang in an all-reduce: the ranks agree at the
+logging steps (which synchronise anyway) and at the end of each epoch.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 import torch
@@ -13,8 +15,30 @@ import torch.distributed as dist
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def setup(cuda: bool) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) from torchrun's environment, or a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    # torchrun's agent keeps one store across restarts (--max-restarts): without a prefix per attempt,
+    # a restarted rank can read the dead attempt's gloo/NCCL addresses and fail to connect, or hang.
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"fasttin/attempt{attempt}", store),
+                            rank=rank, world_size=size)
+    return dist.get_rank(), world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class StopRequest:
-    """Records the first SIGINT/SIGTERM; `agree()` makes it every rank's decision. A context
+    """Records the first SIGINT/SIGTERM; `decide()` makes it every rank's decision. A context
     manager: the previous handlers come back on exit."""
 
     def __init__(self, world: int = 1, device: torch.device | str = "cpu"):
@@ -43,7 +67,7 @@ class StopRequest:
         """Cheap, called after every step: the local signal alone, or the agreed one under torchrun."""
         return self.agreed if self.world > 1 else self.received is not None
 
-    def agree(self) -> bool:
+    def decide(self) -> bool:
         """All ranks take the same decision (an all-reduce under torchrun: call at synchronising points)."""
         flag = self.received is not None
         if self.world > 1:
