@@ -9,15 +9,15 @@ import logging
 
 import torch
 
-from fasttin.loaders.augment import AUGMENTS
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DataError, LoaderArgumentError
 from fasttin.loaders.sampler import PAD_LABEL, EpochSampler
+from fasttin.recipes import AUGMENTS, BACKENDS, MIN_RES
 from fasttin.shards import open_split
 
-BACKENDS = ("auto", "dali", "resident", "pil")
 log = logging.getLogger("fasttin.loaders")
-__all__ = ["make_loader", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL", "DataError", "LoaderArgumentError"]
+__all__ = ["make_loader", "choose_backend", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL", "DataError",
+           "LoaderArgumentError"]
 
 
 def _keep_freed_memory_mapped() -> None:
@@ -32,17 +32,17 @@ def _keep_freed_memory_mapped() -> None:
 
 
 def choose_backend(ds, device: torch.device, batch_size: int, res: int, augment: str = "none") -> tuple[str, str]:
-    """(backend, why) for backend='auto'."""
+    """(backend, why) for backend='auto': resident where the decoded split fits in the device's
+    memory (on the CPU too: a batch is then a gather, where the pil workers decode every image
+    again each epoch on the cores the step needs), else dali on a GPU, else pil."""
     from fasttin.loaders import dali, resident
-    if device.type != "cuda":
-        return "pil", "no CUDA device: DataLoader workers on the CPU"
     need, free = resident.needed_bytes(len(ds), batch_size, res, augment), resident.free_memory(device)
     if need <= free:
         return "resident", f"the split fits on {device} ({need / 2**30:.2f} GiB of {free / 2**30:.1f} GiB free)"
-    why = dali.available()
+    why = dali.available() if device.type == "cuda" else "there is no GPU for DALI"
     if why is None:
         return "dali", f"the split does not fit on {device} ({need / 2**30:.2f} GiB needed): DALI streams it"
-    return "pil", f"the split does not fit on {device} and {why}"
+    return "pil", f"the split does not fit on {device} ({need / 2**30:.2f} GiB needed) and {why}"
 
 
 def check_arguments(*, backend, augment, res, batch_size, rank, world_size, dtype, workers) -> None:
@@ -56,7 +56,7 @@ def check_arguments(*, backend, augment, res, batch_size, rank, world_size, dtyp
 
     need(backend in BACKENDS, f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     need(augment in AUGMENTS, f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-    need(whole(res) and res >= 16, f"res must be an integer of at least 16, got {res!r}")
+    need(whole(res) and res >= MIN_RES, f"res must be an integer of at least {MIN_RES}, got {res!r}")
     need(whole(batch_size) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
     need(whole(world_size) and world_size >= 1, f"world_size must be a positive integer, got {world_size!r}")
     need(whole(rank) and 0 <= rank < world_size, f"rank {rank!r} is not in [0, world_size={world_size})")

@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from fasttin.shards import IMAGE_SHAPE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-AUGMENTS = ("none", "flip", "crop", "rrc")
 CROP_PAD = 8  # `crop`: a random 64x64 window of the image padded by this many black pixels
 RRC_SCALE = (0.35, 1.0)  # `rrc`: area fraction of the box
 RRC_RATIO = (3 / 4, 4 / 3)  # `rrc`: aspect ratio w/h, drawn log-uniformly
-SIZE = 64
+SIZE = IMAGE_SHAPE[0]  # the packed images' side
 
 
 def plan(rng: np.random.Generator, n: int, augment: str) -> tuple[np.ndarray, np.ndarray]:

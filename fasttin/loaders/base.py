@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fasttin.loaders.errors import LoaderArgumentError
 from fasttin.loaders.sampler import PAD_LABEL, BatchPlan, EpochSampler
+from fasttin.recipes import MIN_RES
 from fasttin.shards import SplitDataset
 
 
@@ -13,7 +15,8 @@ class Loader:
 
     images: [B, 3, res, res] `dtype` channels_last on `device`, ImageNet-normalised; labels: int64
     (PAD_LABEL where a sample only pads this rank); indices: int64 positions in the split, -1 for
-    padding. `set_epoch(e)` picks the permutation explicitly (DistributedSampler style).
+    padding. `set_epoch(e)` picks the permutation explicitly (DistributedSampler style), and
+    `set_res(r)` the resolution of the next passes (progressive resizing: the store stays 64x64).
 
     Every batch is a tensor of its own (no output buffer is reused), so a consumer may keep a
     batch as long as it likes. A pass may be left at any point; the next one starts clean.
@@ -25,7 +28,7 @@ class Loader:
                  dtype: torch.dtype, augment: str, return_index: bool):
         self.ds, self.sampler, self.res, self.device = ds, sampler, res, device
         self.dtype, self.augment, self.return_index = dtype, augment, return_index
-        self.epoch, self.first_batch, self.pass_first = 0, 0, 0
+        self.epoch, self.first_batch, self.pass_first, self.pass_res = 0, 0, 0, res
         self.batch_size = sampler.batch_size
 
     def __len__(self) -> int:
@@ -35,10 +38,16 @@ class Loader:
         """The next pass is `epoch`, starting at batch `first_batch` (a mid-epoch resume)."""
         self.epoch, self.first_batch = epoch, first_batch
 
+    def set_res(self, res: int) -> None:
+        """The passes from the next one on hand out [B, 3, res, res] batches."""
+        if not isinstance(res, int) or isinstance(res, bool) or res < MIN_RES:
+            raise LoaderArgumentError(f"res must be an integer of at least {MIN_RES}, got {res!r}")
+        self.res = res
+
     def __iter__(self):
         """One pass. Handing out the epoch's last batch completes it (the next pass is the next
         epoch), whether or not the consumer then exhausts the iterator."""
-        epoch, self.pass_first, self.first_batch = self.epoch, self.first_batch, 0
+        epoch, self.pass_first, self.first_batch, self.pass_res = self.epoch, self.first_batch, 0, self.res
         last = len(self) - self.pass_first
         for k, batch in enumerate(self._epoch(epoch), 1):
             if k == last and self.epoch == epoch:  # not moved by set_epoch meanwhile
@@ -48,7 +57,10 @@ class Loader:
             self.epoch = epoch + 1
 
     def plans(self, epoch: int):
-        return self.sampler.batches(epoch, self.pass_first)
+        """The pass's batch plans, each stamped with the pass's resolution."""
+        for p in self.sampler.batches(epoch, self.pass_first):
+            p.res = self.pass_res
+            yield p
 
     def _epoch(self, epoch: int):
         raise NotImplementedError

@@ -16,7 +16,7 @@ import torch
 
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 from fasttin.loaders.base import Loader
-from fasttin.loaders.errors import DataError, decode
+from fasttin.loaders.errors import DataError
 
 
 def available() -> str | None:
@@ -97,16 +97,23 @@ class DaliLoader(Loader):
         why = available()
         if why:
             raise RuntimeError(f"backend='dali': {why}; use backend='resident' or 'pil'")
-        gpu = self.device.type == "cuda"
+        self.threads = threads or os.cpu_count() or 1
         self.in_flight: deque = deque()
         self.feeding_epoch = 0
         self.pass_count, self.open_pass = 0, None  # the pass DALI is still in, if any
         self.feed = _Feed(self)
+        self.build(self.res)
+
+    def build(self, res: int) -> None:
+        """The graph for `res` (its resize size is part of the graph: a new resolution builds anew)."""
+        self.pipe = None  # the old graph's device memory goes before the new graph's comes
+        gpu = self.device.type == "cuda"
         self.pipe = build_pipeline(
-            self.feed, payload=ds.payload, gpu=gpu, res=self.res, augment=self.augment,
-            batch_size=sampler.batch_size, threads=threads or os.cpu_count() or 1,
-            device_id=(self.device.index or 0) if gpu else None, seed=sampler.seed * 1000 + sampler.rank)
+            self.feed, payload=self.ds.payload, gpu=gpu, res=res, augment=self.augment,
+            batch_size=self.sampler.batch_size, threads=self.threads,
+            device_id=(self.device.index or 0) if gpu else None, seed=self.sampler.seed * 1000 + self.sampler.rank)
         self.pipe.build()
+        self.pipe_res = res
 
     def _epoch(self, epoch: int):
         """One pass. A pass that the consumer leaves early (at any batch, the last one included,
@@ -115,6 +122,8 @@ class DaliLoader(Loader):
         of its choosing (after the end of the data, not when a consumer leaves)."""
         if self.open_pass is not None:
             self.drain()
+        if self.pass_res != self.pipe_res:
+            self.build(self.pass_res)
         self.pass_count += 1
         this_pass = self.open_pass = self.pass_count
         self.feeding_epoch = epoch
@@ -149,7 +158,7 @@ class DaliLoader(Loader):
         for p in list(self.in_flight):
             for i in p.index.tolist():
                 try:
-                    decode(self.ds, i)
+                    self.ds.image(i)
                 except DataError as e:
                     return str(e)
         return None

@@ -19,15 +19,15 @@ from torch.utils.data._utils import signal_handling
 
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
-from fasttin.loaders.errors import DataError, decode
+from fasttin.loaders.errors import DataError
 from fasttin.loaders.sampler import BatchPlan
 
 
 class _Batches(torch.utils.data.Dataset):
     """Maps a BatchPlan to a uint8 NHWC batch; runs inside the DataLoader workers."""
 
-    def __init__(self, ds, res: int, augment: str):
-        self.ds, self.res, self.augment = ds, res, augment
+    def __init__(self, ds, augment: str):
+        self.ds, self.augment = ds, augment
 
     def __getitem__(self, p: BatchPlan):
         """(uint8 batch, plan, None), or (None, plan, message) for a sample that does not decode:
@@ -39,13 +39,14 @@ class _Batches(torch.utils.data.Dataset):
             return None, p, str(e)
 
     def batch(self, p: BatchPlan) -> np.ndarray:
-        res, out = self.res, np.empty((len(p.index), self.res, self.res, 3), np.uint8)
+        res = p.res  # the pass's resolution, stamped on its plans: workers live across passes
+        out = np.empty((len(p.index), res, res, 3), np.uint8)
         for j, (i, box, flip) in enumerate(zip(p.index.tolist(), p.boxes.tolist(), p.flips.tolist())):
             x0, y0, w, h = box
             if self.augment != "crop" and res == w == h and not flip:
-                out[j] = decode(self.ds, i)  # nothing to cut, mirror or resize
+                out[j] = self.ds.image(i)  # nothing to cut, mirror or resize
                 continue
-            im = Image.fromarray(decode(self.ds, i))
+            im = Image.fromarray(self.ds.image(i))
             if self.augment == "crop":  # PIL pads a crop outside the image with black
                 im, x0, y0 = im.crop((x0, y0, x0 + w, y0 + h)), 0, 0
             if res != w or res != h or x0 or y0:
@@ -97,16 +98,18 @@ def _close_all() -> None:
 
 
 class _Plans:
-    """The DataLoader's sampler: this epoch's batch plans, drawn in the main process."""
+    """The DataLoader's sampler: this epoch's batch plans, drawn in the main process. It holds its
+    loader weakly: no reference cycle, so a dropped loader is closed at once, with its workers'
+    queues still whole (left to the cycle collector, their feeder threads met closed pipes)."""
 
     def __init__(self, loader):
-        self.loader, self.epoch = loader, 0
+        self._loader, self.epoch = weakref.ref(loader), 0
 
     def __iter__(self):
-        return self.loader.plans(self.epoch)
+        return self._loader().plans(self.epoch)
 
     def __len__(self):
-        return len(self.loader)
+        return len(self._loader())
 
 
 class PilLoader(Loader):
@@ -120,7 +123,7 @@ class PilLoader(Loader):
         # a resident split) does not pay copy-on-write faults again every epoch (measured: half the
         # throughput when forked per epoch inside the benchmark process).
         self._loader = torch.utils.data.DataLoader(
-            _Batches(ds, self.res, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
+            _Batches(ds, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
             collate_fn=_identity, persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
             multiprocessing_context="fork" if workers else None)
@@ -129,25 +132,15 @@ class PilLoader(Loader):
     def close(self) -> None:
         """Stop the workers now. They ignore SIGTERM (see `_ignore_stop_signals`), and torch's own
         shutdown waits 5 s per idle persistent worker (it never sees the stop message while
-        blocked in its 5 s poll), so they are killed first, after torch stops watching their pids
-        (a killed worker it still watched would raise in this process)."""
-        it = getattr(self._loader, "_iterator", None)
-        if it is not None:
-            if getattr(it, "_worker_pids_set", False):
-                signal_handling._remove_worker_pids(id(it))
-                it._worker_pids_set = False
-            for w in getattr(it, "_workers", []):
-                if w.is_alive():
-                    w.kill()
-            it._shutdown_workers()
-            self._loader._iterator = None
+        blocked in its 5 s poll), so they are killed first: `_kill_workers`."""
+        _kill_workers(self._loader)
 
     def __del__(self):
         self.close()
 
     def _epoch(self, epoch: int):
         self._plans.epoch = epoch
-        if self._loader.num_workers and getattr(self._loader, "_iterator", None) is None:
+        if self._loader.num_workers and _workers_iterator(self._loader) is None:
             # The workers are about to be forked: collect unreachable objects first, so that none (a
             # dropped DALI pipeline, say) runs its finaliser in a child, where its threads do not exist.
             gc.collect()
@@ -160,3 +153,46 @@ class PilLoader(Loader):
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
             yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),
                               self.to_device(index))
+
+
+# ---- torch's private DataLoader names: the only ones fasttin uses, all here ---------------------------
+# torch has no public way to stop persistent workers without its 5 s wait per worker. These names
+# are checked against the installed torch by tests/test_loaders.py (`torch_internals_missing`), so
+# a torch upgrade that changes them fails the suite loudly instead of hanging or leaking workers.
+
+def _workers_iterator(loader):
+    """The persistent workers' iterator of a DataLoader (None before its first pass)."""
+    return getattr(loader, "_iterator", None)
+
+
+def _kill_workers(loader) -> None:
+    """Kill a DataLoader's persistent workers, after torch stops watching their pids (a killed
+    worker it still watched would raise SIGCHLD errors in this process), then let torch clean up."""
+    it = _workers_iterator(loader)
+    if it is None:
+        return
+    if getattr(it, "_worker_pids_set", False):
+        signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for w in getattr(it, "_workers", []):
+        if w.is_alive():
+            w.kill()
+    it._shutdown_workers()
+    loader._iterator = None
+
+
+def torch_internals_missing() -> list[str]:
+    """The private torch names `_kill_workers` relies on that this torch lacks (none, or a bug)."""
+    from torch.utils.data.dataloader import DataLoader, _MultiProcessingDataLoaderIter
+    missing = [] if hasattr(signal_handling, "_remove_worker_pids") else ["signal_handling._remove_worker_pids"]
+    missing += [f"_MultiProcessingDataLoaderIter.{n}" for n in ("_shutdown_workers",)
+                if not hasattr(_MultiProcessingDataLoaderIter, n)]
+    loader = DataLoader([0, 1], num_workers=1, persistent_workers=True, multiprocessing_context="fork")
+    it = iter(loader)
+    try:
+        missing += ["DataLoader._iterator" for _ in [0] if _workers_iterator(loader) is not it]
+        missing += [f"_MultiProcessingDataLoaderIter.{n}" for n in ("_workers", "_worker_pids_set")
+                    if not hasattr(it, n)]
+    finally:
+        _kill_workers(loader)
+    return missing

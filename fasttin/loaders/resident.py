@@ -7,7 +7,7 @@ costs no host work at all.
 The store is laid out so that the plan's cut and mirror cost nothing: with `flip` or `crop` it
 holds every image twice, as is and mirrored (a flip is an index), and with `crop` every image is
 black-padded by CROP_PAD, so a crop is an offset. A batch is then ONE row gather (`index_select`
-over an overlapping view whose rows are every 64-pixel run of the store): crop, flip and the
+over an overlapping view whose rows are every 64-pixel row of the store): crop, flip and the
 sample gather together, memcpy-speed on the CPU, one kernel on CUDA. `rrc` keeps the plain store
 and mirrors in its interpolation matrices.
 """
@@ -16,13 +16,14 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
+import signal
 
 import numpy as np
 import torch
 
 from fasttin.loaders.augment import CROP_PAD, SIZE, resize_boxes, upscale_normalize
 from fasttin.loaders.base import Loader
-from fasttin.loaders.errors import decode_many
+from fasttin.loaders.errors import DoesNotFit
 from fasttin.loaders.sampler import PAD_LABEL
 from fasttin.shards import IMAGE_SHAPE
 
@@ -56,19 +57,30 @@ _DS = None
 
 
 def _decode_chunk(idx):
-    return decode_many(_DS, idx)
+    return _DS.images(idx)
+
+
+def _worker_signals() -> None:
+    """A decoding worker dies on SIGTERM and leaves SIGINT to its parent. Forked inside a trainer,
+    it inherits the trainer's stop handler, which only records a SIGTERM: Pool.terminate() then
+    waited forever for a worker blocked on the task queue's lock (seen: a run hung at start)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
     workers = workers or os.cpu_count() or 1
     if ds.payload == "raw" or workers == 1 or len(ds) < 4096:
-        return decode_many(ds, np.arange(len(ds)))
+        return ds.images(np.arange(len(ds)))
     global _DS
     _DS = ds
     gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
-    with mp.get_context("fork").Pool(workers) as pool:
-        return np.concatenate(pool.map(_decode_chunk, np.array_split(np.arange(len(ds)), len(ds) // 2048)))
+    with mp.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
+        out = np.concatenate(pool.map(_decode_chunk, np.array_split(np.arange(len(ds)), len(ds) // 2048)))
+        pool.close()  # the workers leave on their own; terminate() (the with's exit) then has nothing to stop
+        pool.join()
+    return out
 
 
 class ResidentLoader(Loader):
@@ -79,7 +91,7 @@ class ResidentLoader(Loader):
         need = needed_bytes(len(ds), sampler.batch_size, self.res, self.augment)
         free = free_memory(self.device)
         if need > free:
-            raise MemoryError(
+            raise DoesNotFit(
                 f"resident backend needs {need / 2**30:.2f} GiB on {self.device} for {len(ds):,} images "
                 f"of split {ds.split!r} at res {self.res}, but only {free / 2**30:.2f} GiB is free: "
                 "use backend='dali' (streams from the shards) or backend='pil' (CPU workers)")
@@ -89,7 +101,7 @@ class ResidentLoader(Loader):
             self.images = torch.from_numpy(images).to(self.device)
         else:
             self.copies, self.side = store_layout(self.augment)
-            self.runs = build_store(images, self.copies, self.side, self.device)
+            self.rows = build_store(images, self.copies, self.side, self.device)
             self.row_steps = torch.arange(SIZE, device=self.device) * self.side
 
     def _epoch(self, epoch: int):
@@ -102,19 +114,19 @@ class ResidentLoader(Loader):
         boxes, flips = cat("boxes").to(dev, non_blocking=True), cat("flips").to(dev, non_blocking=True)
         labels = torch.where(pad, PAD_LABEL, self.labels[index])
         shown = torch.where(pad, -1, index)
-        first_run = None if self.augment == "rrc" else self.first_runs(index, boxes, flips)
+        first_row = None if self.augment == "rrc" else self.first_rows(index, boxes, flips)
         start = 0
         for p in plans:
             s = slice(start, start + len(p.index))
             start = s.stop
-            if first_run is None:
-                images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.res, self.dtype)
+            if first_row is None:
+                images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.pass_res, self.dtype)
             else:
-                images = upscale_normalize(self.windows, first_run[s], self.res, self.dtype)
+                images = upscale_normalize(self.windows, first_row[s], self.pass_res, self.dtype)
             yield self.output(images, labels[s], shown[s])
 
-    def first_runs(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        """Row number in `self.runs` of each sample's first output row: its image (or the mirrored
+    def first_rows(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Row number in `self.rows` of each sample's first output row: its image (or the mirrored
         copy) and its window's top-left corner, the plan's crop offset taken in padded pixels."""
         pad = (self.side - SIZE) // 2
         x0, y0 = boxes[:, 0].long() + pad, boxes[:, 1].long() + pad
@@ -123,15 +135,15 @@ class ResidentLoader(Loader):
             index = index * 2 + flips.long()
         return (index * self.side + y0) * self.side + x0
 
-    def windows(self, first_run: torch.Tensor) -> torch.Tensor:
+    def windows(self, first_row: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, 64, 64] channels_last: every sample's 64 rows in one gather."""
-        rows = (first_run[:, None] + self.row_steps).view(-1)
-        return self.runs.index_select(0, rows).view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2)
+        rows = (first_row[:, None] + self.row_steps).view(-1)
+        return self.rows.index_select(0, rows).view(-1, SIZE, SIZE, 3).permute(0, 3, 1, 2)
 
 
 def build_store(images: np.ndarray, copies: int, side: int, device: torch.device,
                 chunk: int = 8192) -> torch.Tensor:
-    """The store on `device`, as a view of overlapping rows: row r is the 64-pixel run (192 bytes)
+    """The store on `device`, as a view of overlapping rows: row r is the 64-pixel row (192 bytes)
     that starts at pixel r of the [N * copies, side, side, 3] store (the images, each padded to
     `side`, then its mirror image when copies == 2). Filled a chunk at a time, so that building
     it needs little beyond the store itself."""

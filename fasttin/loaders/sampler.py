@@ -20,6 +20,7 @@ class BatchPlan:
     pad: np.ndarray  # bool [n] True where the sample only pads the rank to stay in step
     boxes: np.ndarray  # float32 [n, 4] (x0, y0, w, h) of the 64x64 source to upscale
     flips: np.ndarray  # bool [n]
+    res: int = 0  # the side to upscale to (the loader stamps its pass's resolution)
 
 
 class EpochSampler:
