@@ -9,6 +9,7 @@ logging step has synchronised anyway.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 
@@ -16,16 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttin.errors import EXIT_NONFINITE, Reported
 from fasttin.loaders.sampler import PAD_LABEL
+from fasttin.recipes import AMPS
 
-AMP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": torch.float32}  # the only AMP table
+AMP_DTYPE = dict(zip(AMPS, (torch.bfloat16, torch.float16, torch.float32)))  # the only AMP table
 
 
-class NonFinite(RuntimeError):
+class NonFinite(Reported):
     """The loss or the weights stopped being finite: nothing of this state may be saved."""
 
-
-NonFiniteLoss = NonFinite  # the older name
+    exit_code, word = EXIT_NONFINITE, "stopped"
 
 
 class Meter:
@@ -67,17 +69,57 @@ def make_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
 
 
 def lr_factor(cfg: dict, steps_per_epoch: int):
-    """Per-step lr multiplier: StepLR(step_size, gamma) by epoch, or linear warmup then cosine to 0."""
+    """The lr multiplier at schedule position `step` (the run's optimisation steps so far; a float
+    under --budget, where the position comes from the clock): StepLR(step_size, gamma) by epoch, or
+    a linear warmup from 0 then cosine or a straight line to 0 at the end of --epochs."""
     total = cfg["epochs"] * steps_per_epoch
     warm = int(cfg["warmup_epochs"] * steps_per_epoch)
 
-    def factor(step: int) -> float:
+    def factor(step: float) -> float:
         if cfg["schedule"] == "step":
-            return cfg["gamma"] ** (step // steps_per_epoch // cfg["step_size"])
+            return cfg["gamma"] ** (int(step) // steps_per_epoch // cfg["step_size"])
         if step < warm:
             return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        done = min(1.0, (step - warm) / max(1, total - warm))
+        if cfg["schedule"] == "linear":
+            return 1.0 - done
+        return 0.5 * (1 + math.cos(math.pi * done))
     return factor
+
+
+class EMA:
+    """An exponential moving average of a model's weights (parameters and floating-point buffers,
+    the batch-norm statistics included) with no host-device synchronisation. `update()` is called
+    after every step; every `every` steps it folds the weights in with one fused lerp at decay**every,
+    the same average within rounding for a decay of 0.99 or more, at a fraction of the memory traffic
+    (on the CPU a lerp of ResNet18's 45 MB costs several per cent of a step). The decay ramps up as
+    min(decay, (1 + t) / (10 + t)) over the first steps t, so that the average does not hold on to the
+    random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int = 4):
+        self.decay, self.every, self.updates = decay, every, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))
+        self._avg = [m for m, t in pairs if m.is_floating_point()]
+        self._src = [t for m, t in pairs if m.is_floating_point()]
+        self._copy = [(m, t) for m, t in pairs if not m.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        if self.updates % self.every:
+            return
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) ** self.every
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - d)
+        for m, t in self._copy:
+            m.copy_(t)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
 
 
 def _no_range(name):
@@ -85,18 +127,28 @@ def _no_range(name):
 
 
 class TrainStep:
-    """One optimisation step (autocast, loss, backward, scaler, optimizer, scheduler, metrics) with
-    no host-device synchronisation. `mark` names the phases for a profiler (off: a no-op)."""
+    """One optimisation step (lr from the schedule's position, autocast, loss, backward, scaler,
+    optimizer, EMA, metrics) with no host-device synchronisation. `position()` is the schedule's
+    position in steps: the steps taken so far, or under --budget the clock's (`Budget.position`).
+    `mark` names the phases for a profiler (off: a no-op)."""
 
-    def __init__(self, model, net, optimizer, scheduler, scaler, loss_fn, *, device, amp, factor, base_lr,
-                 steps_per_epoch):
-        self.model, self.net, self.optimizer, self.scheduler = model, net, optimizer, scheduler
+    def __init__(self, model, net, optimizer, scaler, loss_fn, *, device, amp, factor, base_lr, steps_per_epoch,
+                 ema: EMA | None = None):
+        self.model, self.net, self.optimizer, self.ema = model, net, optimizer, ema
         self.scaler, self.loss_fn, self.device, self.amp = scaler, loss_fn, torch.device(device), amp
         self.factor, self.base_lr, self.steps_per_epoch = factor, base_lr, steps_per_epoch
+        self.steps = 0  # optimisation steps taken in the run, resumes included
+        self.position = lambda: self.steps
         self.meter = Meter(self.device)
         self.mark = _no_range
 
+    def lr_at(self, position: float) -> float:
+        return self.base_lr * self.factor(position)
+
     def __call__(self, images, labels) -> None:
+        lr = self.lr_at(self.position())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         with self.mark("forward"), autocast(self.device, self.amp):
             logits = self.net(images)
             loss = self.loss_fn(logits, labels)
@@ -106,32 +158,43 @@ class TrainStep:
         with self.mark("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+        self.steps += 1
         self.meter.add(loss.detach() * len(labels), logits.detach(), labels)
 
     def epoch_lr(self, epoch: int) -> float:
-        """The lr the 0-based `epoch` trains at (its first step's): what metrics.jsonl logs."""
-        return self.base_lr * self.factor(epoch * self.steps_per_epoch)
+        """The lr the 0-based `epoch` of an epoch-based schedule trains at (its first step's)."""
+        return self.lr_at(epoch * self.steps_per_epoch)
 
     def weights_finite(self) -> bool:
-        """Every parameter and buffer finite (one synchronisation: call it before a save only)."""
-        flags = [torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()]
+        """Every parameter and buffer (and the average's) finite: one synchronisation, before a save only."""
+        tensors = [*self.model.state_dict().values(), *(self.ema.model.state_dict().values() if self.ema else ())]
+        flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
         return bool(torch.stack(flags).all()) if flags else True
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "steps": self.steps}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's step state; one without "steps" (an earlier fasttin's) has its LambdaLR's count."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.steps = state["steps"] if "steps" in state else state["scheduler"]["last_epoch"]
+        if self.ema is not None:
+            if "ema" not in state:
+                raise KeyError("ema")
+            self.ema.load_state_dict(state["ema"])
 
 
 def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1) -> TrainStep:
     """The model on `device` (channels_last per cfg), DDP when world > 1, compiled per cfg, with
-    SGD, the lr schedule, a GradScaler (fp16 only) and label-smoothed cross-entropy."""
+    SGD, the lr schedule, a GradScaler (fp16 only), label-smoothed cross-entropy and the EMA (--ema)."""
     device = torch.device(device)
     fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
     model = model.to(device, memory_format=fmt)
@@ -141,12 +204,72 @@ def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1)
                                                       else None)
     net = torch.compile(wrapped, mode=cfg["compile"]) if cfg.get("compile") else wrapped
     optimizer = make_optimizer(model, cfg)
-    factor = lr_factor(cfg, steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    return TrainStep(model, net, optimizer, scheduler, scaler, loss_fn, device=device, amp=cfg["amp"],
-                     factor=factor, base_lr=cfg["lr"], steps_per_epoch=steps_per_epoch)
+    ema = EMA(model, cfg["ema"]) if cfg.get("ema") else None
+    return TrainStep(model, net, optimizer, scaler, loss_fn, device=device, amp=cfg["amp"],
+                     factor=lr_factor(cfg, steps_per_epoch), base_lr=cfg["lr"], steps_per_epoch=steps_per_epoch,
+                     ema=ema)
+
+
+class Budget:
+    """--budget: the schedule's position from the clock. The run may spend `minutes` on training,
+    validation and checkpoints; the last step comes `reserve` seconds before the end (the final
+    validation and checkpoint, measured after each epoch), and the position runs from 0 to the
+    nominal schedule's last step over the time before it. `spent` (seconds) carries over a resume.
+
+    Under torchrun the ranks must step with one lr and stop at one step: there the clock is read
+    only at the logging steps (`share_clock`, which all-reduces it); a single process reads it every step.
+    """
+
+    def __init__(self, minutes: float, total_steps: int, *, spent: float = 0.0, world: int = 1, device="cpu"):
+        self.seconds, self.total_steps, self.world, self.device = minutes * 60, total_steps, world, device
+        self.spent_before, self.started = spent, time.perf_counter()
+        self.reserve = 0.0  # seconds kept for the final validation and checkpoint
+        self.agreed = (spent, 0.0)  # (spent, reserve) as of the last agreement (torchrun)
+
+    @classmethod
+    def resumed(cls, minutes: float, total_steps: int, pos, *, world: int, device) -> Budget:
+        """The budget of a run at position `pos` (checkpoint.Position): its spent time and reserve."""
+        b = cls(minutes, total_steps, spent=pos.budget_spent_s, world=world, device=device)
+        b.reserve = pos.budget_reserve_s
+        b.agreed = (pos.budget_spent_s, pos.budget_reserve_s)
+        return b
+
+    def keep_room(self, row: dict, steps: int) -> float:
+        """After an epoch (its metrics row): keep room for a final validation and checkpoint as long
+        as the longest so far, with a quarter more, and for one step; returns the seconds spent."""
+        step_s = (row["data_wait_s"] + row["compute_s"]) / max(steps, 1)
+        self.reserve = max(self.reserve, 1.25 * (row["eval_s"] + row["checkpoint_s"]) + step_s)
+        return self.local_spent()
+
+    def local_spent(self) -> float:
+        """Seconds spent by this process's clock, resumes included."""
+        return self.spent_before + time.perf_counter() - self.started
+
+    def spent(self) -> float:
+        """Seconds spent, as the schedule sees them (under torchrun: the last agreed clock)."""
+        return self.agreed[0] if self.world > 1 else self.local_spent()
+
+    def _reserve(self) -> float:
+        return self.agreed[1] if self.world > 1 else self.reserve
+
+    def share_clock(self) -> None:
+        """Every rank adopts the largest clock and reserve (torchrun, at the synchronising steps)."""
+        if self.world > 1:
+            t = torch.tensor([self.local_spent(), self.reserve], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.agreed = tuple(t.tolist())
+
+    def fraction(self) -> float:
+        """How far the run is, 0 to 1, by the clock."""
+        return min(1.0, self.spent() / max(self.seconds - self._reserve(), 1e-9))
+
+    def position(self) -> float:
+        return self.total_steps * self.fraction()
+
+    def exhausted(self) -> bool:
+        return self.fraction() >= 1.0
 
 
 class StepClock:
@@ -155,8 +278,7 @@ class StepClock:
     Intervals are contiguous: data wait runs from the end of the previous step (or the epoch's
     start) to the return of the loader's next(); compute from there to the end of the step. On
     CUDA the bounds are events, read by `collect()` only after a synchronisation (logging steps,
-    the epoch's end); on the CPU they are wall time. `add` books host-timed phases (eval,
-    checkpoint), which synchronise anyway.
+    the epoch's end); on the CPU they are wall time.
     """
 
     def __init__(self, device="cpu"):
@@ -190,9 +312,6 @@ class StepClock:
                 self.first_compute_s = s
             self.totals[kind] += s
         self._marks = marks[-1:]
-
-    def add(self, kind: str, seconds: float) -> None:
-        self.totals[kind] = self.totals.get(kind, 0.0) + seconds
 
     def take(self) -> dict:
         """The totals since the last take (an epoch's), and reset."""

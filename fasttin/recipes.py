@@ -1,17 +1,77 @@
-"""Every setting the trainer reads, declared once (default, type, help), and named sets of defaults.
+"""Every setting the trainer reads, declared once (default, type, help), the trainer's flags made
+from them, and named sets of defaults.
 
-`SETTINGS` is the one table: fasttin.train generates its flags from it, so every setting has a
-flag, and config.json records the resolved values. The `seed-*` recipes reproduce the write-up's
-stages (its figure beside each); `fast` is fasttin's own: the most accuracy per minute from scratch.
+`SETTINGS` is the one table: `add_flags` makes fasttin.train's flags from it, so every setting has
+a flag, and config.json records the resolved values. The choice lists here are the only ones:
+the model, the loaders and the step import them. The `seed-*` recipes reproduce the write-up's
+stages (its figure beside each); `fast` and `fast-cpu` are fasttin's own: the most accuracy per
+minute from scratch, on a GPU and on the CPU.
+
+This module imports nothing heavy, so that a command can check its flags before torch loads.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from fasttin.errors import CommandParser, UserError
+
+# pack's --out, train's and eval's --data
+DEFAULT_DATA = Path(os.environ.get("FASTTIN_DATA", "data/tiny-imagenet-200-packed"))
+
+STEMS = ("imagenet", "cifar")  # 7x7/2 conv + max-pool; 3x3/1 conv and no max-pool
+AUGMENTS = ("none", "flip", "crop", "rrc")  # at 64x64, before the upscale (fasttin/loaders/augment.py)
+AMPS = ("bf16", "fp16", "off")  # autocast precisions (fasttin/loop.py maps them to dtypes)
+BACKENDS = ("auto", "dali", "resident", "pil")  # data loaders (fasttin/loaders)
+SCHEDULES = ("step", "cosine", "linear")
+MIN_RES = 16
 
 
-class SettingError(ValueError):
+class SettingError(UserError):
     """A value a setting refuses (argparse turns it into a one-line usage error)."""
+
+
+def parse_res_schedule(text: str) -> str:
+    """'RES@EPOCH,...' (e.g. '48@1,64@6,80@11'): checked and written back in one spelling."""
+    if text in ("", "none"):
+        return ""
+    entries = []
+    for part in text.split(","):
+        res, at, epoch = part.strip().partition("@")
+        try:
+            entries.append((int(res), int(epoch)))
+        except ValueError:
+            raise SettingError(f"{text!r}: write RES@EPOCH entries, e.g. 48@1,64@6,80@11") from None
+        if not at:
+            raise SettingError(f"{text!r}: write RES@EPOCH entries, e.g. 48@1,64@6,80@11")
+    for res, epoch in entries:
+        if res < MIN_RES or epoch < 1:
+            raise SettingError(f"{text!r}: each RES at least {MIN_RES}, each EPOCH at least 1")
+    epochs = [e for _, e in entries]
+    if epochs != sorted(set(epochs)):
+        raise SettingError(f"{text!r}: the epochs must increase")
+    return ",".join(f"{r}@{e}" for r, e in entries)
+
+
+def res_schedule(cfg: dict) -> list[tuple[int, int]]:
+    """[(first 0-based epoch, res)]: --res from epoch 0, then each entry of --res-schedule."""
+    steps = [(0, cfg["res"])]
+    for part in filter(None, cfg.get("res_schedule", "").split(",")):
+        res, epoch = part.split("@")
+        steps = [s for s in steps if s[0] != int(epoch) - 1] + [(int(epoch) - 1, int(res))]
+    return steps
+
+
+def res_at(cfg: dict, epoch: int) -> int:
+    """The training resolution of 0-based `epoch` (of the nominal schedule, under --budget)."""
+    return [res for first, res in res_schedule(cfg) if first <= epoch][-1]
+
+
+def max_res(cfg: dict) -> int:
+    return max(res for _, res in res_schedule(cfg))
 
 
 @dataclass(frozen=True)
@@ -23,6 +83,8 @@ class Setting:
     choices: tuple | None = None
     minimum: float | None = None  # inclusive lower bound for numbers
     positive: bool = False  # numbers: strictly above 0
+    check: object = None  # text -> value, for a value with a syntax of its own (raises SettingError)
+    below: float | None = None  # numbers: strictly below this
 
     @property
     def flag(self) -> str:
@@ -30,6 +92,8 @@ class Setting:
 
     def parse(self, text: str):
         """The flag's text as this setting's value; nan, inf and out-of-range numbers are refused."""
+        if self.check is not None:
+            return self.check(text)
         if self.kind not in (int, float):
             if self.choices and text not in self.choices:
                 raise SettingError(f"{text!r}: choose one of {', '.join(self.choices)}")
@@ -44,35 +108,55 @@ class Setting:
             raise SettingError(f"{text}: must be positive")
         if self.minimum is not None and v < self.minimum:
             raise SettingError(f"{text}: at least {self.minimum:g}")
+        if self.below is not None and v >= self.below:
+            raise SettingError(f"{text}: below {self.below:g}")
         return v
 
 
-_S = Setting
+def _eval_res(text: str) -> int:
+    v = Setting("eval_res", 0, int, "").parse(text)
+    if v != 0 and v < MIN_RES:
+        raise SettingError(f"{text}: 0 (the epoch's training resolution) or at least {MIN_RES}")
+    return v
+
+
 SETTINGS: tuple[Setting, ...] = (
-    _S("res", 64, int, "side of the square images the model sees (64 = native; more is a bicubic upscale on "
-       "the device)", minimum=16),
-    _S("epochs", 15, int, "passes over the training split", positive=True),
-    _S("batch_size", 100, int, "global batch (split over torchrun processes)", positive=True),
-    _S("lr", 1e-3, float, "peak learning rate for the global batch", positive=True),
-    _S("momentum", 0.9, float, "SGD momentum", minimum=0.0),
-    _S("nesterov", False, bool, "Nesterov momentum"),
-    _S("weight_decay", 0.0, float, "L2 on conv/linear weights only (never on norms or biases)", minimum=0.0),
-    _S("label_smoothing", 0.0, float, "cross-entropy label smoothing (0 to 1)", minimum=0.0),
-    _S("schedule", "step", str, "step: StepLR(step_size, gamma) per epoch; cosine: warmup then cosine to 0",
-       choices=("step", "cosine")),
-    _S("step_size", 7, int, "epochs between lr drops (schedule step)", positive=True),
-    _S("gamma", 0.1, float, "lr factor at each drop (schedule step)", positive=True),
-    _S("warmup_epochs", 0.0, float, "linear warmup from 0, in epochs (schedule cosine)", minimum=0.0),
-    _S("stem", "imagenet", str, "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no max-pool",
-       choices=("imagenet", "cifar")),
-    _S("pretrained", "none", str, "none | imagenet | PATH (a fasttin checkpoint or torchvision state dict)"),
-    _S("augment", "flip", str, "augmentation at 64x64, before the upscale", choices=("none", "flip", "crop", "rrc")),
-    _S("tta", False, bool, "also evaluate on mirrored images and average the logits"),
-    _S("amp", "bf16", str, "autocast precision; fp16 adds a gradient scaler", choices=("bf16", "fp16", "off")),
-    _S("channels_last", True, bool, "NHWC activations and inputs (the tensor-core friendly layout)"),
-    _S("compile", None, str, "torch.compile the model, with an optional mode (e.g. max-autotune)"),
-    _S("backend", "auto", str, "data loader backend (see fasttin.loaders)",
-       choices=("auto", "dali", "resident", "pil")),
+    Setting("res", 64, int, "side of the square images the model sees (64 = native; more is a bicubic upscale "
+            "on the device)", minimum=MIN_RES),
+    Setting("res_schedule", "", str, "progressive resizing: RES@EPOCH entries, e.g. 48@1,64@6,80@11 (epochs "
+            "before the first entry train at --res); under --budget the epochs are the nominal schedule's",
+            check=parse_res_schedule),
+    Setting("eval_res", 0, int, "validation resolution (0: the resolution the epoch trained at)", check=_eval_res),
+    Setting("epochs", 15, int, "passes over the training split (under --budget: the nominal schedule that "
+            "the budget stretches or shrinks)", positive=True),
+    Setting("budget", 0.0, float, "wall-clock minutes for training, validation and checkpoints (set-up "
+            "excluded): lr and resolution follow elapsed/budget, and the run ends at the budget with a "
+            "validation and a checkpoint (0: off, the schedule runs on epochs)", minimum=0.0),
+    Setting("batch_size", 100, int, "global batch (split over torchrun processes)", positive=True),
+    Setting("lr", 1e-3, float, "peak learning rate for the global batch", positive=True),
+    Setting("momentum", 0.9, float, "SGD momentum", minimum=0.0),
+    Setting("nesterov", False, bool, "Nesterov momentum"),
+    Setting("weight_decay", 0.0, float, "L2 on conv/linear weights only (never on norms or biases)", minimum=0.0),
+    Setting("label_smoothing", 0.0, float, "cross-entropy label smoothing (0 to 1)", minimum=0.0),
+    Setting("schedule", "step", str, "step: StepLR(step_size, gamma) per epoch; cosine: warmup then cosine to "
+            "0; linear: warmup then a straight line to 0", choices=SCHEDULES),
+    Setting("step_size", 7, int, "epochs between lr drops (schedule step)", positive=True),
+    Setting("gamma", 0.1, float, "lr factor at each drop (schedule step)", positive=True),
+    Setting("warmup_epochs", 0.0, float, "linear warmup from 0, in epochs (schedules cosine and linear)",
+            minimum=0.0),
+    Setting("ema", 0.0, float, "keep an exponential moving average of the weights with this decay per step "
+            "(e.g. 0.999), validated beside the raw weights; best.pt holds the better (0: off)",
+            minimum=0.0, below=1.0),
+    Setting("stem", "imagenet", str, "imagenet: 7x7/2 conv + max-pool; cifar: 3x3/1 conv, no max-pool",
+            choices=STEMS),
+    Setting("pretrained", "none", str, "none | imagenet | PATH (a fasttin checkpoint or torchvision state dict)"),
+    Setting("augment", "flip", str, "augmentation at 64x64, before the upscale", choices=AUGMENTS),
+    Setting("tta", False, bool, "also evaluate on mirrored images and average the logits"),
+    Setting("amp", "bf16", str, "autocast precision; fp16 adds a gradient scaler", choices=AMPS),
+    Setting("channels_last", True, bool, "NHWC activations and inputs (the tensor-core friendly layout)"),
+    Setting("compile", None, str, "torch.compile the model, with an optional mode (e.g. max-autotune)"),
+    Setting("backend", "auto", str, "data loader backend (auto: resident where the split fits in the "
+            "device's memory, else dali on a GPU, else pil)", choices=BACKENDS),
 )
 BASE = {s.name: s.default for s in SETTINGS}
 
@@ -87,10 +171,17 @@ RECIPES = {
     "seed-224-to-64": dict(pretrained="runs/seed-224/best.pt", epochs=7),
     # write-up: the 224 model at 64px with the cifar stem (conv1 re-initialised), 72.3%
     "seed-finetune": dict(stem="cifar", pretrained="runs/seed-224/best.pt", epochs=7),
-    # fasttin: from scratch, large batch, one-cycle-like cosine with warmup; aim 60% top-1
+    # fasttin: from scratch, large batch, one-cycle-like cosine with warmup; aim 60% top-1 (GPU)
     "fast": dict(stem="cifar", epochs=30, batch_size=512, lr=0.4, momentum=0.9, nesterov=True,
                  weight_decay=5e-4, label_smoothing=0.1, schedule="cosine", warmup_epochs=2.0,
                  augment="crop", tta=True),
+    # fasttin: the most val top-1 per CPU-minute from scratch with the standard stem. Progressive
+    # resizing 64 -> 80 -> 96 upscaled on the fly (on 2 cores 96 px costs only 1.32x of 64 px a step,
+    # and gives the standard stem 3x3 final maps instead of 2x2); linear decay to 0, EMA, label
+    # smoothing, crop. BENCHMARKS.md: the step's costs, the ablations, the full run.
+    "fast-cpu": dict(epochs=10, res=64, res_schedule="80@5,96@8", batch_size=128, lr=0.2, momentum=0.9,
+                     nesterov=True, weight_decay=5e-4, label_smoothing=0.1, schedule="linear", warmup_epochs=1.0,
+                     ema=0.999, augment="crop"),
 }
 
 WRITEUP_TOP1 = {"seed-64-scratch": 0.259, "seed-64-pretrained": 0.569, "seed-224": 0.731,
@@ -121,3 +212,70 @@ def _check_lr_range(cfg: dict) -> None:
     if log_top >= math.log10(FLOAT32_MAX):
         raise SettingError(f"--lr {cfg['lr']:g} with --gamma {cfg['gamma']:g} every --step-size {cfg['step_size']} "
                            f"reaches an lr of 1e{log_top:.0f} in {cfg['epochs']} epochs: beyond float32 (3.4e38)")
+
+
+# ---- flags ----------------------------------------------------------------------------------------
+
+def flag_type(s: Setting):
+    """An argparse type for setting `s`: its parse, with errors as argparse's one-line usage errors."""
+    def parse(text):
+        try:
+            return s.parse(text)
+        except SettingError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = s.kind.__name__
+    return parse
+
+
+def count(name: str, positive: bool = True):
+    """An argparse type for a whole number (>= 1, or >= 0 with positive=False), nan and junk refused."""
+    return flag_type(Setting(name, None, int, "", positive=positive, minimum=None if positive else 0))
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting of the table; its default stays None so the recipe's value applies."""
+    for s in SETTINGS:
+        if s.kind is bool:
+            p.add_argument(s.flag, action=argparse.BooleanOptionalAction, default=None, help=s.help)
+        elif s.name == "compile":
+            p.add_argument(s.flag, nargs="?", const="default", metavar="MODE", help=s.help)
+        else:
+            p.add_argument(s.flag, type=flag_type(s), choices=None if s.check else s.choices, help=s.help,
+                           metavar=None if s.choices else s.name.upper())
+
+
+def train_parser(description: str = "") -> CommandParser:
+    """fasttin.train's flags: data and recipe, one per setting, then the run's own (where and how it
+    runs, never what it computes)."""
+    p = CommandParser("fasttin.train", description=description)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="packed data set (python -m fasttin.pack)")
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="named defaults (default: seed-224 at --res 224 or without --res, fast otherwise)")
+    add_flags(p)
+    run = p.add_argument_group("the run")
+    run.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    run.add_argument("--out", type=Path, help="run folder (default: runs/<recipe>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out (settings must match)")
+    run.add_argument("--auto-resume", action="store_true", help="resume if --out has a last.pt, else start "
+                     "fresh: the flag for torchrun --max-restarts and re-invoked jobs")
+    run.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run, "
+                     "moving the old files into --out/replaced-<time>/")
+    run.add_argument("--seed", type=count("seed", positive=False), default=0,
+                     help="seed of the model init, data order and augmentation")
+    run.add_argument("--workers", type=count("workers"), help="loader threads/processes (default: all cores)")
+    run.add_argument("--log-every", type=count("log_every"), default=25,
+                     help="steps between live-view updates (the only host-device synchronisation in the loop)")
+    run.add_argument("--profile", type=count("profile"), metavar="STEPS",
+                     help="torch.profiler over STEPS steps after a warm-up: RUN_DIR/profile/trace.json "
+                     "(Perfetto, TensorBoard) and top_ops.txt")
+    return p
+
+
+def settings(args) -> dict:
+    """The resolved settings of fasttin.train's flags: the table's defaults, the recipe, the flags;
+    plus the run's own entries."""
+    recipe = args.recipe or ("seed-224" if args.res in (None, 224) else "fast")
+    cfg = resolve(recipe, **{s.name: getattr(args, s.name) for s in SETTINGS})
+    cfg.update(seed=args.seed, data=str(args.data), out=str(args.out or Path("runs") / recipe),
+               workers=args.workers, log_every=args.log_every, profile=args.profile)
+    return cfg

@@ -1,24 +1,87 @@
-"""What a run shows and leaves behind: the rich live view, metrics.jsonl, curves.png, tables."""
+"""What a run shows and leaves behind: log lines, the rich live view, the rate and ETA line, each
+epoch's metrics row (metrics.jsonl), the summary and verdict (summary.json), curves.png, tables."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fasttin.fileio import tmp_name, write_atomic
+from fasttin.fileio import write_atomic, write_json_atomic, write_with
+from fasttin.loop import shares, verdict
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
 
 
-class LiveView:
-    """A progress bar per epoch with img/s, loss and ETA; silent on ranks other than 0, and in logs
-    (not a terminal), where a bar's final frame would land after the run's last message."""
+def log(message: str) -> None:
+    """One log line: never wrapped (a message stays one line whatever its path's length) and never
+    read as rich markup (a path may hold brackets)."""
+    console.print(message, soft_wrap=True, markup=False, highlight=False)
 
-    def __init__(self, enabled: bool = True):
+
+def duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def epoch_row(epoch: int, train: dict, val: dict, times: dict, *, lr: float, res: int, val_res: int, steps: int,
+              batches: int, batch_size: int, compile_s: float | None = None) -> dict:
+    """One line of metrics.jsonl (the checkpoint and total times are added once known). train_img_s
+    is over this invocation's steps of the epoch, the compiling first step left out."""
+    seconds, n = times["data_wait_s"] + times["compute_s"], steps
+    if compile_s is not None and steps > 1:
+        seconds, n = seconds - compile_s, steps - 1
+    row = {"epoch": epoch + 1, "lr": lr, "res": res, "val_res": val_res, "batches": batches,
+           "train_loss": train["loss"], "train_acc": train["acc1"], "val_loss": val["loss"], "val_acc1": val["acc1"],
+           "val_acc5": val["acc5"]}
+    if "ema_acc1" in val:
+        row.update(ema_val_loss=val["ema_loss"], ema_val_acc1=val["ema_acc1"], ema_val_acc5=val["ema_acc5"])
+    return {**row, "train_img_s": n * batch_size / max(seconds, 1e-9), **times}
+
+
+def summary(rows: list[dict], cfg: dict, *, best: float, best_weights: str, compile_s, backend: str,
+            better_backend, device, world: int, steps_per_epoch: int, budget_spent_s, writeup) -> dict:
+    """summary.json: the run's accuracy, its time and where it went, and the verdict line."""
+    total = sum(r["epoch_s"] for r in rows)
+    times = {k: sum(r.get(k, 0.0) for r in rows) for k in ("data_wait_s", "compute_s", "eval_s", "checkpoint_s")}
+    run_shares = {k[:-6]: v for k, v in shares(times, total).items()}
+    run_shares["compile"] = (compile_s or 0.0) / max(total, 1e-9)
+    line = verdict(run_shares, backend=backend, better_backend=better_backend, device=device.type, amp=cfg["amp"],
+                   channels_last=cfg["channels_last"], compile=cfg["compile"], tta=cfg["tta"])
+    last = rows[-1] if rows else {}
+    return {"recipe": cfg["recipe"], "epochs": len(rows),
+            "epochs_fitted": sum(r.get("batches", steps_per_epoch) for r in rows) / steps_per_epoch,
+            "best_val_acc1": best, "best_weights": best_weights, "final_val_acc1": last.get("val_acc1"),
+            "final_val_acc5": last.get("val_acc5"), "final_ema_val_acc1": last.get("ema_val_acc1"),
+            "train_s": total, "budget_min": cfg["budget"] or None, "budget_spent_s": budget_spent_s,
+            "compile_s": compile_s, **times, **shares(times, total), "verdict": line, "pretrained": cfg["pretrained"],
+            "pretrained_reason": cfg.get("pretrained_reason"), "writeup_val_acc1": writeup, "device": str(device),
+            "world_size": world}
+
+
+def write_run(out: Path, rows: list[dict], summary: dict, title: str) -> None:
+    """summary.json and curves.png into the run folder, then the closing table and the verdict."""
+    write_json_atomic(out / "summary.json", summary)
+    plot_curves(rows, out / "curves.png", title)
+    console.print(closing_table(rows, f"{summary['recipe']} -> {out}"))
+    log(f"verdict: {summary['verdict']}")
+
+
+class LiveView:
+    """What a run shows while it trains: a progress bar per epoch with img/s, loss and ETA (on a
+    terminal, rank 0), RUN_DIR/progress.json at each logging step, and once, at the first logging
+    step, the measured rate and what it means for the epoch and the run (or, under --budget, how
+    many epochs the budget holds). Silent on ranks other than 0; no bar in logs (not a terminal),
+    where its final frame would land after the run's last message."""
+
+    def __init__(self, enabled: bool, out: Path, steps_per_epoch: int, batch_size: int, epochs: int,
+                 budget_min: float, log):
+        self.enabled, self.out, self.steps_per_epoch, self.batch_size = enabled, out, steps_per_epoch, batch_size
+        self.epochs, self.budget_min, self.log, self.rate_said = epochs, budget_min, log, False
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}  "
                                             "data wait {task.fields[wait]}"),
@@ -31,26 +94,52 @@ class LiveView:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, total: int, done: int = 0):
-        self.task = self.progress.add_task("train", total=total, completed=done, epoch=epoch, rate="", loss="",
-                                          wait="")
+    def start_epoch(self, epoch: int, first: int = 0):
+        """0-based `epoch`, resumed at batch `first`."""
+        self.task = self.progress.add_task("train", total=self.steps_per_epoch, completed=first, epoch=epoch + 1,
+                                          rate="", loss="", wait="")
 
-    def update(self, steps: int, loss: float, img_s: float, wait_share: float = 0.0):
-        self.progress.update(self.task, completed=steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}",
-                             wait=f"{wait_share:.0%}")
+    def step(self, epoch: int, first: int, steps: int, loss: float, totals: dict) -> None:
+        """A logging step: `steps` done since batch `first` of 0-based `epoch`; `totals` the clock's."""
+        busy = totals["data_wait_s"] + totals["compute_s"]
+        img_s = steps * self.batch_size / max(busy, 1e-9)
+        self.progress.update(self.task, completed=first + steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}",
+                             wait=f"{totals['data_wait_s'] / max(busy, 1e-9):.0%}")
+        if not self.enabled:
+            return
+        write_progress(self.out, epoch + 1, first + steps, self.steps_per_epoch)
+        if not self.rate_said and steps >= 1:
+            self.rate_said = True
+            per_epoch = self.steps_per_epoch * self.batch_size / max(img_s, 1e-9)
+            if self.budget_min:
+                fits = self.budget_min * 60 / per_epoch
+                tail = f"the {self.budget_min:g}-minute budget holds about {fits:.1f} epoch(s)"
+            else:
+                tail = f"{duration(per_epoch * (self.epochs - epoch))} for the {self.epochs - epoch} epoch(s) left"
+            self.log(f"measured {img_s:,.0f} img/s over the first steps: about {duration(per_epoch)} of training an "
+                     f"epoch, {tail} (validation extra)")
 
     def end_epoch(self, row: dict):
-        self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.progress.update(self.task, completed=self.steps_per_epoch)
+        ema = f" (EMA {row['ema_val_acc1']:.1%})" if "ema_val_acc1" in row else ""
         self.progress.console.print(
             f"epoch {row['epoch']}: train loss {row['train_loss']:.3f} acc {row['train_acc']:.1%} | val loss "
-            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%} top-5 {row['val_acc5']:.1%}\n  "
-            f"{row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s | {time_split(row)}")
+            f"{row['val_loss']:.3f} top-1 {row['val_acc1']:.1%}{ema} top-5 {row['val_acc5']:.1%} at res "
+            f"{row['val_res']}\n  {row['epoch_s']:.1f} s, {row['train_img_s']:,.0f} img/s at res {row['res']} | "
+            f"{time_split(row)}")
 
 
 def time_split(row: dict) -> str:
     """Where an epoch's (or a run's) time went, as shares: data wait, compute, eval, checkpoint."""
     return ", ".join(f"{label} {row.get(key + '_share', 0.0):.0%}" for key, label in (
         ("data_wait", "wait"), ("compute", "compute"), ("eval", "eval"), ("checkpoint", "ckpt")))
+
+
+def write_progress(out: Path, epoch: int, step: int, steps_per_epoch: int) -> None:
+    """RUN_DIR/progress.json at each logging step: where the run is and rank 0's pid, for tools and
+    tests that wait for an event. Replaced by rename, without fsync: it is a hint, not a record."""
+    write_atomic(out / "progress.json", json.dumps({"epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch,
+                                                    "pid": os.getpid(), "time": time.time()}).encode(), sync=False)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -78,26 +167,30 @@ def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     b.plot(ep, [r["train_acc"] for r in rows], "o-", label="train top-1")
     b.plot(ep, [r["val_acc1"] for r in rows], "o-", label="val top-1")
     b.plot(ep, [r["val_acc5"] for r in rows], "--", label="val top-5")
+    if all("ema_val_acc1" in r for r in rows):
+        b.plot(ep, [r["ema_val_acc1"] for r in rows], "o:", label="val top-1, EMA weights")
     b.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = tmp_name(path).with_name(tmp_name(path).name + ".png")  # matplotlib picks the format by suffix
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, dpi=100))  # the temporary keeps .png: matplotlib's format
+    finally:
+        plt.close(fig)
 
 
 def closing_table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
-    for col in ("epoch", "lr", "train loss", "train acc", "val loss", "val top-1", "val top-5", "s", "img/s",
-                "data wait", "compute", "eval", "ckpt"):
+    ema = all("ema_val_acc1" in r for r in rows)
+    for col in ("epoch", "res", "lr", "train loss", "train acc", "val loss", "val top-1", "val top-5",
+                *(("EMA top-1",) if ema else ()), "s", "img/s", "data wait", "compute", "eval", "ckpt"):
         t.add_column(col, justify="right")
     for r in rows:
-        t.add_row(str(r["epoch"]), f"{r['lr']:.2e}", f"{r['train_loss']:.3f}", f"{r['train_acc']:.1%}",
-                  f"{r['val_loss']:.3f}", f"{r['val_acc1']:.1%}", f"{r['val_acc5']:.1%}", f"{r['epoch_s']:.1f}",
+        t.add_row(str(r["epoch"]), str(r.get("res", "")), f"{r['lr']:.2e}", f"{r['train_loss']:.3f}",
+                  f"{r['train_acc']:.1%}", f"{r['val_loss']:.3f}", f"{r['val_acc1']:.1%}", f"{r['val_acc5']:.1%}",
+                  *((f"{r['ema_val_acc1']:.1%}",) if ema else ()), f"{r['epoch_s']:.1f}",
                   f"{r['train_img_s']:,.0f}", *(f"{r.get(k + '_share', 0.0):.0%}" for k in
                                                 ("data_wait", "compute", "eval", "checkpoint")))
     return t
