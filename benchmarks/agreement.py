@@ -9,7 +9,6 @@ machine's speed drifts by tens of percent within minutes, so only pairs measured
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -17,10 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.run import positive
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, UserError
+from benchmarks.runner import envelope, rotation
+from fasttin.errors import CommandParser, UserError, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
-from fasttin.info import dated_environment
+from fasttin.recipes import count
 from fasttin.shards import FormatError, open_split
 
 
@@ -49,26 +48,19 @@ def stage_rate(common: list[str], folder: Path, steps: int, repeats: int) -> flo
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.agreement", description=__doc__.split("\n\n")[0])
+    p = CommandParser("benchmarks.agreement", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True)
     p.add_argument("--recipe", default="seed-64-scratch")
-    p.add_argument("--res", type=positive, default=64)
-    p.add_argument("--batch-size", type=positive, default=100)
+    p.add_argument("--res", type=count("res"), default=64)
+    p.add_argument("--batch-size", type=count("batch_size"), default=100)
     p.add_argument("--backend", default="resident")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=positive, default=3, help="alternated trainer / stage pairs")
-    p.add_argument("--epochs", type=positive, default=2, help="trainer epochs a round (the last one is timed)")
-    p.add_argument("--repeats", type=positive, default=2, help="stage repeats of one epoch's steps a round")
+    p.add_argument("--rounds", type=count("rounds"), default=3, help="alternated trainer / stage pairs")
+    p.add_argument("--epochs", type=count("epochs"), default=2, help="trainer epochs a round (the last one is timed)")
+    p.add_argument("--repeats", type=count("repeats"), default=2, help="stage repeats of one epoch's steps a round")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
-    try:
-        return measure(a, argv)
-    except UserError as e:
-        print(f"benchmarks.agreement: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("benchmarks.agreement: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_command("benchmarks.agreement", lambda: measure(a, argv))
 
 
 def measure(a, argv) -> int:
@@ -84,8 +76,8 @@ def measure(a, argv) -> int:
               "--device", a.device]
     trainer, stage = [], []
     with tempfile.TemporaryDirectory(prefix="fasttin-agreement-") as tmp:
-        for i in range(a.rounds):  # ABBA: neither side always runs first
-            for side in ("trainer", "stage") if i % 2 == 0 else ("stage", "trainer"):
+        for i in range(a.rounds):
+            for side in rotation(["trainer", "stage"], i):
                 if side == "trainer":
                     trainer.append(trainer_rate([*common, "--backend", a.backend], Path(tmp), a.epochs))
                 else:
@@ -96,11 +88,9 @@ def measure(a, argv) -> int:
     print(f"median: fasttin.train {t:,.1f} img/s, train stage {s:,.1f} img/s: stage / trainer = {s / t:.3f} "
           f"({s / t - 1:+.1%}; target within 5%)")
     if a.json:
-        write_json_atomic(Path(a.json), {
-            "environment": dated_environment(),
-            "command": " ".join(["python -m benchmarks.agreement", *(argv if argv is not None else sys.argv[1:])]),
-            "settings": {k: v for k, v in vars(a).items() if k != "json"}, "steps_per_epoch": steps,
-            "trainer_img_per_s": trainer, "stage_img_per_s": stage, "ratio": s / t})
+        write_json_atomic(Path(a.json), envelope(
+            "benchmarks.agreement", argv, settings={k: v for k, v in vars(a).items() if k != "json"},
+            steps_per_epoch=steps, trainer_img_per_s=trainer, stage_img_per_s=stage, ratio=s / t))
     return 0
 
 

@@ -1,45 +1,89 @@
 #!/usr/bin/env bash
-# benchmarks/gpu.sh OUT_DIR: the whole benchmark suite and the GPU-only checks on a fresh CUDA
-# machine that has Python with torch and nothing else of ours, in under 8 minutes on one H200.
+# STAGE=A|B|C benchmarks/gpu.sh OUT_DIR: the GPU proof, one stage per call, on a bare CUDA machine
+# that has Python with torch, torchvision, numpy, pillow, rich, matplotlib and OpenCV (no DALI, no
+# network). Each stage fits one call of at most 6 minutes; logs and JSON go to OUT_DIR, and a short
+# table is printed last. BENCHMARKS.md's runbook says how the parts of B and C get there.
 #
-#   WHEELS  folder of DALI wheels and their needs (default ~/x/wheels; made by shared/gpu/dali-wheels)
-#   DATA    a packed data set to use (default: a synthetic one made here: 50k train, 10k val)
-#   SITE    where the wheels are installed (default ~/site)
-#   SYNTH, CHECK_STEPS, BENCH_ARGS   synthetic images per class (250), training steps per backend in
-#           the checks (200), extra arguments for benchmarks.run (none)
-# Writes OUT_DIR/{bench.json,bench.md,bench.png,checks.json,gpu.log}; prints a short summary last.
-# Rehearse on a CPU machine, small:
-#   DEVICE=cpu PYTHON=.venv/bin/python SYNTH=5 CHECK_STEPS=3 BENCH_ARGS=--quick benchmarks/gpu.sh /tmp/rehearsal
+#   A  (no transfer)  synthetic data made here; the DALI-free checks (resident on the device against
+#      resident on the CPU, exact epochs, a falling loss; every DALI check a skip with its reason);
+#      benchmarks.run at res 64 and 224, model-only (fp32/bf16, NCHW/NHWC, both stems), the resident
+#      and pil loaders, the classic pipeline and end to end with the trainer's step; fasttin.train
+#      --recipe fast --epochs 2 --compile (seconds per epoch, time shares, compile time); last, the
+#      compiled model points, in the time that is left.
+#   B  (DALI: SITE, a folder made by shared/gpu/dali-site)  the checks with DALI (mixed decoder and
+#      GPU resize against DALI's CPU mode), and the dali rows of the benchmark at 64 and 224.
+#   C  (real data: DATA, the packed train and val splits)  fast from scratch at res 64 on a 4.5-minute
+#      --budget: val top-1 by epoch against wall-clock, and the time accounting.
+#
+#   PYTHON (python3), DEVICE (cuda), SITE (~/x/.xfer-src/site), DATA (C: ~/x/.xfer-src/data; A and B
+#   make a synthetic set of SYNTH (100) train images per class here), BUDGET_MIN (C: 4.5)
+# Rehearse on a CPU machine, small, with DALI hidden as on the GPU machine:
+#   STAGE=A DEVICE=cpu PYTHON=.venv/bin/python REHEARSE=1 PYTHONPATH=tools/hide-dali benchmarks/gpu.sh /tmp/gpu-a
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+out=${1:?usage: STAGE=A|B|C benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-exec > >(tee -a "$out/gpu.log") 2>&1
+exec > >(tee -a "$out/gpu-${STAGE:-A}.log") 2>&1
 py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
-wheels=${WHEELS:-$HOME/x/wheels}
-site=${SITE:-$HOME/site}
+stage=${STAGE:-A}
+small=${REHEARSE:+1}  # a CPU rehearsal: tiny sizes, the same steps
 t0=$(date +%s)
-if [ -d "$wheels" ] && ! PYTHONPATH="$site" $py -c 'import nvidia.dali' 2>/dev/null; then
-  echo "== installing $(ls "$wheels"/*.whl | wc -l) wheels into $site"
-  $py -m pip install -q --no-index --no-deps --no-compile --target "$site" "$wheels"/*.whl
-  echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" > "$site/nvidia/__init__.py"
+since() { echo $(( $(date +%s) - t0 )); }
+left() { echo $(( $1 - $(since) )); }  # seconds left of a stage budget of $1
+if [ "$stage" = B ]; then
+  export PYTHONPATH="${SITE:-$HOME/x/.xfer-src/site}${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 $py -m fasttin.info
-data=${DATA:-/tmp/fasttin-synthetic-${SYNTH:-250}}
-if [ ! -f "$data/manifest.json" ]; then
-  echo "== making a synthetic data set in $data"
-  $py -m fasttin.pack --synthetic "${SYNTH:-250}" --out "$data" || exit 1
+synth=${SYNTH:-$([ -n "$small" ] && echo 4 || echo 100)}
+if [ "$stage" != C ]; then
+  data=/tmp/fasttin-synthetic-$synth
+  if [ ! -f "$data/manifest.json" ]; then
+    echo "== a synthetic data set of $synth train images a class in $data ($(since) s in)"
+    $py -m fasttin.pack --synthetic "$synth" --out "$data" || exit 1
+  fi
+else
+  data=${DATA:-$HOME/x/.xfer-src/data}
 fi
-echo "== GPU-only checks ($(( $(date +%s) - t0 )) s in)"
-timeout 150 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "${CHECK_STEPS:-200}" \
-  --json "$out/checks.json"
-echo "== benchmarks ($(( $(date +%s) - t0 )) s in)"
-timeout 330 $py -m benchmarks.run --data "$data" --device "$device" --res 64,224 --batch-size 256 \
-  --repeats 3 --batches 15 --steps 5 --cache /tmp/fasttin-bench-cache \
-  --json "$out/bench.json" --markdown "$out/bench.md" --plot "$out/bench.png" ${BENCH_ARGS:-}
-echo "== done in $(( $(date +%s) - t0 )) s"
-[ -f "$out/checks.json" ] && cat "$out/checks.json"
-[ -f "$out/bench.json" ] && $py -m benchmarks.run --summarize "$out/bench.json"
+steps=$([ -n "$small" ] && echo 4 || echo 200)
+bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$([ -n "$small" ] && echo 8 || echo 256)"
+       --repeats "$([ -n "$small" ] && echo 1 || echo 3)" --batches "$([ -n "$small" ] && echo 2 || echo 15)"
+       --steps "$([ -n "$small" ] && echo 1 || echo 5)" --cache /tmp/fasttin-bench-cache)
+case "$stage" in
+A)
+  echo "== checks without DALI ($(since) s in)"
+  timeout 70 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-A.json"
+  echo "== benchmarks, eager ($(since) s in)"
+  timeout 110 $py -m benchmarks.run "${bench[@]}" --stages model,loader,train --backends resident,pil,classic \
+    --compiled none --json "$out/bench-A.json" --markdown "$out/bench-A.md"
+  echo "== fasttin.train --recipe fast --epochs 2 --compile ($(since) s in)"
+  timeout 100 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
+    --out "$out/fast-synthetic" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
+  echo "== benchmarks, compiled model points ($(since) s in)"
+  timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages model \
+    --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json"
+  ;;
+B)
+  echo "== checks with DALI ($(since) s in)"
+  timeout 120 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
+  echo "== benchmarks, dali ($(since) s in)"
+  timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
+    --compiled none --json "$out/bench-B.json" --markdown "$out/bench-B.md"
+  ;;
+C)
+  budget=${BUDGET_MIN:-$([ -n "$small" ] && echo 0.5 || echo 4.5)}
+  echo "== fast from scratch at res 64 on the real data, a $budget-minute budget ($(since) s in)"
+  timeout 340 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
+    --device "$device" --out "$out/fast-real" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
+  ;;
+*) echo "STAGE must be A, B or C" >&2; exit 2 ;;
+esac
+echo "== stage $stage done in $(since) s"
+for f in "$out"/checks-"$stage".json; do [ -f "$f" ] && $py -c "import json,sys
+for r in json.load(open(sys.argv[1])): print(('skip' if r['ok'] is None else 'ok  ' if r['ok'] else 'FAIL'), r['check'])" "$f"; done
+for f in "$out"/bench-"$stage"*.json; do [ -f "$f" ] && $py -m benchmarks.run --summarize "$f"; done
+for f in "$out"/fast-*/summary.json; do [ -f "$f" ] && $py -c "import json,sys; s=json.load(open(sys.argv[1]))
+print(sys.argv[1], 'epochs', round(s['epochs_fitted'], 2), 'best top-1', round(s['best_val_acc1'], 4), 's', round(s['train_s'], 1),
+      'compile_s', s['compile_s'], s['verdict'])" "$f"; done

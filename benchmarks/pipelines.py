@@ -1,22 +1,23 @@
 """The loaders the loader and train stages measure: fasttin's backends, and the classic pipeline
-(torchvision ImageFolder over the split upscaled on disk with OpenCV, prepared once in --cache).
+(torchvision ImageFolder over the split upscaled on disk with OpenCV, prepared once in --cache);
+and the split written out as files, which the classic pipeline and the peers read.
 
 Loaders are built once per resolution (`Bench.shared`) and shared by the loader and train stages.
-The classic cache writes one file per sample; every name taken from the data (class wnid, sample
+The cached folders hold one file per sample; every name taken from the data (class wnid, sample
 key) must be a bare file name, so nothing is ever written outside the cache folder.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from benchmarks.runner import Bench, Skip
 from fasttin.errors import UserError
-from fasttin.fileio import OutputError, write_atomic
+from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_folder
 from fasttin.loaders import make_loader
 from fasttin.loop import AMP_DTYPE
 
@@ -34,6 +35,72 @@ def bare_name(name: str, what: str) -> str:
     return name
 
 
+# ---- the split as files: the classic pipeline's input, and the peers' -----------------------------
+
+def split_tag(ds) -> str:
+    """Names the cache entries of one split: data set folder, split, count, manifest digest."""
+    manifest = (ds.data_dir / "manifest.json").read_bytes()
+    return f"{ds.data_dir.resolve().name}-{ds.split}-{len(ds)}-{hashlib.sha1(manifest).hexdigest()[:10]}"
+
+
+def relative_paths(ds) -> list[str]:
+    """`class/file` of every sample in pack order (the ImageFolder layout of every cached folder);
+    each name from the data must be a bare file name, so nothing is written outside the cache."""
+    out = []
+    for key, label in zip(ds.keys, ds.labels.tolist()):
+        name = bare_name(key, "sample key")
+        name = name if ds.payload == "jpeg" else Path(name).stem + ".png"
+        out.append(f"{bare_name(ds.classes[label], 'class name') if label >= 0 else 'unlabeled'}/{name}")
+    return out
+
+
+def _cached(root: Path, write) -> Path:
+    """`root`, made once by write(folder) beside it and swapped in when complete (fileio), so an
+    interrupted preparation is never mistaken for a finished one."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_folders(root, lambda p: False)
+    if not root.is_dir():
+        replace_folder(root, write)
+    return root
+
+
+def _write_each(folder: Path, ds, image) -> None:
+    """image(i, suffix) -> the bytes of sample i's file, written at its relative path under `folder`."""
+    for i, rel in enumerate(relative_paths(ds)):
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.write_bytes(image(i, Path(rel).suffix))
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+
+
+def image_folder(ds, cache: Path) -> Path:
+    """The split as an ImageFolder of its 64 px files: the JPEG payloads byte for byte (PNG for
+    raw payloads), for torchvision's and DALI's file readers."""
+    def image(i: int, suffix: str) -> bytes:
+        return ds.encoded(i).tobytes() if ds.payload == "jpeg" else _encode(ds.image(i), suffix)
+    return _cached(Path(cache) / f"folder-{split_tag(ds)}", lambda tmp: _write_each(tmp, ds, image))
+
+
+def upscaled_folder(ds, cache: Path, res: int) -> Path:
+    """The split upscaled to res x res on disk with OpenCV INTER_CUBIC, as the write-up did: the
+    classic pipeline's input (JPEG at OpenCV's quality 95, or PNG, as the file names say)."""
+    import cv2
+
+    def image(i: int, suffix: str) -> bytes:
+        return _encode(cv2.resize(ds.image(i), (res, res), interpolation=cv2.INTER_CUBIC), suffix)
+    return _cached(Path(cache) / f"upscaled{res}-{split_tag(ds)}", lambda tmp: _write_each(tmp, ds, image))
+
+
+def _encode(rgb, suffix: str) -> bytes:
+    import cv2
+    ok, data = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise UserError(f"OpenCV cannot encode an image as {suffix}")
+    return data.tobytes()
+
+
 def backend_loader(b: Bench, backend: str, res: int):
     """fasttin's loader for `backend` at `res`, in the recipe's precision, as the trainer builds it."""
     def build():
@@ -46,43 +113,13 @@ def backend_loader(b: Bench, backend: str, res: int):
     return b.shared(("loader", backend, res), build)
 
 
-def classic_root(b: Bench, res: int) -> Path:
-    """The split written as upscaled files once (OpenCV INTER_CUBIC), marked complete when done."""
-    import cv2
-    ds = b.ds
-    tag = f"{Path(b.args.data).resolve().name}-{b.args.split}-{len(ds)}-{res}"
-    root = Path(b.args.cache) / f"classic-{bare_name(tag, 'data set name')}"
-    if (root / ".complete").exists():
-        return root
-    t = time.perf_counter()
-    for i in range(len(ds)):
-        label = ds.labels[i]
-        d = root / (bare_name(ds.classes[label], "class name") if label >= 0 else "unlabeled")
-        d.mkdir(parents=True, exist_ok=True)
-        im = cv2.cvtColor(ds.image(i), cv2.COLOR_RGB2BGR)
-        ok, png = cv2.imencode(Path(ds.keys[i]).suffix or ".png",
-                               cv2.resize(im, (res, res), interpolation=cv2.INTER_CUBIC))
-        if not ok:
-            raise Skip(f"OpenCV cannot encode {ds.keys[i]!r} for the classic cache")
-        _write(d / bare_name(ds.keys[i], "sample key"), png.tobytes())
-    write_atomic(root / ".complete", f"{time.perf_counter() - t:.1f} s to prepare\n".encode())
-    return root
-
-
-def _write(path: Path, data: bytes) -> None:
-    """One cache file; not atomic on its own (the folder counts only once `.complete` exists)."""
-    try:
-        path.write_bytes(data)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-
-
 def classic_loader(b: Bench, res: int):
     """ImageFolder + RandomHorizontalFlip + ToTensor, DataLoader with all cores (the everyday baseline)."""
     def build():
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
-        folder = ImageFolder(str(classic_root(b, res)), T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]))
+        folder = ImageFolder(str(upscaled_folder(b.ds, Path(b.args.cache), res)),
+                             T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]))
         gc.collect()
         return torch.utils.data.DataLoader(folder, batch_size=b.args.classic_batch_size, shuffle=True,
                                            num_workers=b.args.workers or os.cpu_count(),

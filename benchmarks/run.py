@@ -16,33 +16,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, UserError
-from fasttin.fileio import ensure_writable
-from fasttin.recipes import RECIPES, resolve
+from benchmarks import LOADERS
+from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
+from fasttin.fileio import ensure_writable, write_json_atomic
+from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, count, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
 STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers")
-BACKEND_NAMES = ("resident", "pil", "dali", "classic")  # the loader and train stages' loaders
+positive = count("value")
 
 
-def positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return v
+def positives(text: str) -> list[int]:
+    return [positive(t) for t in text.split(",")]
 
 
 def resolutions(text: str) -> list[int]:
-    try:
-        res = [int(r) for r in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if any(r < 16 for r in res):
-        raise argparse.ArgumentTypeError(f"{text}: every resolution must be at least 16")
+    res = positives(text)
+    if any(r < MIN_RES for r in res):
+        raise argparse.ArgumentTypeError(f"{text}: every resolution must be at least {MIN_RES}")
     return res
 
 
@@ -63,33 +55,41 @@ def stage_list(text: str) -> set[str]:
     return chosen | ({"classic"} if "loader" in chosen else set())  # loader includes the classic pipeline
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+def parser() -> CommandParser:
+    p = CommandParser("benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", help="packed data set (default: a synthetic one made in a temporary folder)")
     p.add_argument("--split", default="val", help="split to read (default val)")
     p.add_argument("--res", type=resolutions, help="comma-separated resolutions (default 64,224; 64 with --quick)")
     p.add_argument("--recipe", choices=list(RECIPES), default="seed-64-scratch",
                    help="the trainer's settings the model and train stages step with (default seed-64-scratch)")
     p.add_argument("--batch-size", type=positive, default=256)
+    p.add_argument("--batch-sizes", type=positives, help="comma-separated batch sizes of the model stage's grid "
+                   "(default: --batch-size)")
+    p.add_argument("--threads", type=positives, help="comma-separated torch thread counts of the model stage's "
+                   "grid (default: all cores)")
     p.add_argument("--classic-batch-size", type=positive, default=100, help="the classic pipeline's batch "
                    "(write-up: 100)")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--augment", help="augmentation of the loader stages (default: the recipe's)")
     p.add_argument("--workers", type=positive, help="loader threads/processes (default: all cores)")
     p.add_argument("--repeats", type=positive, default=5, help="timed repeats per figure (median reported)")
     p.add_argument("--batches", type=int, default=0, help="batches per loader repeat (default 0: a whole epoch)")
     p.add_argument("--steps", type=positive, default=5, help="training steps per model and train repeat")
     p.add_argument("--decode-images", type=positive, default=4096, help="images per decode/resize repeat")
-    p.add_argument("--compile-all", action="store_true", help="compile every model configuration, not only "
-                   "bf16 channels_last")
+    p.add_argument("--compiled", choices=("none", "some", "all", "only"), default="some",
+                   help="torch.compile'd points of the model stage: none; some (default: bf16 NHWC of each stem, "
+                   "beside every eager point); all (every point compiled too); only (just the compiled bf16 NHWC "
+                   "points: a separate run, since compiling takes the longest)")
+    p.add_argument("--stems", type=names_from(STEMS, "stems"), default=",".join(STEMS),
+                   help="the model stage's stems (default both)")
     p.add_argument("--compile-cpu", action="store_true", help="also measure torch.compile on the CPU (slow)")
     p.add_argument("--summarize", type=Path, metavar="JSON", help="print the short summary of a finished run and exit")
     p.add_argument("--cache", default="bench-out/cache", help="where the classic pipeline's upscaled files go")
     p.add_argument("--stages", type=stage_list, default="read,decode,resize,copy,model,loader,train",
                    help=f"which stages to run, of {','.join(STAGE_NAMES)} (loader includes classic; "
                    "peers is optional)")
-    p.add_argument("--backends", type=names_from(BACKEND_NAMES, "backends"), default=",".join(BACKEND_NAMES),
-                   help=f"the loaders of the loader and train stages, of {','.join(BACKEND_NAMES)} (default all)")
+    p.add_argument("--backends", type=names_from(LOADERS, "backends"), default=",".join(LOADERS),
+                   help=f"the loaders of the loader and train stages, of {','.join(LOADERS)} (default all)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -123,13 +123,10 @@ def summarize(path: Path) -> int:
     return EXIT_OK
 
 
-def settle(args) -> None:
+def resolve_flags(args) -> None:
     """Flags that depend on others: --quick's small sizes, the recipe's precision and augmentation."""
-    import torch
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device here; use --device cpu")
-    from fasttin.loaders import AUGMENTS
+    from fasttin.info import resolve_device
+    args.device = str(resolve_device(args.device))
     cfg = resolve(args.recipe)
     args.amp, args.augment = cfg["amp"], args.augment or cfg["augment"]
     if args.augment not in AUGMENTS:
@@ -158,7 +155,6 @@ def measure(args, out: dict) -> None:
 
     from benchmarks import stages
     from benchmarks.runner import Bench, run_table
-    from fasttin.info import dated_environment
     with tempfile.TemporaryDirectory(prefix="fasttin-bench-") as tmp:
         if args.data is None:
             from fasttin.pack import pack
@@ -168,7 +164,7 @@ def measure(args, out: dict) -> None:
         torch.manual_seed(0)
         b = Bench(args, torch.device(args.device), ds)
         b.records = out["records"]
-        env = out["environment"] = dated_environment()
+        env = out["environment"]
         print(f"benchmarks on {b.device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from "
               f"{args.data}", file=sys.stderr)
         run_table(b, stages.table(args.backends), args.stages, args.res)
@@ -177,18 +173,18 @@ def measure(args, out: dict) -> None:
 
 def keep_partial(args, out: dict, why: str) -> str:
     """The records of a run that stopped early, into --json marked incomplete; says where."""
-    from benchmarks import writers
     if not (args.json and out["records"]):
         return ""
     out["incomplete"] = f"{why} after {len(out['records'])} records"
     try:
-        writers.write_json(args.json, finish(out))
+        write_json_atomic(args.json, with_environment(out))
     except UserError:
         return ""
-    return f"; the {len(out['records'])} records measured so far are in {args.json}, marked incomplete"
+    return f"the {len(out['records'])} records measured so far are in {args.json}, marked incomplete"
 
 
-def finish(out: dict) -> dict:
+def with_environment(out: dict) -> dict:
+    """Each record carries the machine and date too (a record copied alone keeps its evidence)."""
     for r in out["records"]:
         r["environment"] = out["environment"]
     return out
@@ -199,7 +195,8 @@ def report(args, out: dict) -> int:
     from rich.console import Console
 
     from benchmarks import writers
-    failed = writers.write_outputs({"json": args.json, "markdown": args.markdown, "plot": args.plot}, finish(out))
+    paths = {"json": args.json, "markdown": args.markdown, "plot": args.plot}
+    failed = writers.write_outputs(paths, with_environment(out))
     console = Console()
     console.print(writers.table(out["records"]))
     writers.print_summary(out["records"], console)
@@ -210,14 +207,13 @@ def report(args, out: dict) -> int:
 
 def bench(args, argv) -> int:
     check_outputs(args)
-    settle(args)
-    command = "python -m benchmarks.run " + " ".join(map(str, argv if argv is not None else sys.argv[1:]))
-    out = {"environment": None, "command": command, "records": []}
+    resolve_flags(args)
+    from benchmarks.runner import envelope
+    out = envelope("benchmarks.run", argv, records=[])
     try:
         measure(args, out)
     except KeyboardInterrupt:
-        print(f"benchmarks.run: interrupted{keep_partial(args, out, 'interrupted')}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise KeyboardInterrupt(keep_partial(args, out, "interrupted")) from None
     except BaseException:  # a bug in a stage: keep what was measured, and the traceback
         keep_partial(args, out, "a stage failed")
         raise
@@ -226,11 +222,9 @@ def bench(args, argv) -> int:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        return summarize(args.summarize) if args.summarize else bench(args, argv)
-    except UserError as e:
-        print(f"benchmarks.run: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    interrupt_on_sigterm()  # `timeout` keeps what was measured, as Ctrl-C does
+    return run_command("benchmarks.run",
+                       lambda: summarize(args.summarize) if args.summarize else bench(args, argv))
 
 
 if __name__ == "__main__":

@@ -53,10 +53,11 @@ RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment")  # 
 class Stage:
     """One row of the benchmark table.
 
-    run(bench, **point) returns the measured record fields (from `bench.measure`); a row with
-    `alternate` instead returns a consumer (one pass -> images) that the runner times in turn with
-    the other alternating rows of the same resolution. `grid(bench, res)` lists the points (res is
-    None for rows with `per_res=False`); `name` is a format string over a point, or a function of it.
+    run(bench, **point) returns the measured record fields (from `bench.measure`); a row with an
+    `alternate` group instead returns a consumer (one pass -> images), or (consumer, extra record
+    fields), that the runner times in turn with the other rows of its group at the same resolution.
+    `grid(bench, res)` lists the points (res is None for rows with `per_res=False`); `name` is a format
+    string over a point, or a function of it.
     """
 
     stage: str
@@ -65,7 +66,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     grid: Callable[[Bench, int | None], list[dict]] | None = None
     per_res: bool = True
-    alternate: bool = False
+    alternate: str | None = None  # the group whose rows are timed in turn (e.g. the loaders)
     fields: dict = field(default_factory=dict)  # fixed record fields: backend, device, dtype...
 
     def points(self, b: Bench, res: int | None) -> list[dict]:
@@ -126,20 +127,21 @@ class Bench:
         return summarise(rates, nbytes_per_image)
 
     def alternate(self, consumers: dict) -> dict:
-        """Time consumers (one pass each -> images) in turn, repeat by repeat, so that they share
-        the machine's state; returns key -> measured fields, or the Skip that stopped that key."""
+        """Time consumers (one pass each -> images) in turn, repeat by repeat, each going first in
+        turn (`rotation`), so that they share the machine's state and none always runs first;
+        returns key -> measured fields, or the Skip that stopped that key."""
         out, rates = {}, {k: [] for k in consumers}
         for k, fn in consumers.items():  # warm-up: a whole pass, so workers are started, caches filled
             try:
                 self.timed(fn)
             except Skip as e:
                 out[k] = e
-        for _ in range(self.args.repeats):
-            for k, fn in consumers.items():
+        for r in range(self.args.repeats):
+            for k in rotation(list(consumers), r):
                 if k in out:
                     continue
                 try:
-                    n, dt = self.timed(fn)
+                    n, dt = self.timed(consumers[k])
                 except Skip as e:
                     out[k] = e
                     continue
@@ -147,15 +149,41 @@ class Bench:
         return {k: out.get(k) or summarise(rates[k]) for k in consumers}
 
     def add(self, stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
-        rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": self.args.batch_size,
-               "device": self.device.type, "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
-        rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
-        if skipped:
-            rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
+        rec = record(stage, name, skipped=skipped, **{"batch_size": self.args.batch_size, "device": self.device.type,
+                                                      **fields})
         self.records.append(rec)
         shown = f"skipped: {skipped}" if skipped else f"{rec['img_per_s']:,.0f} img/s"
         print(f"  {stage:8s} {name:42s} res {str(rec['res'] or '-'):>4s}  {shown}", file=sys.stderr, flush=True)
         return rec
+
+
+def record(stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
+    """One measurement in the schema every benchmark shares (benchmarks.run's and the peers'):
+    stage, name, backend, res, batch_size, device, dtype, img_per_s, mb_per_s, repeats, and the
+    stage's own fields; a skipped one carries the reason and no figure."""
+    rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": None, "device": None,
+           "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
+    rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
+    if skipped:
+        rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
+    return rec
+
+
+def envelope(command: str, argv, **fields) -> dict:
+    """The one record every benchmark writes: when and on what it ran (fasttin.info), the command
+    that made it, as typed, and its figures."""
+    from fasttin.info import dated_environment
+    args = sys.argv[1:] if argv is None else argv
+    return {"environment": dated_environment(), "command": " ".join([f"python -m {command}", *map(str, args)]),
+            **fields}
+
+
+def rotation(keys: list, round_: int) -> list:
+    """The order of round `round_` of an alternation: each key goes first in turn (two keys: AB, BA,
+    AB...), so that neither drift nor a warmer cache favours one side. The one alternation order
+    of every benchmark here."""
+    k = round_ % len(keys) if keys else 0
+    return keys[k:] + keys[:k]
 
 
 def summarise(rates: list[float], nbytes_per_image: float = 0) -> dict:
@@ -183,12 +211,13 @@ def run_point(b: Bench, stage: Stage, point: dict) -> dict | None:
 
 def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
     """Rows whose figures are measured alternately (the loaders and the pipelines they are compared with)."""
-    consumers, skipped = {}, {}
+    consumers, skipped, extra = {}, {}, {}
     for i, (stage, point) in enumerate(rows):
         why = b.missing(stage.needs)
         if why is None:
             try:
-                consumers[i] = stage.run(b, **point)
+                got = stage.run(b, **point)
+                consumers[i], extra[i] = got if isinstance(got, tuple) else (got, {})
             except Skip as e:
                 why = str(e)
         if why:
@@ -198,24 +227,25 @@ def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
         got = measured.get(i)
         why = skipped.get(i) or (str(got) if isinstance(got, Skip) else None)
         fields = _record_fields(stage, point)
-        b.add(stage.stage, stage.label(point), skipped=why, **fields, **({} if why else got))
+        b.add(stage.stage, stage.label(point), skipped=why, **fields, **({} if why else {**extra[i], **got}))
 
 
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:
     """Every selected row at every grid point: the rows without a resolution first, then per
-    resolution in table order, the alternating rows of a resolution measured together where the
-    first of them stands. Built objects (loaders) are released between resolutions."""
+    resolution in table order, each alternating group's rows measured together where the first of
+    them stands. Built objects (loaders) are released between resolutions."""
     rows = [s for s in table if s.stage in selected]
     for s in (s for s in rows if not s.per_res):
         for point in s.points(b, None):
             run_point(b, s, point)
     for res in resolutions:
-        group = [(s, p) for s in rows if s.per_res and s.alternate for p in s.points(b, res)]
+        done = set()
         for s in (s for s in rows if s.per_res):
             if s.alternate:
-                if group:
-                    run_alternating(b, group)
-                    group = []
+                if s.alternate not in done:
+                    done.add(s.alternate)
+                    run_alternating(b, [(g, p) for g in rows if g.per_res and g.alternate == s.alternate
+                                        for p in g.points(b, res)])
                 continue
             for point in s.points(b, res):
                 run_point(b, s, point)

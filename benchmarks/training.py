@@ -2,12 +2,14 @@
 settings, so that "end to end" here is exactly what `fasttin.train` does per step (autocast,
 scaler, label smoothing, SGD without decay on norms, the lr schedule, the device-side metrics).
 
-model: the step on one resident random batch, the compute ceiling of each configuration.
+model: the step on one resident random batch, the compute ceiling of each configuration (precision,
+layout, compile, stem, batch, threads), the points timed in turn.
 train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling and the
 trainer's own time accounting (StepClock: data wait and compute), which feeds `loop.verdict`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -16,7 +18,7 @@ from benchmarks.pipelines import loader_for
 from benchmarks.runner import Bench, Skip
 from fasttin.loop import AMP_DTYPE, StepClock, make_step, shares, train_epoch
 from fasttin.model import build_model
-from fasttin.recipes import resolve
+from fasttin.recipes import STEMS, resolve
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "off": "fp32"}
 
@@ -28,9 +30,11 @@ def settings(b: Bench, res: int, **overrides) -> dict:
     return cfg
 
 
-def model_label(cfg: dict) -> str:
+def model_label(cfg: dict, batch_size: int | None = None) -> str:
+    """A model configuration's name (a grid point, or a recipe's settings run with all threads)."""
     return (f"{cfg['stem']} stem, {PRECISION[cfg['amp']]}, {'NHWC' if cfg['channels_last'] else 'NCHW'}, "
-            f"{'compiled' if cfg['compile'] else 'eager'}")
+            f"{'compiled' if cfg['compile'] else 'eager'}, batch {batch_size or cfg['batch_size']}, "
+            f"{cfg.get('threads') or torch.get_num_threads()} thread(s)")
 
 
 def new_step(b: Bench, cfg: dict, steps_per_epoch: int):
@@ -40,47 +44,70 @@ def new_step(b: Bench, cfg: dict, steps_per_epoch: int):
 
 
 def model_grid(b: Bench, res: int) -> list[dict]:
-    """stem x precision x layout x compile; --quick: the recipe's configuration only. Compiling costs about a
-    minute a configuration, so only bf16 NHWC is compiled unless --compile-all. The recipe's own
-    configuration is always in the grid: the train stage's ceiling."""
-    own = settings(b, res)
+    """stem (--stems) x precision x layout x compile (--compiled) x batch (--batch-sizes) x threads
+    (--threads); --quick: the recipe's configuration only. Compiling costs about a minute a
+    configuration and shape, so by default only bf16 NHWC is compiled, at --batch-size with all
+    threads. The recipe's own configuration there is in every grid but --compiled only: the train
+    stage's ceiling."""
+    own, which, cores = settings(b, res), b.args.compiled, torch.get_num_threads()
+    sizes = [(bs, t) for bs in b.args.batch_sizes or [b.args.batch_size] for t in b.args.threads or [cores]]
+    if (b.args.batch_size, cores) not in sizes:
+        sizes.append((b.args.batch_size, cores))
+    mine = {k: own[k] for k in ("stem", "amp", "channels_last", "compile")}
     points = []
-    for stem in ("imagenet", "cifar"):
+    for stem in (s for s in STEMS if s in b.args.stems):
         for amp in ("off", "bf16"):
             for cl in (False, True):
                 for comp in (None, "default"):
-                    if b.args.quick:
-                        continue  # the recipe's own configuration only
-                    if comp and not b.args.compile_all and (amp, cl) != ("bf16", True):
-                        continue
-                    points.append(dict(stem=stem, amp=amp, channels_last=cl, compile=comp))
-    mine = {k: own[k] for k in ("stem", "amp", "channels_last", "compile")}
-    if mine not in points:
-        points.append(mine)
-    return [{**p, "res": res, "dtype": str(AMP_DTYPE[p["amp"]]).removeprefix("torch.")} for p in points]
+                    some = (amp, cl) == ("bf16", True)
+                    wanted = {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]
+                    if wanted and not b.args.quick:  # --quick: the recipe's own configuration only
+                        points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), bs, t) for bs, t in sizes
+                                   if not comp or which == "all" or (bs, t) == (b.args.batch_size, cores)]
+    if which != "only" and (mine, b.args.batch_size, cores) not in points:
+        points.append((mine, b.args.batch_size, cores))
+    return [{**p, "res": res, "batch_size": bs, "threads": t, "dtype": str(AMP_DTYPE[p["amp"]]).removeprefix("torch.")}
+            for p, bs, t in points]
 
 
-def measure_model(b: Bench, res: int, stem: str, amp: str, channels_last: bool, compile, dtype: str) -> dict:
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's intra-op threads set to `n` for the block (a grid point's), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def model_consumer(b: Bench, res: int, stem: str, amp: str, channels_last: bool, compile, dtype: str,
+                   batch_size: int, threads: int):
+    """The step on one resident random batch: --steps steps a pass, timed in turn with the other
+    points of the grid; the first step (it compiles, when compiled) is timed apart."""
     if b.device.type == "cpu" and compile and not b.args.compile_cpu:
         raise Skip("torch.compile on the CPU takes minutes here; --compile-cpu measures it")
     if b.device.type == "cpu" and stem == "cifar" and res > 64:
         raise Skip(f"cifar stem at res {res} on the CPU: minutes a step")
-    cfg = settings(b, res, stem=stem, amp=amp, channels_last=channels_last, compile=compile)
-    k, bs = b.args.steps, b.args.batch_size
+    cfg = settings(b, res, stem=stem, amp=amp, channels_last=channels_last, compile=compile, batch_size=batch_size)
+    k = b.args.steps
     step = new_step(b, cfg, steps_per_epoch=k * (b.args.repeats + 2))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(bs, 3, res, res, device=b.device).to(AMP_DTYPE[amp]).contiguous(memory_format=fmt)
-    y = torch.randint(0, len(b.ds.classes), (bs,), device=b.device)
-    t = time.perf_counter()
-    step(x, y)  # the first step apart: it compiles when compiled
-    b.sync()
-    first = time.perf_counter() - t
+    x = torch.randn(batch_size, 3, res, res, device=b.device).to(AMP_DTYPE[amp]).contiguous(memory_format=fmt)
+    y = torch.randint(0, len(b.ds.classes), (batch_size,), device=b.device)
+    with _threads(threads):
+        t = time.perf_counter()
+        step(x, y)
+        b.sync()
+        first = time.perf_counter() - t
 
     def steps() -> int:
-        for _ in range(k):
-            step(x, y)
-        return k * bs
-    return {**b.measure(steps), "first_step_s": first, "recipe": b.args.recipe}
+        with _threads(threads):
+            for _ in range(k):
+                step(x, y)
+            b.sync()
+        return k * batch_size
+    return steps, {"first_step_s": first, "recipe": b.args.recipe, "threads": threads}
 
 
 def measure_train(b: Bench, res: int, backend: str) -> dict:
@@ -97,6 +124,7 @@ def measure_train(b: Bench, res: int, backend: str) -> dict:
         return done * per
     fields = b.measure(epoch, after_warmup=clock.take)
     times = clock.take()
-    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per, "model": model_label(cfg),
+    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per,
+            "model": model_label(cfg, b.args.batch_size),
             "recipe": b.args.recipe, "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
             "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}

@@ -6,17 +6,11 @@ folder, a full disk, no matplotlib) costs only its own file and is reported as o
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import OutputError, tmp_name, write_atomic, write_json_atomic
+from fasttin.fileio import OutputError, write_atomic, write_json_atomic, write_with
 from fasttin.loop import verdict
-
-
-def write_json(path: Path, out: dict) -> None:
-    write_json_atomic(path, out)
 
 
 def markdown(out: dict) -> str:
@@ -67,19 +61,13 @@ def write_plot(path: Path, out: dict) -> None:
     ax.set_title(f"fasttin, {env['gpu'] or env['cpu'] + ' x' + str(env['cores'])}, {env['date']}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = tmp_name(Path(path))
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        write_with(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
 
 
-WRITERS = (("json", write_json), ("markdown", write_markdown), ("plot", write_plot))  # in this order
+WRITERS = (("json", write_json_atomic), ("markdown", write_markdown), ("plot", write_plot))  # in this order
 
 
 def write_outputs(paths: dict, out: dict, writers=WRITERS) -> list[str]:

@@ -1,19 +1,18 @@
 """How far apart the bicubic upscales are: each backend, PIL, OpenCV and torch, on real images.
 
 Usage: python tools/bicubic_mae.py DATA [--res 224] [--n 256]
-Prints the mean absolute error (0-255 scale) of every pair against PIL's and OpenCV's upscale of
-the same decoded 64x64 images (the README's interpolation table comes from this), OpenCV's
-INTER_AREA included: FFCV resizes with it.
+Prints the mean absolute error (0-255 scale) of every kernel against PIL's and OpenCV's upscale
+of the same decoded 64x64 images, OpenCV's INTER_AREA included (FFCV resizes with it). The error
+is benchmarks.peers.mae's, the one the peers benchmark reports.
 """
 import argparse
 
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 
+from benchmarks.peers import mae
 from fasttin.loaders import make_loader
-from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD
 from fasttin.shards import open_split
 
 
@@ -24,26 +23,23 @@ def main():
     p.add_argument("--n", type=int, default=256)
     a = p.parse_args()
     ds = open_split(a.data, "val")
-    src = ds.images(np.arange(a.n))
-    r = a.res
-    ref = {
-        "PIL BICUBIC": np.stack([np.asarray(Image.fromarray(x).resize((r, r), Image.BICUBIC)) for x in src]),
-        "OpenCV INTER_CUBIC": np.stack([cv2.resize(x, (r, r), interpolation=cv2.INTER_CUBIC) for x in src]),
-    }
+    src, r = ds.images(np.arange(a.n)), a.res
+    ref = {"PIL BICUBIC": mae.reference(ds, a.n, r),
+           "OpenCV INTER_CUBIC": np.stack([cv2.resize(x, (r, r), interpolation=cv2.INTER_CUBIC) for x in src])}
     t = torch.from_numpy(src).permute(0, 3, 1, 2).float()
     out = {"torch bicubic (a=-0.75)": torch.nn.functional.interpolate(t, (r, r), mode="bicubic").clamp(0, 255)
-           .permute(0, 2, 3, 1).numpy(),
+           .round().permute(0, 2, 3, 1).numpy(),
            "OpenCV INTER_AREA (FFCV)": np.stack([cv2.resize(x, (r, r), interpolation=cv2.INTER_AREA) for x in src]),
            **ref}
     for backend in ("resident", "pil", "dali"):
         ld = make_loader(a.data, "val", backend=backend, res=r, batch_size=a.n, device="cpu", shuffle=False,
                          dtype=torch.float32, workers=1)
-        x = next(iter(ld))[0].permute(0, 2, 3, 1).numpy()
-        out[f"fasttin {backend}"] = x * np.array(IMAGENET_STD) * 255 + np.array(IMAGENET_MEAN) * 255
+        out[f"fasttin {backend}"] = mae.to_pixels(next(iter(ld))[0])
     print(f"mean absolute error, 0-255 scale, {a.n} val images upscaled 64 -> {r}")
     print(f"{'':28s}" + "".join(f"{k:>22s}" for k in ref))
     for name, x in out.items():
-        print(f"{name:28s}" + "".join(f"{np.abs(x - y.astype(float)).mean():22.3f}" for y in ref.values()))
+        print(f"{name:28s}" + "".join(f"{mae.mean_abs_error(np.asarray(x, np.float64), y):22.3f}"
+                                      for y in ref.values()))
 
 
 if __name__ == "__main__":

@@ -98,18 +98,14 @@ def ffcv_beton(ds, cache: Path, mode: str, workers: int) -> Path:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from benchmarks.peers.prepare import split_tag
-    from fasttin.fileio import tmp_name
+    from benchmarks.pipelines import split_tag
+    from fasttin.fileio import write_with
     path = Path(cache) / f"ffcv-{mode}-{split_tag(ds)}.beton"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_name(path)
-        try:
-            fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=FFCV_JPEG_QUALITY), "label": IntField()}
-            DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(_Samples(ds))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=FFCV_JPEG_QUALITY), "label": IntField()}
+        write_with(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
+            _Samples(ds)))
     return path
 
 
@@ -144,7 +140,7 @@ def dali_files(spec: Spec):
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-    from benchmarks.peers.prepare import relative_paths
+    from benchmarks.pipelines import relative_paths
     from fasttin.shards import open_split
     files = relative_paths(open_split(spec.data, spec.split))[:spec.limit] if spec.limit else None
     mean, std = _normalisation(255)
@@ -173,7 +169,7 @@ def image_folder(spec: Spec, root: str, resize: bool):
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from benchmarks.peers.prepare import relative_paths
+    from benchmarks.pipelines import relative_paths
     from fasttin.shards import open_split
     steps = [T.Resize((spec.res, spec.res), interpolation=T.InterpolationMode.BICUBIC)] if resize else []
     steps += [T.RandomHorizontalFlip()] if spec.flip else []

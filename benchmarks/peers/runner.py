@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.peers.loaders import PEERS, Spec, kernel
-from benchmarks.peers.prepare import image_folder, upscaled_folder
+from benchmarks.pipelines import image_folder, upscaled_folder
+from benchmarks.runner import record, rotation
 from fasttin.errors import UserError
 from fasttin.loaders.augment import SIZE
 
@@ -72,10 +73,9 @@ class Worker:
 
 
 def _record(peer: str, res: int, batch_size: int, workers: int, **fields) -> dict:
-    """A record in the benchmark's schema (see benchmarks.run.Bench.add)."""
-    return {"stage": "peers", "name": PEERS[peer].label, "backend": peer, "res": res, "batch_size": batch_size,
-            "device": "cpu", "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0,
-            "kernel": kernel(peer, res), "augment": "flip", "workers": workers, **fields}
+    """A peer's record in the benchmark's one schema (runner.record)."""
+    return record("peers", PEERS[peer].label, backend=peer, res=res, batch_size=batch_size, device="cpu",
+                  kernel=kernel(peer, res), augment="flip", workers=workers, **fields)
 
 
 def _log(rec: dict) -> None:
@@ -118,8 +118,7 @@ def _rounds(live: dict, records: dict, rounds: int, mae_images: int) -> None:
     for peer in list(live):
         ask(peer, "epoch")
     for r in range(rounds):
-        order = list(live)
-        for peer in order[r % len(order):] + order[:r % len(order)] if order else []:
+        for peer in rotation(list(live), r):
             answer = ask(peer, "epoch")
             if answer:
                 runs[peer].append(answer["images"] / answer["seconds"])
