@@ -1,69 +1,10 @@
 import os
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from fasttin.pack import pack
 from fasttin.synthetic import make_layout
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-# A command's time limit only guards CI against a hang; it is never what a test measures. Generous,
-# because a loaded machine runs the suite several times slower (FASTTIN_TEST_TIMEOUT overrides).
-CLI_TIMEOUT = float(os.environ.get("FASTTIN_TEST_TIMEOUT", 1200))
-
-
-def run_cli(*args, timeout=CLI_TIMEOUT, env=None):
-    """Run `python -m ...` as a user would; returns CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
-
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]  # rendezvous on a free port
-
-
-def wait_for(pred, proc=None, timeout=CLI_TIMEOUT, what="the event"):
-    """Poll `pred` until it holds. Fails at once if `proc` exits first; `timeout` only guards
-    against a hang (generous: CI may be loaded), it is never what the test waits for."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc is not None and proc.poll() is not None:
-            if pred():
-                return
-            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout} s")
-        time.sleep(0.01)
-
-
-class Lines:
-    """Collects a running process's stderr (or stdout) line by line in a thread, so a test can wait
-    for a log line instead of sleeping: `Lines(proc.stderr).wait("epoch 1", proc)`."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream):
-        for line in stream:
-            self.lines.append(line)
-
-    def seen(self, needle: str) -> bool:
-        return any(needle in line for line in self.lines)
-
-    def wait(self, needle: str, proc=None, timeout=CLI_TIMEOUT) -> None:
-        wait_for(lambda: self.seen(needle), proc, timeout, what=f"line containing {needle!r}")
-
-    def text(self) -> str:
-        self._thread.join(timeout=60)
-        return "".join(self.lines)
-
 
 REALDATA_FIXTURES = {"tin_zip", "real_packed"}
 

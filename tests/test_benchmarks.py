@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from helpers import ROOT, run_cli
 
 from benchmarks import pipelines, runner, stages, writers
-from benchmarks.run import BACKEND_NAMES, STAGE_NAMES, main
+from benchmarks.run import STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
 
@@ -43,9 +43,12 @@ def test_quick_benchmark_yields_complete_json(tmp_path):
     assert "res 64, " in r.stdout and "-bound: " in r.stdout  # loop.verdict's line in the summary
 
 
-def test_the_cli_knows_every_stage_of_the_table():
+def test_the_cli_knows_every_stage_of_the_table_and_backends_limit_the_loader_rows():
     assert {s.stage for s in stages.table()} == set(STAGE_NAMES)
-    assert BACKEND_NAMES == stages.LOADERS
+    b = fake_bench()
+    b.args.augment, b.args.amp = "flip", "bf16"
+    rows = [s for s in stages.table({"pil"}) if s.stage in ("loader", "classic", "train")]
+    assert [p["backend"] for s in rows for p in s.points(b, 64)] == ["pil", "pil"]
 
 
 def test_backends_choose_the_loaders_of_the_loader_and_train_stages(tmp_path, capsys):
@@ -99,11 +102,12 @@ def test_alternation_takes_turns_and_never_records_an_empty_repeat():
         return run
 
     table = [Stage("loader", "{backend}", lambda b, res, backend: consumer(backend, BEHAVIOUR[backend]),
-                   grid=lambda b, res: [{"res": res, "backend": k} for k in BEHAVIOUR], alternate=True)]
+                   grid=lambda b, res: [{"res": res, "backend": k} for k in BEHAVIOUR], alternate="loaders")]
     BEHAVIOUR = {"a": lambda n: 10, "b": lambda n: 0 if n == 2 else 10, "c": lambda n: 10}
     recs = run_table(fake_bench(repeats=3), table, {"loader"}, [64])
-    # warm-up a, b, c; then rounds a b c, a c, a c: b stopped at its first empty pass
-    assert calls == ["a", "b", "c", "a", "b", "c", "a", "c", "a", "c"]
+    # warm-up a, b, c; then rounds a b c, (b) c a, c a (b): each goes first in turn, and b stopped at
+    # its first empty pass
+    assert calls == ["a", "b", "c", "a", "b", "c", "c", "a", "c", "a"]
     by = {r["name"]: r for r in recs}
     assert by["a"]["repeats"] == 3 and by["c"]["repeats"] == 3 and by["a"]["img_per_s"] > 0
     assert by["b"]["img_per_s"] is None and "no images" in by["b"]["skipped"]
@@ -172,10 +176,12 @@ def test_bad_flags_are_refused_by_the_parser(flag, capsys):
 class FakeSplit:
     """A split whose second sample key comes from a hostile annotation file."""
 
-    classes = ["n0001"]
+    classes, payload, split = ["n0001"], "jpeg", "val"
 
-    def __init__(self, keys):
-        self.keys, self.labels = keys, np.zeros(len(keys), np.int64)
+    def __init__(self, keys, data_dir: Path):
+        self.keys, self.labels, self.data_dir = keys, np.zeros(len(keys), np.int64), data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "manifest.json").write_text("{}")
 
     def __len__(self):
         return len(self.keys)
@@ -185,14 +191,13 @@ class FakeSplit:
 
 
 @pytest.mark.parametrize("key", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "..", "x\n.JPEG", ""])
-def test_classic_cache_stays_in_its_folder(key, tmp_path):
+def test_the_cached_upscaled_split_stays_in_its_folder(key, tmp_path):
+    """The classic pipeline's files: a hostile name is refused and nothing is written anywhere."""
     cache = tmp_path / "cache"
-    args = SimpleNamespace(data=str(tmp_path / "data"), split="val", cache=str(cache))
-    b = SimpleNamespace(ds=FakeSplit(["ok_0.JPEG", key]), args=args)
     with pytest.raises(pipelines.UnsafeName, match="sample key"):
-        pipelines.classic_root(b, 64)
+        pipelines.upscaled_folder(FakeSplit(["ok_0.JPEG", key], tmp_path / "data"), cache, 64)
     written = {str(Path(d) / f) for d, _, fs in os.walk(tmp_path) for f in fs}
-    assert written == {str(cache / "classic-data-val-2-64" / "n0001" / "ok_0.JPEG")}
+    assert written == {str(tmp_path / "data" / "manifest.json")}
     assert pipelines.bare_name("n01443537_3.JPEG", "key") == "n01443537_3.JPEG"
 
 
@@ -214,7 +219,7 @@ def test_agreement_alternates_the_trainer_and_the_train_stage(packed, tmp_path, 
 
 
 @pytest.mark.parametrize("args, culprit", [(["--data", "nowhere"], "--data nowhere"),
-                                           (["--rounds", "0"], "0 must be at least 1")])
+                                           (["--rounds", "0"], "--rounds: 0: must be positive")])
 def test_agreement_bad_input_is_one_line(packed, tmp_path, args, culprit):
     r = run_cli("benchmarks.agreement", "--data", packed, *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -249,3 +254,37 @@ def test_accounting_unwritable_json_is_one_line_before_any_work(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""  # no pass was measured
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "a-file is a file" in r.stderr
     assert (tmp_path / "a-file").read_text() == "kept\n"
+
+
+def test_gpu_checks_rehearse_on_the_cpu_with_dali_hidden(learnable, tmp_path):
+    """As on the bare GPU machine (no DALI): resident and pil are checked, every DALI check is a
+    skip with its reason (never a pass, never a crash), and the exit code is 0."""
+    hide = str(ROOT / "tools" / "hide-dali")
+    r = run_cli("benchmarks.gpu_checks", "--data", learnable, "--device", "cpu", "--steps", "6", "--json",
+                tmp_path / "checks.json", env={"PYTHONPATH": os.pathsep.join(filter(None, [hide, os.environ.get(
+                    "PYTHONPATH")]))})
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    out = json.loads((tmp_path / "checks.json").read_text())
+    dali_checks = [c for c in out if "dali" in c["check"]]
+    assert len(dali_checks) == 4 and all(c["ok"] is None and "not importable" in c["skipped"] for c in dali_checks)
+    ran = [c for c in out if c not in dali_checks]
+    assert {c["check"].split(" ")[0] for c in ran} == {"resident", "pil"} and all(c["ok"] for c in ran), ran
+    assert r.stdout.count("skip ") == 4 and "FAIL" not in r.stdout
+
+
+def test_the_model_grid_spans_precision_layout_batch_and_threads_and_compiles_once():
+    """The CPU-step benchmark's grid (issue 17, part 4): every eager point at every batch size and
+    thread count, the compiled one only where the trainer would run it (a compile per shape)."""
+    from benchmarks import training
+    b = fake_bench()
+    b.args.__dict__.update(recipe="seed-64-scratch", batch_size=100, batch_sizes=[64, 100], threads=[1, 2],
+                           compiled="some", stems={"imagenet"}, quick=False)
+    points = training.model_grid(b, 64)
+    eager = [p for p in points if not p["compile"]]
+    assert len(eager) == 4 * 4 and {(p["batch_size"], p["threads"]) for p in eager} == {(64, 1), (64, 2), (100, 1),
+                                                                                         (100, 2)}
+    assert [(p["batch_size"], p["threads"], p["amp"]) for p in points if p["compile"]] == [
+        (100, torch.get_num_threads(), "bf16")]
+    assert len({training.model_label(p) for p in points}) == len(points)  # every point named apart
+    b.args.compiled = "only"
+    assert all(p["compile"] for p in training.model_grid(b, 64))

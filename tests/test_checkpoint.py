@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fasttin import checkpoint
+from fasttin import model as model_mod
 from fasttin.checkpoint import CheckpointError
-from fasttin.errors import UserError
+from fasttin.errors import EXIT_BAD_INPUT, UserError, run_command
 from fasttin.fileio import OutputError
 from fasttin.model import PretrainedError, build_model, read_state_dict
 
@@ -30,8 +31,17 @@ def draws():
             [random.random() for _ in range(5)], random.gauss(0, 1))
 
 
-def test_errors_are_user_errors():
-    assert issubclass(CheckpointError, UserError) and issubclass(PretrainedError, UserError)
+@pytest.mark.parametrize("error", [CheckpointError, PretrainedError, UserError])
+def test_a_bad_checkpoint_is_one_line_and_exit_2_but_a_real_out_of_memory_keeps_its_traceback(error, capsys):
+    """run_command, every command's wrapper: a user's mistake is one line; a MemoryError (a real
+    out-of-memory, not the resident store's "does not fit") is a bug or a machine limit, never
+    "bad input": it must propagate with its traceback (it was exit 2, "nothing lost", before)."""
+    def fails(exc):
+        raise exc
+    assert run_command("fasttin.x", lambda: fails(error("last.pt is damaged"))) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "fasttin.x: error: last.pt is damaged\n"
+    with pytest.raises(MemoryError):
+        run_command("fasttin.x", lambda: fails(MemoryError("out of memory")))
 
 
 def test_rng_round_trip_through_a_file_restores_every_stream(tmp_path):
@@ -69,7 +79,7 @@ def test_save_load_round_trip_of_a_training_state(tmp_path):
     checkpoint.save(tmp_path / "last.pt", state)
     back = checkpoint.load(tmp_path / "last.pt")
     assert back["config"] == state["config"] and back["classes"] == ["n01", "n02"]
-    restored = checkpoint.restore_model(back, "cpu")
+    restored = model_mod.restore_model(back, "cpu")
     for k, v in model.state_dict().items():
         assert torch.equal(restored.state_dict()[k], v)
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
@@ -116,10 +126,10 @@ def test_a_state_dict_of_another_model_is_not_a_fasttin_checkpoint(tmp_path):
     from torchvision.models import resnet34
     torch.save(resnet34().state_dict(), tmp_path / "r34.pt")
     with pytest.raises(CheckpointError, match="not a fasttin checkpoint"):
-        checkpoint.restore_model(checkpoint.load(tmp_path / "r34.pt"), "cpu", where="r34.pt")
+        model_mod.restore_model(checkpoint.load(tmp_path / "r34.pt"), "cpu", where="r34.pt")
     fake = {"arch": {"name": "resnet18", "stem": "imagenet", "num_classes": 1000}, "model": resnet34().state_dict()}
     with pytest.raises(CheckpointError, match="weights are not a resnet18"):
-        checkpoint.restore_model(fake, "cpu")
+        model_mod.restore_model(fake, "cpu")
 
 
 def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import error_line, run_cli
 from PIL import Image
 
 from fasttin import checkpoint
@@ -43,7 +43,7 @@ def fasttin_ckpt(path, classes, stem="cifar"):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def inputs(tmp_path_factory):
     """A tiny packed set, a checkpoint of its classes, one of other classes, and test images."""
     root = tmp_path_factory.mktemp("faults")
     pack(None, root / "data", synthetic=5, classes=4, workers=1, quiet=True)
@@ -105,16 +105,16 @@ CASES = {
 }
 
 
-def make_ckpt(kind, world, tmp):
+def make_ckpt(kind, inputs, tmp):
     if kind in ("good", "other"):
-        return world[kind]
+        return inputs[kind]
     path = tmp / f"{kind}.pt"
     if kind == "evil":
         torch.save({"model": Payload(tmp / "PWNED"), "arch": {"name": "resnet18"}}, path)
     elif kind == "evil-legacy":
         path.write_bytes(pickle.dumps({"model": Payload(tmp / "PWNED")}))
     elif kind == "cut":
-        path.write_bytes(world["good"].read_bytes()[:100_000])
+        path.write_bytes(inputs["good"].read_bytes()[:100_000])
     elif kind == "foreign":
         from torchvision.models import resnet34
         torch.save(resnet34(num_classes=4).state_dict(), path)
@@ -126,14 +126,14 @@ def tree(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_fault(name, world, tmp_path, capsys, monkeypatch):
+def test_fault(name, inputs, tmp_path, capsys, monkeypatch):
     case = CASES[name]
-    ckpt = make_ckpt(case.ckpt, world, tmp_path)
+    ckpt = make_ckpt(case.ckpt, inputs, tmp_path)
     for rel, data in case.old.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(data)
-    (tmp_path / "cut.jpg").write_bytes((world["root"] / "b.jpg").read_bytes()[:400])
-    fill = {"ckpt": ckpt, "data": world["data"], "tmp": tmp_path, "img": world["root"] / "a.png"}
+    (tmp_path / "cut.jpg").write_bytes((inputs["root"] / "b.jpg").read_bytes()[:400])
+    fill = {"ckpt": ckpt, "data": inputs["data"], "tmp": tmp_path, "img": inputs["root"] / "a.png"}
     argv = ["--ckpt", str(ckpt)] + [a.format(**fill) for a in case.args]
     if case.patch == "fsync-full":
         def full(fd):
@@ -153,9 +153,7 @@ def test_fault(name, world, tmp_path, capsys, monkeypatch):
         written = [p for p in tmp_path.rglob("*") if p.suffix in (".json", ".csv")]
         assert len(written) == 1 and written[0].stat().st_size > 0
         return
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"fasttin.{case.command}: error: ") and case.culprit.format(**fill) in lines[0], err
+    error_line(err, case.culprit.format(**fill), prefix=f"fasttin.{case.command}: error: ")
     after = tree(tmp_path)
     for rel in case.old:
         assert after[rel] == before[rel], f"{rel} changed"
@@ -166,17 +164,17 @@ def test_fault(name, world, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("command", ["fasttin.eval", "fasttin.predict"])
-def test_hostile_checkpoint_through_the_command_line(world, tmp_path, command):
+def test_hostile_checkpoint_through_the_command_line(inputs, tmp_path, command):
     """As a user runs it: one line on stderr, exit 2, and the payload never ran."""
-    ckpt = make_ckpt("evil", world, tmp_path)
-    extra = ["--data", world["data"]] if command == "fasttin.eval" else [world["root"] / "a.png"]
+    ckpt = make_ckpt("evil", inputs, tmp_path)
+    extra = ["--data", inputs["data"]] if command == "fasttin.eval" else [inputs["root"] / "a.png"]
     r = run_cli(command, "--ckpt", ckpt, *extra, "--device", "cpu")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and f"{ckpt}: refused" in r.stderr
     assert not (tmp_path / "PWNED").exists() and r.stdout == ""
 
 
-def test_predict_treats_names_from_the_data_as_data(world, tmp_path):
+def test_predict_treats_names_from_the_data_as_data(inputs, tmp_path):
     """A sample name with separators and control characters is written into the CSV, quoted, and
     never followed as a path."""
     rows = [("../../escape\n.JPEG", ["n1", "n2"], 0.5), ("/abs/x.JPEG", ["n2", "n1"], 0.25)]

@@ -16,9 +16,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, wait_for
+from helpers import ROOT, STOP_AT_SHARD, refused, run_cli, snapshot, stopped, wait_for
 from PIL import Image
-from test_pack import STOP_AT_SHARD, stopped
 
 from fasttin.pack import is_complete, pack
 from fasttin.shards import HEADER, open_split
@@ -53,21 +52,8 @@ def damage_member(zpath, member, at=0):
     zpath.write_bytes(bytes(raw))
 
 
-def snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def leftovers(tmp_path):
     return [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
-
-
-def assert_refused(r, code, *culprits):
-    assert r.returncode == code, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    for c in culprits:
-        assert c in lines[0], (c, lines[0])
 
 
 def image_bytes(mode, fmt="PNG"):
@@ -164,7 +150,7 @@ def test_bad_source_file_is_named_and_skippable(case, tmp_path):
     src = make(small_source(tmp_path), tmp_path)
     out = tmp_path / "out"
     r = run_cli("fasttin.pack", "--src", src, "--out", out, "--workers", "1")
-    assert_refused(r, 2, culprit, "--skip-bad")
+    refused(r, 2, culprit, "--skip-bad")
     assert not is_complete(out) and not leftovers(tmp_path)
     r = run_cli("fasttin.pack", "--src", src, "--out", out, "--workers", "1", "--skip-bad")
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -202,7 +188,7 @@ def test_bad_index_file_is_refused_by_name(case, tmp_path):
     make, culprit = FATAL[case]
     src = make(small_source(tmp_path), tmp_path)
     r = run_cli("fasttin.pack", "--src", src, "--out", tmp_path / "out", "--skip-bad")
-    assert_refused(r, 2, culprit)
+    refused(r, 2, culprit)
     assert not is_complete(tmp_path / "out") and not leftovers(tmp_path)
 
 
@@ -220,7 +206,7 @@ def test_failed_force_repack_keeps_the_old_pack(old_pack, tmp_path):
     src, out, before = old_pack
     (src / "train" / W0 / "images" / f"{W0}_1.JPEG").write_bytes(b"garbage")
     r = run_cli("fasttin.pack", "--src", src, "--out", out, "--force", "--workers", "1")
-    assert_refused(r, 2, f"{W0}_1.JPEG")
+    refused(r, 2, f"{W0}_1.JPEG")
     assert snapshot(out) == before and not leftovers(tmp_path)
     assert len(open_split(out, "train", verify=True)) == 6
 
@@ -231,7 +217,7 @@ def test_write_failure_midway_is_one_line_and_keeps_the_old_pack(old_pack, tmp_p
     cmd = (f"trap '' XFSZ; ulimit -f 4; exec {sys.executable} -m fasttin.pack --src {src} --out {out} "
            "--force --workers 1 --format raw")
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert_refused(r, 2, "cannot write", "train-000.shard")
+    refused(r, 2, "cannot write", "train-000.shard")
     assert snapshot(out) == before and not leftovers(tmp_path)
 
 
@@ -251,7 +237,7 @@ def test_unusable_out_is_refused_before_any_work(kind, tmp_path):
         out, culprit = target / "packed", str(target)
     before = snapshot(tmp_path)
     r = run_cli("fasttin.pack", "--src", src, "--out", out, "--workers", "1")
-    assert_refused(r, 2, culprit)
+    refused(r, 2, culprit)
     assert snapshot(tmp_path) == before
 
 
@@ -331,7 +317,7 @@ def test_damaged_pack_is_caught_at_open(case, packed, tmp_path):
     shutil.copytree(packed, out)
     damage(out)
     r = run_cli("fasttin.pack", "--verify", out)
-    assert_refused(r, code, *names)
+    refused(r, code, *names)
 
 
 def test_sigterm_during_repack_keeps_the_old_pack_and_leaves_nothing(old_pack, tmp_path):

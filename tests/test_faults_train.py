@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CLI_TIMEOUT, ROOT, TORCHRUN, run_cli, wait_for
-from test_train import progress
+from helpers import CLI_TIMEOUT, ROOT, TORCHRUN, progress, refused, run_cli, snapshot, wait_for
 
 from fasttin import checkpoint
 from fasttin.pack import pack
@@ -45,39 +44,28 @@ def train(data, out, *extra, env=None):
     return run_cli("fasttin.train", "--data", data, "--out", out, *QUICK, "--backend", "resident", *extra, env=env)
 
 
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def one_line_error(r, code, needle):
-    assert r.returncode == code, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert needle in last, last
-    return last
-
-
 @pytest.mark.parametrize("flags, needle", [
     (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--momentum", "nan"], "--momentum"),
     (["--gamma=-inf"], "--gamma"), (["--res", "8"], "--res"), (["--device", "tpu"], "--device"),
-    (["--schedule", "linear"], "--schedule"), (["--batch-size", "500"], "--batch-size"),
+    (["--schedule", "poly"], "--schedule"), (["--res-schedule", "48@0"], "--res-schedule"), (["--ema", "1"], "--ema"),
+    (["--budget", "-1"], "--budget"), (["--eval-res", "8"], "--eval-res"), (["--batch-size", "500"], "--batch-size"),
     (["--lr", "1e300"], "--lr"), (["--gamma", "1e300", "--step-size", "1", "--epochs", "2"], "--gamma"),
 ])
 def test_bad_flags(tiny, tmp_path, flags, needle):
     r = train(tiny, tmp_path / "run", *flags)
-    one_line_error(r, 2, needle)
+    refused(r, 2, needle, alone=False)
     assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_missing_data(tmp_path):
     r = train(tmp_path / "nowhere", tmp_path / "run")
-    one_line_error(r, 2, str(tmp_path / "nowhere"))
+    refused(r, 2, str(tmp_path / "nowhere"), alone=False)
 
 
 def test_unwritable_out(tiny, tmp_path):
     (tmp_path / "file").write_text("x")
     r = train(tiny, tmp_path / "file" / "run")
-    one_line_error(r, 2, str(tmp_path / "file"))
+    refused(r, 2, str(tmp_path / "file"), alone=False)
     assert (tmp_path / "file").read_text() == "x"
 
 
@@ -91,8 +79,24 @@ def test_existing_run_is_never_changed(tiny, other_tiny, done_run, flags, needle
     before = snapshot(done_run)
     data = other_tiny if "DATA" in flags else tiny
     r = train(data, done_run, "--epochs", "1", *[f for f in flags if f != "DATA"])
-    one_line_error(r, 2, needle)
+    refused(r, 2, needle, alone=False)
     assert snapshot(done_run) == before
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_shard_damaged_in_its_payload_is_refused_before_training(tmp_path, split):
+    """64 bytes in the middle of a shard's payload (header and index intact): the sizes match, only
+    the hash can tell. The trainer must refuse in one line naming the shard, and write no run."""
+    data = tmp_path / "data"
+    pack(None, data, synthetic=20, classes=3, workers=1, quiet=True)
+    shard = data / f"{split}-000.shard"
+    raw = bytearray(shard.read_bytes())
+    middle = len(raw) // 3  # inside the payloads: past the 64-byte header, before the index
+    raw[middle:middle + 64] = bytes(64 - i for i in range(64))
+    shard.write_bytes(bytes(raw))
+    r = train(data, tmp_path / "run", "--epochs", "1", "--batch-size", "20")
+    refused(r, 2, f"{split}-000.shard", "sha256", alone=False)
+    assert not (tmp_path / "run" / "last.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_resume_of_a_finished_run_exits_0(tiny, done_run):
@@ -107,7 +111,7 @@ def test_nonfinite_weights_at_epoch_end_are_never_saved(tiny, tmp_path):
     """Epoch 2 trains at lr 2e38 with a weight decay of 1000: its one step makes the weights inf
     while its loss was finite. Epoch 1's checkpoint stays, and only then is it called intact."""
     r = train(tiny, tmp_path, "--epochs", "2", "--step-size", "1", "--gamma", "1e40", "--weight-decay", "1000")
-    last = one_line_error(r, 3, "weights")
+    last = refused(r, 3, "weights", alone=False)
     assert "is intact" in last
     ck = checkpoint.load(tmp_path / "last.pt")
     assert ck["epoch"] == 1 and checkpoint.load(tmp_path / "best.pt")["epoch"] == 1
@@ -118,7 +122,7 @@ def test_nonfinite_weights_at_epoch_end_are_never_saved(tiny, tmp_path):
 @pytest.mark.slow
 def test_nonfinite_from_the_start_claims_no_checkpoint(tiny, tmp_path):
     r = train(tiny, tmp_path, "--epochs", "2", "--lr", "1e38", "--weight-decay", "1000")
-    last = one_line_error(r, 3, "non-finite")
+    last = refused(r, 3, "non-finite", alone=False)
     assert "no checkpoint was saved" in last and not (tmp_path / "last.pt").exists()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from helpers import run_cli
 
 from benchmarks.gpu_checks import check_agreement, check_epochs, check_training
 
@@ -12,22 +12,27 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def test_device_backends_agree_with_dali_cpu_mode(packed):
+def ran_and_passed(out: list) -> bool:
+    """Every check passed or was skipped for a missing need (DALI), and resident always ran."""
+    return all(r["ok"] is not False for r in out) and any(r["ok"] for r in out if r["check"].startswith("resident"))
+
+
+def test_device_backends_agree_with_their_cpu_references(packed):
     out = []
     check_agreement(packed, torch.device("cuda"), out)
-    assert out and all(r["ok"] for r in out), out
+    assert ran_and_passed(out), out
 
 
 def test_exact_epochs_on_the_device(packed):
     out = []
     check_epochs(packed, torch.device("cuda"), out)
-    assert all(r["ok"] for r in out), out
+    assert ran_and_passed(out), out
 
 
 def test_training_steps_bring_the_loss_down(learnable):
     out = []
-    check_training(learnable, torch.device("cuda"), 60, out)
-    assert all(r["ok"] for r in out), out
+    check_training(learnable, torch.device("cuda"), 60, "seed-64-scratch", out)
+    assert ran_and_passed(out), out
 
 
 def test_train_command_on_cuda_with_compile(learnable, tmp_path):

@@ -5,18 +5,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, Lines
+from helpers import ROOT, Lines
 from PIL import Image
 
 from fasttin.errors import UserError
 from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
+from fasttin.loaders.errors import DoesNotFit
 from fasttin.shards import FormatError, open_split
 from fasttin.synthetic import class_of_pixels
 
@@ -163,6 +165,24 @@ def test_threaded_upscale_is_the_plain_one(threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", ["flip", "rrc"])
+def test_set_res_changes_the_next_pass_only_and_matches_a_loader_built_at_that_res(packed, backend, augment):
+    """Progressive resizing: set_res between passes gives the new shape with exactly the pixels of a
+    loader built at that resolution; a pass already started keeps the resolution it started with."""
+    ld = loader(packed, backend=backend, res=48, augment=augment)
+    it = iter(ld)
+    assert next(it)[0].shape == (8, 3, 48, 48)
+    ld.set_res(32)
+    assert next(it)[0].shape == (8, 3, 48, 48)  # the open pass keeps its resolution
+    ld.set_epoch(0)
+    got = next(iter(ld))[0]
+    ref = next(iter(loader(packed, backend=backend, res=32, augment=augment)))[0]
+    assert got.shape == (8, 3, 32, 32) and torch.equal(got, ref)
+    with pytest.raises(LoaderArgumentError, match="res"):
+        ld.set_res(8)
+
+
 @pytest.mark.parametrize("augment", ["flip", "crop", "rrc"])
 def test_backends_apply_the_same_augmentation(packed, augment):
     outs = {}
@@ -181,15 +201,19 @@ def test_raw_payload_matches_jpeg(packed, packed_raw):
         assert np.abs(pixels(a) - pixels(b)).mean() < 0.5, backend
 
 
-def test_auto_on_cpu_chooses_pil_and_says_why(packed, caplog):
+def test_auto_on_cpu_chooses_resident_where_it_fits_else_pil_and_says_why(packed, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="fasttin.loaders"):
         ld = loader(packed, backend="auto")
-    assert ld.backend == "pil" and "no CUDA device" in caplog.text
+    assert ld.backend == "resident" and "fits on cpu" in caplog.text
+    monkeypatch.setattr(resident_mod, "free_memory", lambda device: 100_000)
+    with caplog.at_level(logging.INFO, logger="fasttin.loaders"):
+        ld = loader(packed, backend="auto")
+    assert ld.backend == "pil" and "does not fit on cpu" in caplog.text and "no GPU" in caplog.text
 
 
 def test_resident_memory_check(packed, monkeypatch):
     monkeypatch.setattr(resident_mod, "free_memory", lambda device: 100_000)
-    with pytest.raises(MemoryError, match="backend='dali'.*backend='pil'"):
+    with pytest.raises(DoesNotFit, match="backend='dali'.*backend='pil'"):
         loader(packed, backend="resident")
 
 
@@ -253,7 +277,7 @@ def test_bad_data(packed, tmp_path):
     data = bytearray(shard.read_bytes())
     data[500] ^= 0xFF
     shard.write_bytes(bytes(data))
-    loader(c)  # sizes agree: opening is cheap and does not hash
+    loader(c, backend="pil")  # sizes agree: opening is cheap and does not hash (pil decodes lazily)
     with pytest.raises(FormatError, match="sha256"):
         loader(c, verify=True)
     shard.write_bytes(bytes(data[:-1]))
@@ -324,6 +348,26 @@ print("epoch done", n, "of", len(ld), "then", len(list(ld)), flush=True)
 """
 
 
+def test_a_pil_loader_dropped_without_close_stops_its_workers_quietly(packed):
+    """Dropped loaders (no close()) are closed at once, their queues whole: before, the cycle
+    collector closed them late and a queue's feeder thread printed an EBADF traceback (3 runs in 4)."""
+    script = (f"from fasttin.loaders import make_loader\n"
+              f"for rank in range(4):\n"
+              f"    ld = make_loader({str(packed)!r}, 'val', backend='pil', res=32, batch_size=10, device='cpu', "
+              f"rank=rank % 2, world_size=2, drop_last=False, workers=2)\n"
+              f"    n = sum(len(x) for x, _ in ld)\n"
+              f"print('done')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "done" and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_this_torch_has_the_private_dataloader_names_the_pil_backend_relies_on():
+    """pil.close() stops persistent workers through torch internals (no public way avoids a 5 s
+    wait per worker); a torch that renamed them must fail here, not hang or leak workers."""
+    from fasttin.loaders.pil import torch_internals_missing
+    assert torch_internals_missing() == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_pil_workers_survive_a_signal_to_the_process_group(packed, sig):
     """What `timeout`, Slurm and Ctrl-C do: the signal reaches every process of the group. The
@@ -358,3 +402,30 @@ def test_real_val_bicubic_references(real_packed):
         ocv = np.stack([cv2.resize(im, (224, 224), interpolation=cv2.INTER_CUBIC) for im in src])
         assert np.abs(pixels(images) - pil).mean() < 1.0, backend
         assert np.abs(pixels(images) - ocv).mean() < 3.0, backend
+
+
+def _sleep_as_a_decoding_worker(ready):
+    resident_mod._worker_signals()  # decode_all's Pool initializer
+    ready.set()
+    time.sleep(120)
+
+
+def test_decoding_workers_die_on_sigterm_under_the_trainers_stop_handler():
+    """The resident split is decoded by forked workers while the trainer's SIGTERM handler (which
+    only records the signal) is installed: inherited, it left a worker that Pool.terminate() could
+    not stop, and a run hung at its start. The workers' own signal set-up must undo it."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    old = signal.signal(signal.SIGTERM, lambda *a: None)  # as fasttin.ranks.StopRequest does
+    proc = ctx.Process(target=_sleep_as_a_decoding_worker, args=(ready,))
+    try:
+        proc.start()
+        assert ready.wait(timeout=120), "the worker never set up its signals"
+        proc.terminate()  # SIGTERM, as Pool.terminate() sends it
+        proc.join(timeout=120)
+        assert proc.exitcode == -signal.SIGTERM, proc.exitcode
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if proc.is_alive():
+            proc.kill()

@@ -6,11 +6,12 @@ import time
 import pytest
 import torch
 
-from fasttin.loop import StepClock, make_step, shares, train_epoch, verdict
+from fasttin import loop
+from fasttin.loop import EMA, Budget, StepClock, lr_factor, make_step, shares, train_epoch, verdict
 from fasttin.model import build_model
 from fasttin.profiling import StepProfiler
-from fasttin.recipes import BASE, SETTINGS, resolve
-from fasttin.train import parser, settings
+from fasttin.recipes import BASE, SETTINGS, resolve, settings
+from fasttin.recipes import train_parser as parser
 
 
 def tiny_step(**over):
@@ -26,14 +27,16 @@ def batches(n, wait=0.0):
 
 
 def test_logged_lr_is_the_lr_the_epoch_trained_at():
-    """StepLR(7): epoch 7 (1-based) trains at 1e-3, epoch 8 at 1e-4; read off the real scheduler."""
+    """StepLR(7): epoch 7 (1-based) trains at 1e-3, epoch 8 at 1e-4; read off the optimizer after each
+    epoch's first real step (the step sets the lr it uses)."""
     step = tiny_step(lr=1e-3, step_size=7, gamma=0.1)
     seen = []
     for _epoch in range(9):
-        seen.append(step.optimizer.param_groups[0]["lr"])  # what the epoch's first step uses
-        for _ in range(3):
-            step.optimizer.step()
-            step.scheduler.step()
+        for k, batch in enumerate(batches(3)):
+            step(*batch)
+            if k == 0:
+                seen.append(step.optimizer.param_groups[0]["lr"])
+    assert step.steps == 27
     assert [step.epoch_lr(e) for e in range(9)] == pytest.approx(seen)
     assert step.epoch_lr(6) == pytest.approx(1e-3) and step.epoch_lr(7) == pytest.approx(1e-4)
 
@@ -76,7 +79,7 @@ def test_verdict_rules(sh, ctx, starts, needle):
 @pytest.mark.slow
 def test_profiler_writes_a_readable_trace_on_the_cpu(tmp_path):
     step = tiny_step()
-    prof = StepProfiler(2, tmp_path, torch.device("cpu"), warmup=1, say=lambda *a: None)
+    prof = StepProfiler(2, tmp_path, torch.device("cpu"), warmup=1, log=lambda *a: None)
     prof.attach(step)
     train_epoch(step, batches(5), on_step=prof.on_step)
     prof.finish()
@@ -95,14 +98,23 @@ def _other_value(s):
     if s.choices:
         v = next(c for c in s.choices if c != s.default)
         return [s.flag, v], v
+    if s.check is not None:  # a value with a syntax of its own
+        text = {"res_schedule": "48@1,80@3", "eval_res": "96"}[s.name]
+        return [s.flag, text], s.parse(text)
     if s.kind is str:
         return [s.flag, "some/path.pt"], "some/path.pt"
     v = s.kind(s.default * 2 + 1) if s.kind is int else s.default / 2 + 0.25
     return [s.flag, str(v)], v
 
 
+def test_flags_not_given_leave_the_recipe_values():
+    """A flag's argparse default must be None, or it would override every recipe's value."""
+    for name in ("seed-64-scratch", "fast", "seed-224"):
+        cfg = settings(parser().parse_args(["--recipe", name]))
+        assert {k: cfg[k] for k in BASE} == {k: v for k, v in resolve(name).items() if k in BASE}
+
+
 def test_every_setting_has_a_flag_that_reaches_the_settings():
-    assert set(BASE) == {s.name for s in SETTINGS}
     argv, want = ["--recipe", "seed-64-scratch"], {}
     for s in SETTINGS:
         flag, v = _other_value(s)
@@ -119,3 +131,56 @@ def test_number_flags_refuse_nan_and_inf(s, bad, capsys):
         parser().parse_args([f"{s.flag}={bad}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and s.flag in err[0] and "finite" in err[0]
+
+
+def test_ema_averages_every_float_tensor_with_a_warmed_up_decay_and_round_trips():
+    model = build_model(10, "imagenet")
+    ema = EMA(model, decay=0.99, every=2)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(1.0)
+    ema.update()  # the first of every two: nothing folded in yet
+    assert all(torch.equal(v, before[k]) for k, v in ema.model.state_dict().items())
+    ema.update()
+    d = min(0.99, 3 / 12) ** 2  # the second update's warmed-up decay, for two steps
+    for k, v in ema.model.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, before[k] * d + (before[k] + 1) * (1 - d)), k
+    assert not any(p.requires_grad for p in ema.model.parameters())
+    other = EMA(build_model(10, "imagenet"), decay=0.99, every=2)
+    other.load_state_dict(ema.state_dict())
+    assert other.updates == 2 and all(torch.equal(a, b) for a, b in zip(other.model.state_dict().values(),
+                                                                        ema.model.state_dict().values()))
+
+
+def test_step_with_ema_updates_it_each_step_and_keeps_it_in_its_state():
+    step = tiny_step(ema=0.9)
+    train_epoch(step, batches(5))
+    assert step.ema.updates == step.steps == 5
+    state = step.state_dict()
+    again = tiny_step(ema=0.9)
+    again.load_state_dict(state)
+    assert again.steps == 5 and again.ema.updates == 5
+    raw, avg = step.model.state_dict(), step.ema.model.state_dict()
+    assert any(not torch.equal(raw[k], avg[k]) for k in raw if raw[k].is_floating_point())
+
+
+def test_schedules_linear_to_zero():
+    lin = lr_factor(resolve("seed-64-scratch", schedule="linear", warmup_epochs=1, epochs=5), steps_per_epoch=10)
+    assert lin(0) == pytest.approx(0.1) and lin(9) == pytest.approx(1.0) and lin(10) == pytest.approx(1.0)
+    assert lin(30) == pytest.approx(0.5) and lin(49) == pytest.approx(1 / 40) and lin(50) == 0.0
+    assert all(lin(s) > lin(s + 1) for s in range(10, 50))
+
+
+def test_budget_position_follows_the_clock_and_keeps_the_reserve(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    b = Budget(1.0, total_steps=200, spent=6.0)  # 60 s, 6 already spent before a resume
+    assert b.spent() == 6.0 and b.position() == pytest.approx(20.0)
+    b.reserve = 10.0  # the final validation and checkpoint: the last step comes at 50 s
+    now[0] += 19.0
+    assert b.fraction() == pytest.approx(0.5) and b.position() == pytest.approx(100.0) and not b.exhausted()
+    now[0] += 25.0
+    assert b.exhausted() and b.position() == 200 and b.local_spent() == pytest.approx(50.0)

@@ -12,7 +12,7 @@ import sys
 import zipfile
 
 import pytest
-from conftest import CLI_TIMEOUT, ROOT
+from helpers import CLI_TIMEOUT, ROOT
 
 from fasttin.synthetic import make_layout
 
@@ -99,8 +99,8 @@ def main_job(env, *args):
     return out
 
 
-def snapshot(folder):
-    """Every file's size and modification time: any rewrite shows."""
+def file_stats(folder):
+    """Every file's size and modification time: any rewrite shows, even of the same bytes."""
     return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
@@ -124,20 +124,20 @@ def test_main_job_offline_from_scratch_then_reuses_its_work(tmp_path, refused_po
     assert summary["epochs"] == 1 and [r["epoch"] for r in read_rows(run)] == [1]
     assert config["num_classes"] == 3  # FASTTIN_CLASSES packed a subset
     assert not list((tmp_path / "torch-home").rglob("*.pth")), "weights were downloaded: the network leaked"
-    packed, done, rows = snapshot(data), snapshot(run), read_rows(run)
+    packed, done, rows = file_stats(data), file_stats(run), read_rows(run)
     assert any(name.endswith(".shard") for name in packed)
 
     # the same command again: the pack is reused and the finished run is not redone
     out = main_job(env, *SHORT)
     assert "already packed" in out, out[-4000:]
-    assert snapshot(data) == packed
+    assert file_stats(data) == packed
     assert {k: done[k] for k in ("last.pt", "best.pt", "metrics.jsonl")} == \
-        {k: snapshot(run)[k] for k in ("last.pt", "best.pt", "metrics.jsonl")}
+        {k: file_stats(run)[k] for k in ("last.pt", "best.pt", "metrics.jsonl")}
 
     # one more epoch: the run continues from its checkpoint, epoch 1 is not trained again
     extended = [*SHORT, "--epochs", "2"]
     main_job(env, *extended)
-    assert snapshot(data) == packed
+    assert file_stats(data) == packed
     now = read_rows(run)
     assert [r["epoch"] for r in now] == [1, 2] and now[0] == rows[0]
     summary = json.loads((run / "summary.json").read_text())

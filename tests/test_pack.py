@@ -10,7 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, wait_for
+from helpers import ROOT, STOP_AT_SHARD, run_cli, snapshot, stopped, wait_for
 from PIL import Image
 
 from fasttin import shards
@@ -210,28 +210,6 @@ def test_missing_index_files(bad_src, tmp_path, missing):
     assert not is_complete(tmp_path / "out")
 
 
-STOP_AT_SHARD = """
-import os, signal, sys
-from fasttin import shards
-from fasttin.pack import main
-_open = shards.ShardWriter._open
-def _open_then_stop(self):
-    _open(self)
-    if self._name == sys.argv[1]:
-        os.kill(os.getpid(), signal.SIGSTOP)  # the test kills it here: a point, not a moment
-shards.ShardWriter._open = _open_then_stop
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def stopped(pid):
-    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_killed_repack_keeps_the_old_pack_and_the_next_run_cleans_up(tmp_path):
     src = make_layout(tmp_path / "src", n_classes=4, per_class=30, val_per_class=2, test_count=2)
     out = tmp_path / "out"
@@ -267,9 +245,9 @@ def test_kill_between_the_swaps_renames_is_repaired(synth_src, tmp_path):
 
 def test_verify_hashes_each_shard_once_per_process(packed, monkeypatch):
     calls = []
-    real = shards.digest
-    monkeypatch.setattr(shards, "digest", lambda p, *a: calls.append(p) or real(p, *a))
-    monkeypatch.setattr(shards, "_VERIFIED", set())
+    real = shards.reader.digest
+    monkeypatch.setattr(shards.reader, "digest", lambda p, *a: calls.append(p) or real(p, *a))
+    monkeypatch.setattr(shards.reader, "_VERIFIED", set())
     open_split(packed, "train", verify=True)
     open_split(packed, "train", verify=True)
     open_split(packed, "val", verify=True)

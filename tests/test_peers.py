@@ -10,8 +10,8 @@ from PIL import Image
 from benchmarks.peers import mae, run_peers
 from benchmarks.peers.__main__ import main as peers_main
 from benchmarks.peers.loaders import Spec
-from benchmarks.peers.prepare import image_folder, relative_paths, upscaled_folder
 from benchmarks.peers.runner import CLASSIC_AT_64, _record, _start
+from benchmarks.pipelines import image_folder, relative_paths, upscaled_folder
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
 from fasttin.loaders import dali
 from fasttin.loaders.augment import normalize
@@ -108,4 +108,8 @@ def test_bad_input_is_one_line(packed, tmp_path, capsys):
         run_peers(packed, "val", batch_size=1000)
     with pytest.raises(UserError, match="unknown peer"):
         run_peers(packed, "train", peers=["ffcv-raw", "tensorflow"])
-    assert peers_main(["--data", str(packed), "--res", "64,big"]) == EXIT_BAD_INPUT
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the parser's one line, as for every command's flags
+        peers_main(["--data", str(packed), "--res", "64,big"])
+    err = capsys.readouterr().err
+    assert e.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and "--res" in err and "big" in err

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import snapshot
 
 from fasttin import rundir
 from fasttin.errors import UserError
@@ -23,10 +24,6 @@ def fake_run(folder, cfg=CFG, last=True, rows=1):
         (folder / "last.pt").write_bytes(b"last-checkpoint")
         (folder / "best.pt").write_bytes(b"best-checkpoint")
     return snapshot(folder)
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_empty_or_missing_folder_starts_fresh(tmp_path):

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TORCHRUN, run_cli, wait_for
+from helpers import ROOT, TORCHRUN, progress, run_cli, wait_for
 from PIL import Image
 from torchvision.models import resnet18, resnet34
 
 from fasttin import checkpoint
 from fasttin.model import PretrainedError, build_model, load_pretrained, read_state_dict
 from fasttin.pack import pack
-from fasttin.recipes import BASE, RECIPES, SETTINGS, resolve
-from fasttin.train import parser, settings
+from fasttin.recipes import RECIPES, SETTINGS, resolve, settings
+from fasttin.recipes import train_parser as parser
 
 QUICK = ["--recipe", "seed-64-scratch", "--res", "32", "--batch-size", "50", "--lr", "0.02", "--device", "cpu",
          "--backend", "resident", "--workers", "1"]
@@ -62,14 +62,6 @@ def weights(path):
 
 def same_weights(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
-
-
-def progress(out):
-    """RUN_DIR/progress.json (rank 0 writes it at each logging step), or {} before the first."""
-    try:
-        return json.loads((out / "progress.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +145,15 @@ def test_pretrained_mapping_for_every_stem_and_class_count(tmp_path):
         read_state_dict(tmp_path / "junk.pt")
 
 
-def test_every_recipe_resolves():
-    for name in RECIPES:
+def test_every_recipe_is_a_set_of_valid_settings():
+    """Each recipe's value would pass its own flag (a recipe cannot hold what a user may not type),
+    and resolving applies it."""
+    by_name = {s.name: s for s in SETTINGS}
+    for name, values in RECIPES.items():
         cfg = resolve(name)
-        assert set(BASE) <= set(cfg) and cfg["recipe"] == name
+        assert cfg["recipe"] == name
+        for k, v in values.items():
+            assert cfg[k] == v and (v is None or by_name[k].kind is bool or by_name[k].parse(str(v)) == v), (name, k)
     assert resolve("seed-224")["res"] == 224 and resolve("seed-224")["pretrained"] == "imagenet"
     assert resolve("seed-finetune")["stem"] == "cifar"
     fast = resolve("fast")
@@ -281,3 +278,128 @@ def test_ddp_sigterm_stops_every_rank_at_the_same_step(learnable, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]
+
+
+# ---- time-to-accuracy settings: resolution schedule, budget, EMA -----------------------------------
+
+def rows_of(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary_of(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def quick_argv(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), *QUICK, *extra]
+
+
+@pytest.mark.slow
+def test_res_schedule_changes_the_batch_shape_exactly_on_the_epochs_it_names(learnable, tmp_path, monkeypatch):
+    """In-process, so that the step sees the real batches: 20 steps an epoch (1000 images / 50)."""
+    from fasttin import train as train_mod
+    from fasttin.loop import TrainStep
+    seen, real = [], TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, x, y: (seen.append(tuple(x.shape)), real(self, x, y))[1])
+    assert train_mod.main(quick_argv(learnable, tmp_path, "--epochs", "4", "--res-schedule", "24@2,40@4")) == 0
+    assert seen == [(50, 3, 32, 32)] * 20 + [(50, 3, 24, 24)] * 40 + [(50, 3, 40, 40)] * 20
+    rows = rows_of(tmp_path)
+    assert [r["res"] for r in rows] == [r["val_res"] for r in rows] == [32, 24, 24, 40]
+    assert checkpoint.load(tmp_path / "best.pt")["arch"]["res"] in (24, 32, 40)
+    seen.clear()
+    assert train_mod.main(quick_argv(learnable, tmp_path / "fixed", "--epochs", "2", "--res-schedule", "48@2",
+                                     "--eval-res", "40")) == 0
+    assert seen == [(50, 3, 32, 32)] * 20 + [(50, 3, 48, 48)] * 20
+    assert [r["val_res"] for r in rows_of(tmp_path / "fixed")] == [40, 40]
+    assert checkpoint.load(tmp_path / "fixed" / "last.pt")["arch"]["res"] == 40  # eval and predict use it
+
+
+@pytest.mark.slow
+def test_ema_is_validated_beside_the_raw_weights_and_eval_reads_it_when_it_was_best(learnable, tmp_path,
+                                                                                      monkeypatch):
+    """The raw weights are made to look worse, so the EMA's (really measured) accuracy is the best:
+    best.pt must then hold the EMA weights, and fasttin.eval must score exactly what training did."""
+    from fasttin import train as train_mod
+    real = train_mod.validate
+
+    def raw_looks_worse(*a, **k):
+        v = real(*a, **k)
+        assert "ema_acc1" in v
+        return {**v, "acc1": -1.0}
+    monkeypatch.setattr(train_mod, "validate", raw_looks_worse)
+    assert train_mod.main(quick_argv(learnable, tmp_path, "--epochs", "2", "--ema", "0.9")) == 0
+    rows, s = rows_of(tmp_path), summary_of(tmp_path)
+    last, best = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
+    assert not same_weights(last["model"], last["ema"]["model"])  # the average is not the raw weights
+    assert best["weights"] == s["best_weights"] == "ema" and s["best_val_acc1"] == max(r["ema_val_acc1"] for r in rows)
+    if best["epoch"] == 2:
+        assert same_weights(best["model"], last["ema"]["model"])
+    r = run_cli("fasttin.eval", "--ckpt", tmp_path / "best.pt", "--data", learnable, "--device", "cpu", "--backend",
+                "resident", "--batch-size", "50", "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["top1"] == rows[best["epoch"] - 1]["ema_val_acc1"]
+
+
+@pytest.mark.slow
+def test_budget_run_stops_within_its_budget_with_a_validation_and_a_checkpoint(learnable, tmp_path):
+    budget_s = 30
+    r = train(learnable, tmp_path, "--epochs", "200", "--budget", str(budget_s / 60), "--schedule", "linear",
+              "--res-schedule", "24@2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, s = rows_of(tmp_path), summary_of(tmp_path)
+    assert s["budget_min"] == budget_s / 60 and 0 < s["budget_spent_s"] <= budget_s
+    assert 1 < s["epochs_fitted"] < 200 and s["epochs"] == len(rows) and "holds about" in r.stderr
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["batches"] <= 20
+    lrs = [r["lr"] for r in rows]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 0.5 * lrs[0]  # the schedule ran on the clock
+    assert [r["res"] for r in rows[:2]] == [32, 24]  # the resolution follows the clock's epoch too
+    last = checkpoint.load(tmp_path / "last.pt")
+    assert (last["epoch"], last["step"]) == ((len(rows), 0) if rows[-1]["batches"] == 20 else
+                                             (len(rows) - 1, rows[-1]["batches"]))
+    assert (tmp_path / "best.pt").is_file() and last["budget_spent_s"] <= budget_s
+    again = train(learnable, tmp_path, "--epochs", "200", "--budget", str(budget_s / 60), "--schedule", "linear",
+                  "--res-schedule", "24@2", "--resume")
+    assert again.returncode == 0 and "budget is spent" in again.stderr and rows_of(tmp_path) == rows
+
+
+@pytest.mark.slow
+def test_a_stopped_budget_run_resumes_with_its_ema_schedule_position_and_spent_budget(learnable, tmp_path):
+    flags = ["--epochs", "100", "--budget", "0.6", "--schedule", "linear", "--ema", "0.9", "--res-schedule",
+             "24@3", "--log-every", "2"]
+    proc = popen_train(learnable, tmp_path, *flags)
+    wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2 and progress(tmp_path).get("step", 0) >= 4, proc,
+             what="a logging step in epoch 2")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    stopped = checkpoint.load(tmp_path / "last.pt")
+    assert stopped["step"] > 0 and 0 < stopped["budget_spent_s"] < 36
+    assert stopped["ema"]["updates"] == stopped["steps"] > 20
+    r = train(learnable, tmp_path, *flags, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows, s, last = rows_of(tmp_path), summary_of(tmp_path), checkpoint.load(tmp_path / "last.pt")
+    assert f"{stopped['budget_spent_s'] / 60:.1f} of 0.6 budget minutes spent" in r.stderr
+    assert stopped["budget_spent_s"] < s["budget_spent_s"] <= 36
+    assert [x["epoch"] for x in rows] == list(range(1, len(rows) + 1))
+    assert rows[stopped["epoch"]]["res"] == stopped["epoch_res"] and rows[stopped["epoch"]]["batches"] == 20
+    assert last["ema"]["updates"] == last["steps"] > stopped["steps"]  # the average carried on, never restarted
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_resume_matches_with_ema_and_a_res_schedule(learnable, tmp_path):
+    """Epoch-based: the resumed run ends bit-identical to an uninterrupted one, raw weights and EMA."""
+    flags = ["--epochs", "3", "--ema", "0.9", "--res-schedule", "24@2,40@3", "--schedule", "linear"]
+    ref = tmp_path / "ref"
+    assert train(learnable, ref, *flags).returncode == 0
+    out = tmp_path / "stopped"
+    proc = popen_train(learnable, out, *flags, "--log-every", "1")
+    wait_for(lambda: progress(out).get("epoch", 0) >= 2 and progress(out).get("step", 0) >= 3, proc,
+             what="step 3 of epoch 2")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    ck = checkpoint.load(out / "last.pt")
+    assert ck["step"] > 0 and ck["epoch_res"] == (24 if ck["epoch"] == 1 else 40)
+    assert train(learnable, out, *flags, "--resume").returncode == 0
+    a, b = checkpoint.load(out / "last.pt"), checkpoint.load(ref / "last.pt")
+    assert same_weights(a["model"], b["model"]) and same_weights(a["ema"]["model"], b["ema"]["model"])
+    assert [r["res"] for r in rows_of(out)] == [r["res"] for r in rows_of(ref)] == [32, 24, 40]
