@@ -5,6 +5,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 from fasttin.errors import UserError
 
@@ -38,6 +39,19 @@ def pillow_simd() -> bool:
     return ".post" in PIL.__version__
 
 
+def git_commit() -> str | None:
+    """The commit of the fasttin checkout that runs ('-dirty' when it has uncommitted changes), or
+    None outside a git checkout: what a record must name to be re-run."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    try:
+        r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() or None if r.returncode == 0 else None
+
+
 def environment() -> dict:
     """One dict of facts, shared by the info command, run configs and benchmark records."""
     import numpy
@@ -65,6 +79,7 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
+        "commit": git_commit(),
     }
 
 

@@ -184,3 +184,17 @@ def test_budget_position_follows_the_clock_and_keeps_the_reserve(monkeypatch):
     assert b.fraction() == pytest.approx(0.5) and b.position() == pytest.approx(100.0) and not b.exhausted()
     now[0] += 25.0
     assert b.exhausted() and b.position() == 200 and b.local_spent() == pytest.approx(50.0)
+
+
+def test_records_name_the_commit_they_ran():
+    """config.json and every benchmark record carry fasttin.info.environment(): its commit is what
+    lets anyone re-run a record (a '-dirty' suffix says the checkout had uncommitted changes)."""
+    import subprocess
+
+    from helpers import ROOT
+
+    from fasttin.info import environment
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert environment()["commit"] in (head.stdout.strip(), head.stdout.strip() + "-dirty")
