@@ -23,7 +23,7 @@ from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, count, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
-STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers")
+STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers", "accounting")
 positive = count("value")
 
 
@@ -87,7 +87,7 @@ def parser() -> CommandParser:
     p.add_argument("--cache", default="bench-out/cache", help="where the classic pipeline's upscaled files go")
     p.add_argument("--stages", type=stage_list, default="read,decode,resize,copy,model,loader,train",
                    help=f"which stages to run, of {','.join(STAGE_NAMES)} (loader includes classic; "
-                   "peers is optional)")
+                   "peers and accounting are optional)")
     p.add_argument("--backends", type=names_from(LOADERS, "backends"), default=",".join(LOADERS),
                    help=f"the loaders of the loader and train stages, of {','.join(LOADERS)} (default all)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")

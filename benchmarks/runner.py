@@ -46,7 +46,8 @@ NEEDS: dict[str, Callable[[Bench], str | None]] = {
     "peers": lambda b: _importable("benchmarks.peers"),
 }
 
-RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment")  # grid keys that are record fields too
+# the grid keys that are record fields too
+RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "clock")
 
 
 @dataclass(frozen=True)

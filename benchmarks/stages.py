@@ -3,7 +3,8 @@
 read: shard payloads (warm and cold page cache); decode: pillow on 1 and all cores, DALI CPU and
 mixed (GPU); resize: pillow, DALI, torch; copy: host -> device; model: the compute ceiling per
 configuration; loader: each backend and the classic pipeline, alternated repeat by repeat;
-train: loader + fasttin.loop's step; peers: the loaders users would otherwise choose (optional).
+train: loader + fasttin.loop's step; peers: the loaders users would otherwise choose (optional);
+accounting: what the trainer's time accounting costs its step (optional).
 The DALI decode and resize rows build their graphs with the dali backend's own `build_pipeline`.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gc
 import io
 import multiprocessing as mp
 import os
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -225,6 +227,8 @@ def table(backends=LOADERS) -> list[Stage]:
         *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
                 grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in loaders],
         Stage("peers", "FFCV, DALI file reader, torchvision, classic (own processes)", run_peers, ("peers",)),
+        Stage("accounting", "the trainer's step, {clock} the time accounting", training.accounting_consumer,
+              grid=lambda b, res: [{"res": res, "clock": k} for k in ("without", "with")], alternate="accounting"),
     ]
 
 
@@ -232,9 +236,16 @@ _LOADER_NAMES = {"classic": "ImageFolder + OpenCV-upscaled files, loader only"}
 
 
 def add_ratios(records: list[dict]) -> None:
-    """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling)."""
+    """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling),
+    and the accounting's cost (the ratio of the medians, and the median of the rounds' ratios: the
+    sturdier on a machine whose speed drifts) on its 'with' record."""
     for res in {r["res"] for r in records if r["res"]}:
         done = [r for r in records if r["res"] == res and r.get("img_per_s")]
+        acc = {r["clock"]: r for r in done if r["stage"] == "accounting"}
+        if len(acc) == 2:
+            w, wo = acc["with"], acc["without"]
+            w["overhead"] = wo["img_per_s"] / w["img_per_s"] - 1
+            w["paired_overhead"] = statistics.median(a / b for a, b in zip(wo["runs"], w["runs"])) - 1
         classic = next((r for r in done if r["stage"] == "classic"), None)
         best = max((r for r in done if r["stage"] == "loader"), key=lambda r: r["img_per_s"], default=None)
         if classic and best:

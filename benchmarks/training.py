@@ -6,6 +6,7 @@ model: the step on one resident random batch, the compute ceiling of each config
 layout, compile, stem, batch, threads), the points timed in turn.
 train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling and the
 trainer's own time accounting (StepClock: data wait and compute), which feeds `loop.verdict`.
+accounting: the same step with and without that accounting, timed in turn: what it costs.
 """
 from __future__ import annotations
 
@@ -108,6 +109,27 @@ def model_consumer(b: Bench, res: int, stem: str, amp: str, channels_last: bool,
             b.sync()
         return k * batch_size
     return steps, {"first_step_s": first, "recipe": b.args.recipe, "threads": threads}
+
+
+def accounting_consumer(b: Bench, res: int, clock: str):
+    """The trainer's step over the same resident batches, with the time accounting (StepClock) or
+    without it: the accounting stage times the two in turn, so its cost is their ratio. The step
+    logs at the trainer's cadence (a meter read every 25 steps) either way, as the trainer does."""
+    def build():
+        cfg = settings(b, res)
+        step = new_step(b, cfg, steps_per_epoch=b.args.steps)
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+        data = [(torch.randn(b.args.batch_size, 3, res, res, generator=g).to(b.device, AMP_DTYPE[cfg["amp"]])
+                 .contiguous(memory_format=fmt), torch.randint(0, len(b.ds.classes), (b.args.batch_size,),
+                                                               generator=g).to(b.device)) for _ in range(b.args.steps)]
+        return step, data
+    step, data = b.shared(("accounting", res), build)  # one step and one set of batches for both sides
+
+    def epoch() -> int:
+        _, done = train_epoch(step, data, clock=StepClock(b.device) if clock == "with" else None)
+        return done * b.args.batch_size
+    return epoch
 
 
 def measure_train(b: Bench, res: int, backend: str) -> dict:

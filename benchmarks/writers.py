@@ -13,20 +13,29 @@ from fasttin.fileio import OutputError, write_atomic, write_json_atomic, write_w
 from fasttin.loop import verdict
 
 
-def markdown(out: dict) -> str:
-    env, records = out["environment"], out["records"]
+def _fmt(v, spec: str = ",.0f") -> str:
+    return "" if v is None else f"{v:{spec}}"
+
+
+# (column title, the cell of a record): benchmarks.run's table; benchmarks.peers passes its own
+RUN_COLUMNS = (("stage", lambda r: r["stage"]), ("what", lambda r: r["name"]), ("res", lambda r: r["res"] or ""),
+               ("batch", lambda r: r["batch_size"]), ("device", lambda r: r["device"]),
+               ("img/s", lambda r: _fmt(r["img_per_s"])), ("MB/s", lambda r: _fmt(r.get("mb_per_s") or None)),
+               ("ratio", lambda r: ratio(r)),
+               ("note", lambda r: f"skipped: {r['skipped']}" if r.get("skipped") else ""))
+
+
+def markdown(out: dict, columns=RUN_COLUMNS) -> str:
+    """A record file (runner.envelope) as the Markdown BENCHMARKS.md quotes: the command, the date,
+    the machine and versions, then one row a record."""
+    env = out["environment"]
     lines = [f"Command: `{out['command']}`  ",
              f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}, GPU: {env['gpu'] or 'none'}; "
              f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
-             f"pillow {env['pillow']} (simd: {env['pillow_simd']}), Python {env['python']}", "",
-             "| stage | what | res | batch | device | img/s | MB/s | ratio | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        rate = "" if r["img_per_s"] is None else f"{r['img_per_s']:,.0f}"
-        mb = f"{r['mb_per_s']:,.0f}" if r.get("mb_per_s") else ""
-        note = f"skipped: {r['skipped']}" if r.get("skipped") else ""
-        lines.append(f"| {r['stage']} | {r['name']} | {r['res'] or ''} | {r['batch_size']} | {r['device']} | "
-                     f"{rate} | {mb} | {ratio(r)} | {note} |")
+             f"pillow {env['pillow']} (simd: {env['pillow_simd']}), numpy {env.get('numpy')}, Python {env['python']}"
+             + (f"; commit {env['commit']}" if env.get("commit") else ""), "",
+             "| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in out["records"]]
     return "\n".join(lines) + "\n"
 
 

@@ -226,16 +226,14 @@ def test_agreement_bad_input_is_one_line(packed, tmp_path, args, culprit):
     assert culprit in r.stderr.strip().splitlines()[-1]  # the one error line (argparse: after its usage)
 
 
-def test_accounting_measures_both_sides_alternately(tmp_path):
-    from benchmarks.accounting import main as accounting
-    out = tmp_path / "acc.json"
-    assert accounting(["--res", "16", "--batch-size", "4", "--steps", "2", "--repeats", "3", "--log-every", "1",
-                       "--device", "cpu", "--json", str(out)]) == 0
-    r = json.loads(out.read_text())
-    assert len(r["runs"]["with"]) == len(r["runs"]["without"]) == 3 and r["without"] > 0 and r["with"] > 0
-    assert r["overhead"] == pytest.approx(r["with"] / r["without"] - 1)
-    ratios = [w / wo for w, wo in zip(r["runs"]["with"], r["runs"]["without"])]
-    assert r["paired_overhead"] == pytest.approx(statistics.median(ratios) - 1)
+def test_the_accounting_stage_times_the_step_with_and_without_the_clock_in_turn(tmp_path):
+    assert main(["--quick", "--stages", "accounting", "--res", "16", "--device", "cpu", "--json",
+                 str(tmp_path / "acc.json")]) == 0  # --quick: 2 repeats
+    recs = {r["clock"]: r for r in json.loads((tmp_path / "acc.json").read_text())["records"]}
+    assert set(recs) == {"with", "without"} and all(len(r["runs"]) == 2 and r["img_per_s"] > 0 for r in recs.values())
+    w, wo = recs["with"], recs["without"]
+    assert w["overhead"] == pytest.approx(wo["img_per_s"] / w["img_per_s"] - 1)
+    assert w["paired_overhead"] == pytest.approx(statistics.median(a / b for a, b in zip(wo["runs"], w["runs"])) - 1)
 
 
 def test_agreement_names_the_command_that_failed_and_keeps_the_old_json(packed, tmp_path):
@@ -248,12 +246,11 @@ def test_agreement_names_the_command_that_failed_and_keeps_the_old_json(packed, 
     assert "no-such-recipe" in line and old.read_text() == "earlier figures\n"
 
 
-def test_accounting_unwritable_json_is_one_line_before_any_work(tmp_path):
+def test_an_unwritable_json_is_one_line_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("kept\n")
-    r = run_cli("benchmarks.accounting", "--device", "cpu", "--json", tmp_path / "a-file" / "acc.json")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""  # no pass was measured
+    r = run_cli("benchmarks.run", "--stages", "accounting", "--device", "cpu", "--json", tmp_path / "a-file" / "b.json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""  # nothing was measured
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "a-file is a file" in r.stderr
-    assert (tmp_path / "a-file").read_text() == "kept\n"
 
 
 def test_gpu_checks_rehearse_on_the_cpu_with_dali_hidden(learnable, tmp_path):

@@ -9,28 +9,21 @@ from benchmarks.peers.loaders import PEERS
 from benchmarks.peers.runner import DEFAULT_SITE, run_peers
 from benchmarks.run import resolutions
 from benchmarks.runner import envelope
+from benchmarks.writers import markdown
 from fasttin.errors import EXIT_OK, CommandParser, run_command
 from fasttin.fileio import ensure_writable, write_atomic, write_json_atomic
 from fasttin.recipes import count
 
 
-def markdown(records: list[dict], env: dict, command: str) -> str:
-    """The side-by-side table for BENCHMARKS.md."""
-    lines = [f"Command: `{command}`  ",
-             f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}; torch {env['torch']}, torchvision "
-             f"{env['torchvision']}, DALI {env['dali']}, pillow {env['pillow']} (simd: {env['pillow_simd']}), "
-             f"numpy {env['numpy']}, Python {env['python']}", "",
-             "| loader | version | res | img/s | vs FFCV raw | out | kernel | MAE vs PIL bicubic (0-255) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        if r.get("skipped"):
-            lines.append(f"| {r['name']} | | {r['res']} | skipped: {r['skipped']} | | | {r['kernel']} | |")
-            continue
-        vs = f"{r['vs_ffcv_raw']:.2f}x" if r.get("vs_ffcv_raw") else ""
-        mae = f"{r['mae_vs_pil']:.2f}" if r.get("mae_vs_pil") is not None else ""
-        lines.append(f"| {r['name']} | {r.get('version', '')} | {r['res']} | {r['img_per_s']:,.0f} | {vs} | "
-                     f"{r['dtype']} | {r['kernel']} | {mae} |")
-    return "\n".join(lines) + "\n"
+def _mae(r: dict) -> str:
+    return "" if r.get("mae_vs_pil") is None else f"{r['mae_vs_pil']:.2f}"
+
+
+COLUMNS = (("loader", lambda r: r["name"]), ("version", lambda r: r.get("version", "")), ("res", lambda r: r["res"]),
+           ("img/s", lambda r: f"skipped: {r['skipped']}" if r.get("skipped") else f"{r['img_per_s']:,.0f}"),
+           ("vs FFCV raw", lambda r: f"{r['vs_ffcv_raw']:.2f}x" if r.get("vs_ffcv_raw") else ""),
+           ("out", lambda r: r.get("dtype") or ""), ("kernel", lambda r: r["kernel"]),
+           ("MAE vs PIL bicubic (0-255)", _mae))
 
 
 def parse(argv):
@@ -70,8 +63,8 @@ def main(argv=None) -> int:
         if args.json:
             write_json_atomic(args.json, record)
         if args.markdown:
-            write_atomic(args.markdown, markdown(records, record["environment"], record["command"]).encode())
-        print(markdown(records, record["environment"], record["command"]))
+            write_atomic(args.markdown, markdown(record, COLUMNS).encode())
+        print(markdown(record, COLUMNS))
         return EXIT_OK
     return run_command("benchmarks.peers", body)
 
