@@ -142,3 +142,17 @@ def test_main_job_offline_from_scratch_then_reuses_its_work(tmp_path, refused_po
     assert [r["epoch"] for r in now] == [1, 2] and now[0] == rows[0]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["pretrained"] == "none" and summary["pretrained_reason"]
+
+
+def test_setup_a_second_time_sees_its_stamp_and_installs_nothing():
+    """The README's 'both are idempotent': with the venv set up (CI's .ci/run has just done it), a
+    second tools/setup.sh finds its stamp current, installs nothing and says nothing."""
+    import hashlib
+    stamp = ROOT / ".venv" / ".fasttin-setup"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + (ROOT / "tools" / "setup.sh").read_bytes())
+    if not stamp.is_file() or stamp.read_text().strip() != want.hexdigest()[:16]:
+        pytest.skip("the venv here is not set up from this checkout's files (tools/setup.sh would install)")
+    before = stamp.stat().st_mtime_ns
+    r = subprocess.run([str(ROOT / "tools" / "setup.sh")], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr[-2000:]
+    assert stamp.stat().st_mtime_ns == before
