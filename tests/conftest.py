@@ -11,7 +11,7 @@ REALDATA_FIXTURES = {"tin_zip", "real_packed"}
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the real archive carries the realdata marker, whoever wrote it, so
-    `-m "not realdata"` and the README's marker list stay true; slow tests run first."""
+    `-m "not realdata"` and docs/TESTING.md's marker list stay true; slow tests run first."""
     for item in items:
         if REALDATA_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)

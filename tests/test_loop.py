@@ -198,3 +198,38 @@ def test_records_name_the_commit_they_ran():
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     assert environment()["commit"] in (head.stdout.strip(), head.stdout.strip() + "-dirty")
+
+
+def test_time_to_accuracy_compares_runs_and_refuses_an_empty_one(tmp_path):
+    """The ablation table's rows and the figure come from run folders: a row names only the settings
+    where its run differs from the first, the minutes add up each epoch's time, and a run with no
+    epoch yet is one line naming it, not a crash."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT, refused
+
+    def run_folder(name, rows, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"recipe": "fast-cpu", "epochs": 2, "lr": 0.2, "ema": 0.999, **cfg}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    def row(epoch, acc, ema, s):
+        return {"epoch": epoch, "val_acc1": acc, "ema_val_acc1": ema, "val_acc5": acc + 0.2, "epoch_s": s,
+                "lr": 0.1, "res": 64, "train_img_s": 100.0}
+    full = run_folder("full", [row(1, 0.20, 0.25, 60.0), row(2, 0.30, 0.33, 90.0)])
+    low = run_folder("lr", [row(1, 0.10, 0.12, 60.0), row(2, 0.27, 0.26, 30.0)], lr=0.1)
+    tool = [sys.executable, str(ROOT / "tools" / "time_to_accuracy.py")]
+    r = subprocess.run([*tool, "--compare", "--out", str(tmp_path / "f.png"), str(full), str(low)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "| full | - | 30.0% | 30.0% | 33.0% | 2.5 |" in r.stdout
+    assert "| lr | lr 0.1 | 27.0% | 27.0% | 26.0% | 1.5 |" in r.stdout
+    assert (tmp_path / "f.png").stat().st_size > 0
+    empty = run_folder("empty", [])
+    r = subprocess.run([*tool, "--out", str(tmp_path / "g.png"), str(full), str(empty)],
+                       capture_output=True, text=True, cwd=ROOT)
+    refused(r, 2, str(empty), "no epoch")
+    assert not (tmp_path / "g.png").exists()

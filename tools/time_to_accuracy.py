@@ -1,7 +1,9 @@
 """Val top-1 against wall-clock minutes for run folders (their metrics.jsonl), one line each, with
 the write-up's figure as a level; and the markdown table of every run's epochs.
 
-Usage: python tools/time_to_accuracy.py --out FIG.png [--writeup 0.259] [--table] RUN_DIR [RUN_DIR ...]
+Usage: python tools/time_to_accuracy.py --out FIG.png [--writeup 0.259] [--table] [--compare] RUN_DIR ...
+--compare prints one row a run: the settings where it differs from the first run, its final and best
+top-1 (raw and EMA) and its minutes, the ablation table's rows.
 The minutes are each run's own epochs (training, validation and checkpoints) added up, as
 metrics.jsonl records them; set-up (decoding the split, building the model) is not counted.
 """
@@ -15,13 +17,32 @@ from fasttin.errors import CommandParser, UserError, run_command
 from fasttin.fileio import write_with
 
 
-def load(run: Path) -> tuple[str, list[dict]]:
+def load(run: Path) -> tuple[dict, list[dict]]:
     try:
         cfg = json.loads((run / "config.json").read_text())
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"{run}: not a finished fasttin run folder ({e})") from None
-    return cfg["recipe"], rows
+    if not rows:
+        raise UserError(f"{run}: metrics.jsonl has no epoch yet")
+    return cfg, rows
+
+
+# the settings an ablation varies (the rest, paths and the environment, differ by run and say nothing)
+COMPARED = ("epochs", "res", "res_schedule", "augment", "lr", "nesterov", "label_smoothing", "schedule",
+            "warmup_epochs", "ema", "batch_size", "weight_decay")
+
+
+def compare(runs: list[tuple[Path, dict, list[dict]]]) -> str:
+    base = runs[0][1]
+    lines = ["| run | differs from the first | final top-1 | best top-1 | best EMA top-1 | minutes |",
+             "|---|---|---|---|---|---|"]
+    for path, cfg, rows in runs:
+        diff = ", ".join(f"{k} {cfg.get(k)}" for k in COMPARED if cfg.get(k) != base.get(k)) or "-"
+        ema = max((r["ema_val_acc1"] for r in rows if "ema_val_acc1" in r), default=None)
+        lines.append(f"| {path.name} | {diff} | {rows[-1]['val_acc1']:.1%} | {max(r['val_acc1'] for r in rows):.1%} | "
+                     f"{'-' if ema is None else f'{ema:.1%}'} | {minutes(rows)[-1]:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def minutes(rows: list[dict]) -> list[float]:
@@ -72,11 +93,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--writeup", type=float, default=0.259)
     p.add_argument("--table", action="store_true", help="also print each run's epochs as a markdown table")
+    p.add_argument("--compare", action="store_true", help="also print one row a run against the first")
     a = p.parse_args(argv)
 
     def body() -> int:
-        runs = [load(r) for r in a.runs]
+        loaded = [(r, *load(r)) for r in a.runs]
+        recipes = [cfg["recipe"] for _, cfg, _ in loaded]  # a run's label: its recipe, or its folder when shared
+        runs = [(cfg["recipe"] if recipes.count(cfg["recipe"]) == 1 else r.name, rows) for r, cfg, rows in loaded]
         plot(runs, a.out, a.writeup)
+        if a.compare:
+            print(compare(loaded))
         for label, rows in runs:
             reached = next((m for r, m in zip(rows, minutes(rows)) if best_acc(r) > a.writeup), None)
             print(f"{label}: best {max(best_acc(r) for r in rows):.1%} in {minutes(rows)[-1]:.1f} min; past "
