@@ -66,7 +66,8 @@ def plot(runs: list[tuple[str, list[dict]]], path: Path, writeup: float | None) 
         ax.plot(minutes(rows), [best_acc(r) for r in rows], "o-", label=label, markersize=3)
     if writeup:
         ax.axhline(writeup, color="grey", ls="--", lw=1, label=f"write-up's seed-64-scratch ({writeup:.1%})")
-    ax.set(xlabel="wall-clock minutes (training, validation, checkpoints)", ylabel="val top-1 (the better of raw and EMA weights)",
+    ax.set(xlabel="wall-clock minutes (training, validation, checkpoints)",
+           ylabel="val top-1 (the better of raw and EMA weights)",
            title="ResNet18, standard stem, 200 classes, from scratch, CPU")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -1,0 +1,86 @@
+"""The run records and what is built from them: the commit they name, the ablation rows and the
+figure of top-1 against minutes, and the README's results table, filled only from the records."""
+import json
+import re
+
+import pytest
+from helpers import ROOT
+
+from fasttin.recipes import RECIPES, WRITEUP_TOP1
+
+RUNS = ROOT / "benchmarks" / "results" / "runs"
+
+
+def test_records_name_the_commit_they_ran():
+    """config.json and every benchmark record carry fasttin.info.environment(): its commit is what
+    lets anyone re-run a record (a '-dirty' suffix says the checkout had uncommitted changes)."""
+    import subprocess
+
+    from fasttin.info import environment
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert environment()["commit"] in (head.stdout.strip(), head.stdout.strip() + "-dirty")
+
+
+def test_time_to_accuracy_compares_runs_and_refuses_an_empty_one(tmp_path):
+    """The ablation table's rows and the figure come from run folders: a row names only the settings
+    where its run differs from the first, the minutes add up each epoch's time, and a run with no
+    epoch yet is one line naming it, not a crash."""
+    import subprocess
+    import sys
+
+    from helpers import refused
+
+    def run_folder(name, rows, **cfg):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"recipe": "fast-cpu", "epochs": 2, "lr": 0.2, "ema": 0.999, **cfg}))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    def row(epoch, acc, ema, s):
+        return {"epoch": epoch, "val_acc1": acc, "ema_val_acc1": ema, "val_acc5": acc + 0.2, "epoch_s": s,
+                "lr": 0.1, "res": 64, "train_img_s": 100.0}
+    full = run_folder("full", [row(1, 0.20, 0.25, 60.0), row(2, 0.30, 0.33, 90.0)])
+    low = run_folder("lr", [row(1, 0.10, 0.12, 60.0), row(2, 0.27, 0.26, 30.0)], lr=0.1)
+    tool = [sys.executable, str(ROOT / "tools" / "time_to_accuracy.py")]
+    r = subprocess.run([*tool, "--compare", "--out", str(tmp_path / "f.png"), str(full), str(low)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "| full | - | 30.0% | 30.0% | 33.0% | 2.5 |" in r.stdout
+    assert "| lr | lr 0.1 | 27.0% | 27.0% | 26.0% | 1.5 |" in r.stdout
+    assert (tmp_path / "f.png").stat().st_size > 0
+    empty = run_folder("empty", [])
+    r = subprocess.run([*tool, "--out", str(tmp_path / "g.png"), str(full), str(empty)],
+                       capture_output=True, text=True, cwd=ROOT)
+    refused(r, 2, str(empty), "no epoch")
+    assert not (tmp_path / "g.png").exists()
+
+
+
+def test_the_readme_results_table_comes_from_the_records():
+    """Each recipe row of the README names a real recipe and the write-up's own figure; each figure in
+    the 'fasttin, 200 classes, CPU' column is its record's best top-1 and the record's minutes (the
+    sum of its epochs), so a re-run record or an edited table that disagree fail here."""
+    results = (ROOT / "README.md").read_text().split("## Results", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in results.splitlines() if line.startswith("| `")]
+    assert len(rows) >= len(WRITEUP_TOP1)
+    cpu_cells = 0
+    for cells in rows:
+        name = cells[0].strip().strip("`")
+        assert name in RECIPES, name
+        if name in WRITEUP_TOP1:
+            assert cells[2].strip() == f"{WRITEUP_TOP1[name]:.1%}", name
+        figure = re.match(r"\s*\*\*([\d.]+)%\*\* in ([\d.]+) min \((\d+) epochs\)", cells[3])
+        if figure is None:
+            continue
+        record = RUNS / f"{name}-cpu"
+        summary = json.loads((record / "summary.json").read_text())
+        epochs = [json.loads(x) for x in (record / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((record / "config.json").read_text())["recipe"] == name
+        assert float(figure[1]) == round(100 * summary["best_val_acc1"], 1), name
+        assert float(figure[2]) == round(sum(r["epoch_s"] for r in epochs) / 60, 1), name
+        assert int(figure[3]) == len(epochs) == summary["epochs"], name
+        cpu_cells += 1
+    assert cpu_cells >= 2  # seed-64-scratch and fast-cpu
