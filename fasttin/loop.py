@@ -104,12 +104,24 @@ class EMA:
         self._src = [t for m, t in pairs if m.is_floating_point()]
         self._copy = [(m, t) for m, t in pairs if not m.is_floating_point()]
 
+    def decay_at(self, t: int) -> float:
+        """The decay of update t: the warm-up's (1 + t) / (10 + t) until it reaches `decay`."""
+        return min(self.decay, (1 + t) / (10 + t))
+
+    def full_decay_step(self) -> int:
+        """The first update at which `decay` itself applies (0.999: 8,990; 0.99: 890): a shorter run
+        averages with the warm-up's decay throughout, whatever --ema says (fasttin.train says so)."""
+        n = max(0, math.floor((10 * self.decay - 1) / (1 - self.decay)))  # then past the float rounding
+        while self.decay_at(n) < self.decay:
+            n += 1
+        return n
+
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
         if self.updates % self.every:
             return
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) ** self.every
+        d = self.decay_at(self.updates) ** self.every
         torch._foreach_lerp_(self._avg, self._src, 1.0 - d)
         for m, t in self._copy:
             m.copy_(t)

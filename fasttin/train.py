@@ -113,7 +113,12 @@ def build(run: Run, data: Data):
     torch.manual_seed(run.cfg["seed"])
     model = build_model(len(data.classes), run.cfg["stem"])
     fresh = [] if run.resume else initial_weights(model, run.cfg, explicit=run.explicit_pretrained, log=run.log)
-    return make_step(model, run.cfg, device=run.device, steps_per_epoch=len(data.train), world=run.world), fresh
+    step = make_step(model, run.cfg, device=run.device, steps_per_epoch=len(data.train), world=run.world)
+    steps = run.cfg["epochs"] * len(data.train)
+    if step.ema is not None and step.ema.full_decay_step() > steps:
+        run.log(f"--ema {run.cfg['ema']:g}: the warm-up's decay (1+t)/(10+t) reaches it only at step "
+                f"{step.ema.full_decay_step():,}, after this run's {steps:,}; the average is the warm-up's throughout")
+    return step, fresh
 
 
 def write_config(run: Run, data: Data, fresh: list[str]) -> None:

@@ -145,6 +145,9 @@ def test_ema_averages_every_float_tensor_with_a_warmed_up_decay_and_round_trips(
     assert all(torch.equal(v, before[k]) for k, v in ema.model.state_dict().items())
     ema.update()
     d = min(0.99, 3 / 12) ** 2  # the second update's warmed-up decay, for two steps
+    assert ema.decay_at(2) ** 2 == d
+    n = ema.full_decay_step()  # 0.99 applies from update 890 on; before it, the warm-up's decay is smaller
+    assert ema.decay_at(n) == 0.99 > ema.decay_at(n - 1) and n == 890
     for k, v in ema.model.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v, before[k] * d + (before[k] + 1) * (1 - d)), k

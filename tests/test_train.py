@@ -316,7 +316,7 @@ def test_res_schedule_changes_the_batch_shape_exactly_on_the_epochs_it_names(lea
 
 @pytest.mark.slow
 def test_ema_is_validated_beside_the_raw_weights_and_eval_reads_it_when_it_was_best(learnable, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     """The raw weights are made to look worse, so the EMA's (really measured) accuracy is the best:
     best.pt must then hold the EMA weights, and fasttin.eval must score exactly what training did."""
     from fasttin import train as train_mod
@@ -328,6 +328,9 @@ def test_ema_is_validated_beside_the_raw_weights_and_eval_reads_it_when_it_was_b
         return {**v, "acc1": -1.0}
     monkeypatch.setattr(train_mod, "validate", raw_looks_worse)
     assert train_mod.main(quick_argv(learnable, tmp_path, "--epochs", "2", "--ema", "0.9")) == 0
+    # 0.9 applies from step 80 on, after these two short epochs: the run says the warm-up's decay ruled
+    err = capsys.readouterr().err
+    assert "--ema 0.9: the warm-up's decay (1+t)/(10+t) reaches it only at step 80" in err
     rows, s = rows_of(tmp_path), summary_of(tmp_path)
     last, best = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
     assert not same_weights(last["model"], last["ema"]["model"])  # the average is not the raw weights
