@@ -32,6 +32,11 @@ small=${REHEARSE:+1}  # a CPU rehearsal: tiny sizes, the same steps
 t0=$(date +%s)
 since() { echo $(( $(date +%s) - t0 )); }
 left() { echo $(( $1 - $(since) )); }  # seconds left of a stage budget of $1
+status=0
+step() {  # COMMAND...: run one part of the stage; a failure is said, kept as the exit status, and the rest still runs
+  "$@"; local rc=$?
+  [ $rc -eq 0 ] || { echo "!! exit $rc ($([ $rc -eq 124 ] && echo 'its timeout' || echo 'failed')): ${*:1:6}"; status=$rc; }
+}
 if [ "$stage" = B ]; then
   export PYTHONPATH="${SITE:-$HOME/x/.xfer-src/site}${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -54,36 +59,38 @@ bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$([ -n "$sma
 case "$stage" in
 A)
   echo "== checks without DALI ($(since) s in)"
-  timeout 70 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-A.json"
+  step timeout 70 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-A.json"
   echo "== benchmarks, eager ($(since) s in)"
-  timeout 110 $py -m benchmarks.run "${bench[@]}" --stages model,loader,train --backends resident,pil,classic \
+  step timeout 110 $py -m benchmarks.run "${bench[@]}" --stages model,loader,train --backends resident,pil,classic \
     --compiled none --json "$out/bench-A.json" --markdown "$out/bench-A.md"
   echo "== fasttin.train --recipe fast --epochs 2 --compile ($(since) s in)"
-  timeout 100 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
+  step timeout 100 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
     --out "$out/fast-synthetic" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
   echo "== benchmarks, compiled model points ($(since) s in)"
   timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages model \
-    --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json"
+    --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json" ||
+    echo "(the compiled points stop at the stage's time; the records measured so far are kept)"
   ;;
 B)
   echo "== checks with DALI ($(since) s in)"
-  timeout 120 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
+  step timeout 120 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
   echo "== benchmarks, dali ($(since) s in)"
-  timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
+  step timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
     --compiled none --json "$out/bench-B.json" --markdown "$out/bench-B.md"
   ;;
 C)
   budget=${BUDGET_MIN:-$([ -n "$small" ] && echo 0.5 || echo 4.5)}
   echo "== fast from scratch at res 64 on the real data, a $budget-minute budget ($(since) s in)"
-  timeout 340 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
+  step timeout 340 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
     --device "$device" --out "$out/fast-real" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
   ;;
 *) echo "STAGE must be A, B or C" >&2; exit 2 ;;
 esac
-echo "== stage $stage done in $(since) s"
-for f in "$out"/checks-"$stage".json; do [ -f "$f" ] && $py -c "import json,sys
-for r in json.load(open(sys.argv[1])): print(('skip' if r['ok'] is None else 'ok  ' if r['ok'] else 'FAIL'), r['check'])" "$f"; done
-for f in "$out"/bench-"$stage"*.json; do [ -f "$f" ] && $py -m benchmarks.run --summarize "$f"; done
-for f in "$out"/fast-*/summary.json; do [ -f "$f" ] && $py -c "import json,sys; s=json.load(open(sys.argv[1]))
+echo "== stage $stage done in $(since) s, exit $status"
+for f in "$out"/checks-"$stage".json; do if [ -f "$f" ]; then $py -c "import json,sys
+for r in json.load(open(sys.argv[1])): print(('skip' if r['ok'] is None else 'ok  ' if r['ok'] else 'FAIL'), r['check'])" "$f"; fi; done
+for f in "$out"/bench-"$stage"*.json; do if [ -f "$f" ]; then $py -m benchmarks.run --summarize "$f"; fi; done
+for f in "$out"/fast-*/summary.json; do if [ -f "$f" ]; then $py -c "import json,sys; s=json.load(open(sys.argv[1]))
 print(sys.argv[1], 'epochs', round(s['epochs_fitted'], 2), 'best top-1', round(s['best_val_acc1'], 4), 's', round(s['train_s'], 1),
-      'compile_s', s['compile_s'], s['verdict'])" "$f"; done
+      'compile_s', s['compile_s'], s['verdict'])" "$f"; fi; done
+exit $status

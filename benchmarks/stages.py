@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import pipelines, training
 from benchmarks.runner import Bench, Skip, Stage
-from fasttin.errors import UserError
+from fasttin.errors import UserError, pool_worker_signals
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
 from fasttin.loop import AMP_DTYPE
@@ -76,7 +76,7 @@ def measure_pil_decode(b: Bench, cores: int) -> dict:
         return b.measure(lambda: _pil_decode(idx))
     chunks = np.array_split(idx, cores * 4)
     gc.collect()
-    with mp.get_context("fork").Pool(cores) as pool:
+    with mp.get_context("fork").Pool(cores, initializer=pool_worker_signals) as pool:
         return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
 
 

@@ -12,7 +12,6 @@ import io
 import multiprocessing as mp
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
@@ -26,7 +25,15 @@ import numpy as np
 from PIL import Image
 
 from fasttin import __version__
-from fasttin.errors import EXIT_FAILED_CHECK, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
+from fasttin.errors import (
+    EXIT_FAILED_CHECK,
+    EXIT_OK,
+    CommandParser,
+    UserError,
+    interrupt_on_sigterm,
+    pool_worker_signals,
+    run_command,
+)
 from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
 from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
@@ -105,8 +112,7 @@ def _init_worker(src: Source):
     global _SRC
     _SRC = src
     if mp.current_process().name != "MainProcess":  # stopping is the main process's job
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        pool_worker_signals()
 
 
 def _check_one(member: str, payload: str):

@@ -14,7 +14,7 @@ import torch
 from helpers import ROOT, Lines
 from PIL import Image
 
-from fasttin.errors import UserError
+from fasttin.errors import UserError, pool_worker_signals
 from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
@@ -405,9 +405,22 @@ def test_real_val_bicubic_references(real_packed):
 
 
 def _sleep_as_a_decoding_worker(ready):
-    resident_mod._worker_signals()  # decode_all's Pool initializer
+    pool_worker_signals()  # the initializer of every forked pool (decode_all's, the packer's, the benchmarks')
     ready.set()
     time.sleep(120)
+
+
+def test_every_forked_pool_sets_its_workers_signals():
+    """A pool forked without pool_worker_signals inherits the command's SIGTERM handler: Pool.terminate()
+    then printed a worker's traceback (the benchmarks' decode stage) or hung (decode_all, once)."""
+    import re
+
+    from helpers import ROOT
+    pools = [(f, line) for d in ("fasttin", "benchmarks") for f in (ROOT / d).rglob("*.py")
+             for line in f.read_text().splitlines() if re.search(r"\.Pool\(", line)]
+    assert len(pools) >= 3
+    for f, line in pools:
+        assert "pool_worker_signals" in line or "_init_worker" in line, (f, line)
 
 
 def test_decoding_workers_die_on_sigterm_under_the_trainers_stop_handler():

@@ -38,7 +38,8 @@ def compare(runs: list[tuple[Path, dict, list[dict]]]) -> str:
     lines = ["| run | differs from the first | final top-1 | best top-1 | best EMA top-1 | minutes |",
              "|---|---|---|---|---|---|"]
     for path, cfg, rows in runs:
-        diff = ", ".join(f"{k} {cfg.get(k)}" for k in COMPARED if cfg.get(k) != base.get(k)) or "-"
+        diff = ", ".join(f"{k} {'none' if cfg.get(k) == '' else cfg.get(k)}" for k in COMPARED
+                         if cfg.get(k) != base.get(k)) or "-"
         ema = max((r["ema_val_acc1"] for r in rows if "ema_val_acc1" in r), default=None)
         lines.append(f"| {path.name} | {diff} | {rows[-1]['val_acc1']:.1%} | {max(r['val_acc1'] for r in rows):.1%} | "
                      f"{'-' if ema is None else f'{ema:.1%}'} | {minutes(rows)[-1]:.1f} |")

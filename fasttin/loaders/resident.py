@@ -16,11 +16,11 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
-import signal
 
 import numpy as np
 import torch
 
+from fasttin.errors import pool_worker_signals
 from fasttin.loaders.augment import CROP_PAD, SIZE, resize_boxes, upscale_normalize
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DoesNotFit
@@ -60,14 +60,6 @@ def _decode_chunk(idx):
     return _DS.images(idx)
 
 
-def _worker_signals() -> None:
-    """A decoding worker dies on SIGTERM and leaves SIGINT to its parent. Forked inside a trainer,
-    it inherits the trainer's stop handler, which only records a SIGTERM: Pool.terminate() then
-    waited forever for a worker blocked on the task queue's lock (seen: a run hung at start)."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
     workers = workers or os.cpu_count() or 1
@@ -76,7 +68,7 @@ def decode_all(ds, workers: int | None = None) -> np.ndarray:
     global _DS
     _DS = ds
     gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
-    with mp.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
+    with mp.get_context("fork").Pool(workers, initializer=pool_worker_signals) as pool:
         out = np.concatenate(pool.map(_decode_chunk, np.array_split(np.arange(len(ds)), len(ds) // 2048)))
         pool.close()  # the workers leave on their own; terminate() (the with's exit) then has nothing to stop
         pool.join()
