@@ -65,6 +65,30 @@ def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) 
         raise
 
 
+def publish(tmp: Path, path: Path) -> None:
+    """A temporary that its writer built and synced over many calls (a shard) takes its final name."""
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+
+
+def move_aside(folder: Path, names: list[str], prefix: str) -> tuple[Path, list[str]]:
+    """Rename those of `names` that exist in `folder` into a fresh folder/<prefix>-<UTC time>[-n]/;
+    returns (that folder, the names moved). Nothing is deleted."""
+    import time
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = folder / f"{prefix}-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = folder / f"{prefix}-{stamp}-{n}"
+    dest.mkdir()
+    moved = [name for name in names if (folder / name).exists()]
+    for name in moved:
+        (folder / name).rename(dest / name)
+    return dest, moved
+
+
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """`data` at `path`, all or nothing (see `write_with`)."""
     write_with(path, lambda tmp: Path(tmp).write_bytes(data), sync=sync)

@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import clean_stale_tmp, ensure_writable
+from fasttin.fileio import clean_stale_tmp, ensure_writable, move_aside
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")  # their presence means "a run is here"
 RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png", "progress.json")  # what --overwrite moves aside
@@ -86,15 +85,7 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
 
 def _move_aside(out: Path, why: str) -> str:
     """Rename the run's files into a fresh out/replaced-<UTC time>/; returns the note to print."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest, n = out / f"replaced-{stamp}", 1
-    while dest.exists():
-        n += 1
-        dest = out / f"replaced-{stamp}-{n}"
-    dest.mkdir()
-    moved = [name for name in RUN_FILES if (out / name).exists()]
-    for name in moved:
-        (out / name).rename(dest / name)
+    dest, moved = move_aside(out, list(RUN_FILES), "replaced")
     return f"{why}: moved the earlier run's {', '.join(moved)} to {dest}"
 
 

@@ -412,3 +412,17 @@ def test_payload_that_does_not_decode_names_its_shard_and_sample(packed, tmp_pat
         ds.image(4)
     r = run_cli("fasttin.pack", "--verify", tmp_path / "c")
     assert r.returncode == 1 and "val-000.shard" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_every_rename_is_in_fileio():
+    """One writer and one folder replacer (issue 18): a rename written anywhere else is a second way
+    of writing files, with its own failure modes; this finds it."""
+    import re
+
+    from helpers import ROOT
+    renames = re.compile(r"os\.replace\(|os\.rename\(|\.rename\(|shutil\.move\(")
+    found = [(f.relative_to(ROOT), n) for d in ("fasttin", "benchmarks", "tools") for f in (ROOT / d).rglob("*.py")
+             if f.name != "fileio.py" for n, line in enumerate(f.read_text().splitlines(), 1) if renames.search(line)]
+    assert found == []
+    assert renames.search((ROOT / "fasttin" / "fileio.py").read_text())  # the pattern still finds them there
+

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fasttin.fileio import OutputError, digest, os_reason
+from fasttin.fileio import OutputError, digest, os_reason, publish, tmp_name
 from fasttin.shards.layout import FORMAT_VERSION, HEADER, MAGIC, PAYLOAD_KINDS, name_problem
 
 
@@ -36,7 +36,7 @@ class ShardWriter:
 
     def _open(self):
         name = f"{self.split}-{len(self.done):03d}.shard"
-        tmp = self.out_dir / (name + f".tmp{os.getpid()}")
+        tmp = tmp_name(self.out_dir / name)
         self.tmp_paths.append(tmp)
         self._f, self._name = self._io(open, tmp, "wb"), name
         self._io(self._f.write, b"\0" * HEADER.size)  # header goes in at the end, when the offsets are known
@@ -82,7 +82,7 @@ class ShardWriter:
     def commit(self) -> list[dict]:
         self.finish()
         for tmp, entry in zip(self.tmp_paths, self.done):
-            os.replace(tmp, self.out_dir / entry["file"])
+            publish(tmp, self.out_dir / entry["file"])
         self.tmp_paths = []
         return self.done
 
