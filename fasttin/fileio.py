@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,7 +77,6 @@ def publish(tmp: Path, path: Path) -> None:
 def move_aside(folder: Path, names: list[str], prefix: str) -> tuple[Path, list[str]]:
     """Rename those of `names` that exist in `folder` into a fresh folder/<prefix>-<UTC time>[-n]/;
     returns (that folder, the names moved). Nothing is deleted."""
-    import time
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest, n = folder / f"{prefix}-{stamp}", 1
     while dest.exists():

@@ -248,6 +248,10 @@ class Budget:
         b.agreed = (pos.budget_spent_s, pos.budget_reserve_s)
         return b
 
+    def start_clock(self) -> None:
+        """This process's clock runs from here: the set-up before training is not the budget's."""
+        self.started = time.perf_counter()
+
     def keep_room(self, row: dict, steps: int) -> float:
         """After an epoch (its metrics row): keep room for a final validation and checkpoint as long
         as the longest so far, with a quarter more, and for one step; returns the seconds spent."""

@@ -213,13 +213,12 @@ def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epo
         checkpoint.save(run.out / "best.pt", checkpoint.best_state(weights, best, epoch=epoch + (batch > 0), **common))
 
 
-def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest) -> dict:
+def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
     """The epochs of this invocation: train(); validate(); save_checkpoint(); until the last epoch,
     or under --budget the clock's end; a signal stops it at a step boundary, its position saved."""
     cfg, steps_per_epoch = run.cfg, len(data.train)
-    budget = Budget.resumed(cfg["budget"], cfg["epochs"] * steps_per_epoch, pos, world=run.world,
-                            device=run.device) if cfg["budget"] else None
     if budget:
+        budget.start_clock()
         step.position = budget.position
     clock = StepClock(run.device)
     profiler = StepProfiler(cfg["profile"], run.out, run.device, log=run.log) if cfg["profile"] and run.main else None
@@ -230,7 +229,7 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest)
                          run.log) as live:
         while budget.fraction() < 1.0 if budget else epoch < cfg["epochs"]:
             res, first, t0 = epoch_res(run, step, epoch, pos, budget), pos.batch, time.perf_counter()
-            lr = step.lr_at(step.position() if budget else epoch * steps_per_epoch)
+            lr = step.lr_at(step.position()) if budget else step.epoch_lr(epoch)
             live.start_epoch(epoch, first)
 
             def on_log(n, m):  # the logging steps (which synchronise anyway): the view, then the ranks agree
@@ -310,14 +309,16 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
         data = open_data(run)
         step, fresh = build(run, data)
         pos = restore(run, step, data)
-        spent = pos.budget_spent_s >= run.cfg["budget"] * 60 - pos.budget_reserve_s if run.cfg["budget"] else False
-        if pos.epoch >= run.cfg["epochs"] and not run.cfg["budget"] or spent:
+        budget = Budget.resumed(run.cfg["budget"], run.cfg["epochs"] * len(data.train), pos, world=run.world,
+                                device=run.device) if run.cfg["budget"] else None
+        spent = budget is not None and budget.exhausted()
+        if pos.epoch >= run.cfg["epochs"] and budget is None or spent:
             run.log(f"all {pos.epoch} epoch(s) of {run.out} are done; nothing to train"
                     + (" (its budget is spent)" if spent else " (--epochs N extends it)"))
             return {"done": True}
         write_config(run, data, fresh)
         try:
-            return fit(run, step, data, pos, stop)
+            return fit(run, step, data, pos, stop, budget)
         except NonFinite as e:
             last = run.out / "last.pt"
             kept = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was saved"

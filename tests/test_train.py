@@ -204,6 +204,11 @@ def test_eval_and_predict(learnable, reference_run, tmp_path):
     assert r.returncode == 0, r.stderr
     e = json.loads((tmp_path / "e.json").read_text())
     assert e["images"] == 200 and e["top1"] > 0.5 and e["res"] == 32 and e["top5"] >= e["top1"]
+    r = run_cli("fasttin.eval", "--ckpt", ckpt, "--data", learnable, "--device", "cpu", "--res", "48",
+                "--json", tmp_path / "e48.json")  # the README's "at any resolution"
+    assert r.returncode == 0, r.stderr
+    e48 = json.loads((tmp_path / "e48.json").read_text())
+    assert e48["res"] == 48 and e48["trained_res"] == 32 and e48["images"] == 200 and e48["loss"] != e["loss"]
     # any size and format PIL reads
     Image.new("RGB", (100, 80), (200, 30, 30)).save(tmp_path / "a.png")
     Image.new("L", (64, 64), 128).save(tmp_path / "b.jpg")

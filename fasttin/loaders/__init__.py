@@ -9,10 +9,10 @@ import logging
 
 import torch
 
-from fasttin.loaders.base import Loader
+from fasttin.loaders.base import Loader, check_res
 from fasttin.loaders.errors import DataError, LoaderArgumentError
 from fasttin.loaders.sampler import PAD_LABEL, EpochSampler
-from fasttin.recipes import AUGMENTS, BACKENDS, MIN_RES
+from fasttin.recipes import AUGMENTS, BACKENDS
 from fasttin.shards import open_split
 
 log = logging.getLogger("fasttin.loaders")
@@ -56,7 +56,7 @@ def check_arguments(*, backend, augment, res, batch_size, rank, world_size, dtyp
 
     need(backend in BACKENDS, f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     need(augment in AUGMENTS, f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-    need(whole(res) and res >= MIN_RES, f"res must be an integer of at least {MIN_RES}, got {res!r}")
+    check_res(res)
     need(whole(batch_size) and batch_size >= 1, f"batch_size must be a positive integer, got {batch_size!r}")
     need(whole(world_size) and world_size >= 1, f"world_size must be a positive integer, got {world_size!r}")
     need(whole(rank) and 0 <= rank < world_size, f"rank {rank!r} is not in [0, world_size={world_size})")

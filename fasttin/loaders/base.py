@@ -10,6 +10,12 @@ from fasttin.recipes import MIN_RES
 from fasttin.shards import SplitDataset
 
 
+def check_res(res) -> None:
+    """The one check of a resolution a loader hands out (make_loader's and set_res's)."""
+    if not isinstance(res, int) or isinstance(res, bool) or res < MIN_RES:
+        raise LoaderArgumentError(f"res must be an integer of at least {MIN_RES}, got {res!r}")
+
+
 class Loader:
     """Iterating yields (images, labels[, indices]) for one epoch, then moves to the next epoch.
 
@@ -40,8 +46,7 @@ class Loader:
 
     def set_res(self, res: int) -> None:
         """The passes from the next one on hand out [B, 3, res, res] batches."""
-        if not isinstance(res, int) or isinstance(res, bool) or res < MIN_RES:
-            raise LoaderArgumentError(f"res must be an integer of at least {MIN_RES}, got {res!r}")
+        check_res(res)
         self.res = res
 
     def __iter__(self):
