@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttin.checkpoint import CheckpointError
 from fasttin.errors import EXIT_NONFINITE, Reported
 from fasttin.loaders.sampler import PAD_LABEL
 from fasttin.recipes import AMPS
@@ -108,6 +109,13 @@ class EMA:
         """The decay of update t: the warm-up's (1 + t) / (10 + t) until it reaches `decay`."""
         return min(self.decay, (1 + t) / (10 + t))
 
+    def inert_note(self, steps: int) -> str | None:
+        """A line for a run of `steps` steps that ends before `decay` itself applies (see full_decay_step)."""
+        if self.full_decay_step() <= steps:
+            return None
+        return (f"--ema {self.decay:g}: the warm-up's decay (1+t)/(10+t) reaches it only at step "
+                f"{self.full_decay_step():,}, after this run's {steps:,}; the average is the warm-up's throughout")
+
     def full_decay_step(self) -> int:
         """The first update at which `decay` itself applies (0.999: 8,990; 0.99: 890): a shorter run
         averages with the warm-up's decay throughout, whatever --ema says (fasttin.train says so)."""
@@ -192,8 +200,15 @@ class TrainStep:
             state["ema"] = self.ema.state_dict()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's step state; one without "steps" (an earlier fasttin's) has its LambdaLR's count."""
+    def load_state_dict(self, state: dict, where="the checkpoint") -> None:
+        """A checkpoint's step state; one without "steps" (an earlier fasttin's) has its LambdaLR's count.
+        A missing entry is a CheckpointError naming `where`."""
+        try:
+            self._load(state)
+        except KeyError as e:
+            raise CheckpointError(f"{where} has no {e} entry: damaged, or of other settings") from None
+
+    def _load(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -202,6 +202,15 @@ def resolve(name: str, **overrides) -> dict:
     return cfg
 
 
+def check_batch(cfg: dict, world: int, images: int, data) -> None:
+    """The global batch splits evenly over the `world` processes and fits in the `images` of the
+    train split of `data` (a drop-last epoch would otherwise have no step)."""
+    if cfg["batch_size"] % world:
+        raise SettingError(f"--batch-size {cfg['batch_size']} does not split over {world} processes")
+    if cfg["batch_size"] > images:
+        raise SettingError(f"--batch-size {cfg['batch_size']}: more than the {images} training images of {data}")
+
+
 FLOAT32_MAX = 3.4028234663852886e38
 
 

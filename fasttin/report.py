@@ -148,6 +148,16 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def metrics_upto(path: Path, rows_seen: int | None, epochs: int, *, rewrite: bool) -> list[dict]:
+    """A resumed run's rows: those its checkpoint had seen (by count; by epoch for an earlier
+    fasttin's), the file cut back to them when `rewrite` (so no epoch is repeated or skipped)."""
+    rows = read_metrics(path)
+    kept = rows[:rows_seen] if rows_seen is not None else [r for r in rows if r["epoch"] <= epochs]
+    if rewrite and kept != rows:
+        write_metrics(path, kept)
+    return kept
+
+
 def write_metrics(path: Path, rows: list[dict]) -> None:
     """The whole file, rewritten atomically: one JSON line per finished epoch."""
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -34,7 +34,8 @@ import os
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import clean_stale_tmp, ensure_writable, move_aside
+from fasttin.fileio import clean_stale_tmp, ensure_writable, move_aside, write_json_atomic
+from fasttin.info import environment
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")  # their presence means "a run is here"
 RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png", "progress.json")  # what --overwrite moves aside
@@ -47,6 +48,12 @@ WAYS_OUT = "--resume to continue it, --auto-resume, --overwrite to move it aside
 
 class RunDirError(UserError):
     """A run folder that would be damaged by this start, or a resume that would change the run."""
+
+
+def write_config(out: Path, cfg: dict, **where) -> None:
+    """out/config.json: every setting as actually used (after a fallback), with where it ran
+    (`where`: world_size, device...) and the machine; what a resume is checked against."""
+    write_json_atomic(out / "config.json", {**cfg, **where, "environment": environment()})
 
 
 def will_resume(out: Path, *, resume: bool, auto_resume: bool) -> bool:

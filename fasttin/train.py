@@ -17,14 +17,12 @@ import torch
 
 from fasttin import checkpoint, ranks, recipes, report, rundir
 from fasttin.errors import EXIT_INTERRUPTED, EXIT_OK, run_command
-from fasttin.fileio import write_json_atomic
-from fasttin.info import environment, resolve_device
-from fasttin.loaders import choose_backend, make_loader
+from fasttin.info import resolve_device
+from fasttin.loaders import better_backend, make_loader
 from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, shares, train_epoch
 from fasttin.model import build_model, check_fits, initial_weights
 from fasttin.profiling import StepProfiler
 from fasttin.ranks import StopRequest
-from fasttin.recipes import SettingError
 from fasttin.shards import read_manifest
 
 NAME = "fasttin.train"
@@ -59,21 +57,6 @@ class Run:
             report.log(message)
 
 
-def read_classes(cfg: dict) -> dict:
-    manifest = read_manifest(cfg["data"])
-    cfg["classes"] = [c["wnid"] for c in manifest["classes"]]
-    return manifest
-
-
-def prepare_folder(run: Run, *, resume: bool, auto_resume: bool, overwrite: bool) -> None:
-    """rundir.prepare on rank 0, its decision (or refusal) shared with every rank."""
-    run.resume, notes = rundir.prepare_ranks(run.out, run.cfg, resume=resume, auto_resume=auto_resume,
-                                             overwrite=overwrite, explicit_pretrained=run.explicit_pretrained,
-                                             rank=run.rank, world=run.world)
-    for note in notes:
-        run.log(note)
-
-
 # --- data and model -------------------------------------------------------------------------------
 
 @dataclass
@@ -88,12 +71,8 @@ def open_data(run: Run) -> Data:
     """Train drops its last partial batch; val is whole, padded across ranks and the padding masked.
     Both are built for the largest resolution they will hand out (the memory check), then set per epoch."""
     cfg, world = run.cfg, run.world
-    if cfg["batch_size"] % world:
-        raise SettingError(f"--batch-size {cfg['batch_size']} does not split over {world} processes")
-    n_train = run.manifest.get("splits", {}).get("train", {}).get("count", cfg["batch_size"])
-    if cfg["batch_size"] > n_train:
-        raise SettingError(f"--batch-size {cfg['batch_size']}: more than the {n_train} training images of "
-                           f"{cfg['data']}")
+    recipes.check_batch(cfg, world, run.manifest["splits"].get("train", {}).get("count", cfg["batch_size"]),
+                        cfg["data"])
     common = dict(backend=cfg["backend"], device=run.device, seed=cfg["seed"], rank=run.rank, world_size=world,
                   dtype=AMP_DTYPE[cfg["amp"]], workers=cfg["workers"], batch_size=cfg["batch_size"] // world,
                   verify=True)
@@ -114,46 +93,31 @@ def build(run: Run, data: Data):
     model = build_model(len(data.classes), run.cfg["stem"])
     fresh = [] if run.resume else initial_weights(model, run.cfg, explicit=run.explicit_pretrained, log=run.log)
     step = make_step(model, run.cfg, device=run.device, steps_per_epoch=len(data.train), world=run.world)
-    steps = run.cfg["epochs"] * len(data.train)
-    if step.ema is not None and step.ema.full_decay_step() > steps:
-        run.log(f"--ema {run.cfg['ema']:g}: the warm-up's decay (1+t)/(10+t) reaches it only at step "
-                f"{step.ema.full_decay_step():,}, after this run's {steps:,}; the average is the warm-up's throughout")
+    note = step.ema and step.ema.inert_note(run.cfg["epochs"] * len(data.train))
+    if note:
+        run.log(note)
     return step, fresh
-
-
-def write_config(run: Run, data: Data, fresh: list[str]) -> None:
-    """config.json: every setting as actually used (after a fallback), and where it ran."""
-    if run.main:
-        write_json_atomic(run.out / "config.json", {
-            **run.cfg, "world_size": run.world, "device": str(run.device), "num_classes": len(data.classes),
-            "fresh_init": fresh, "environment": environment()})
 
 
 # --- resume ---------------------------------------------------------------------------------------
 
 def restore(run: Run, step, data: Data) -> checkpoint.Position:
     """The last checkpoint's state and position, and metrics only up to it (no epoch repeated or skipped)."""
+    metrics, where = run.out / "metrics.jsonl", run.out / "last.pt"
     if not run.resume:
         if run.main:
-            report.write_metrics(run.out / "metrics.jsonl", [])
+            report.write_metrics(metrics, [])
         return checkpoint.Position()
-    where = run.out / "last.pt"
     ckpt = checkpoint.load(where)
     check_fits(ckpt, len(data.classes), run.cfg["stem"], where=str(where))
-    try:
-        step.load_state_dict(ckpt)
-    except KeyError as e:
-        raise checkpoint.CheckpointError(f"{where} has no {e} entry: damaged, or of other settings") from None
+    step.load_state_dict(ckpt, where)
     checkpoint.set_rng_state(ckpt["rng"])
     pos = checkpoint.Position.of(ckpt)
-    rows = report.read_metrics(run.out / "metrics.jsonl")
-    pos.rows = rows[:pos.rows_seen] if pos.rows_seen is not None else [r for r in rows if r["epoch"] <= pos.epoch]
-    if run.main and pos.rows != rows:
-        report.write_metrics(run.out / "metrics.jsonl", pos.rows)
-    spent = f", {pos.budget_spent_s / 60:.1f} of {run.cfg['budget']:g} budget minutes spent" if run.cfg["budget"] \
-        else ""
+    pos.rows = report.metrics_upto(metrics, pos.rows_seen, pos.epoch, rewrite=run.main)
     run.log(f"resumed from {where}: {pos.epoch} epoch(s) done"
-            + (f", {pos.batch} batch(es) into epoch {pos.epoch + 1}" if pos.batch else "") + spent)
+            + (f", {pos.batch} batch(es) into epoch {pos.epoch + 1}" if pos.batch else "")
+            + (f", {pos.budget_spent_s / 60:.1f} of {run.cfg['budget']:g} budget minutes spent" if run.cfg["budget"]
+               else ""))
     return pos
 
 
@@ -242,7 +206,6 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             done = first + steps
             if stop.should_stop() and done < steps_per_epoch:
                 ensure_finite(step, epoch)
-                pos.epoch_res = res
                 save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res, budget=budget)
                 run.log(f"{stop.name}: saved {run.out / 'last.pt'} at batch {done} of epoch {epoch + 1}; "
                         "--resume continues from there")
@@ -284,11 +247,8 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
 def finish(run: Run, data: Data, pos: checkpoint.Position, compile_s, budget: Budget | None) -> dict:
     """summary.json, curves.png, the closing table and the verdict."""
     cfg = run.cfg
-    used = data.train.backend
-    auto, why = choose_backend(data.train.ds, run.device, cfg["batch_size"] // run.world, recipes.max_res(cfg),
-                               cfg["augment"])
-    better = f"{why}: try --backend {auto}" if auto != used and auto != "pil" else None
-    summary = report.summary(pos.rows, cfg, best=pos.best, compile_s=compile_s, backend=used, better_backend=better,
+    summary = report.summary(pos.rows, cfg, best=pos.best, compile_s=compile_s, backend=data.train.backend,
+                             better_backend=better_backend(data.train, recipes.max_res(cfg)),
                              device=run.device, world=run.world, steps_per_epoch=len(data.train),
                              budget_spent_s=budget.local_spent() if budget else None, best_weights=pos.best_weights,
                              writeup=recipes.WRITEUP_TOP1.get(cfg["recipe"]))
@@ -301,8 +261,13 @@ def finish(run: Run, data: Data, pos: checkpoint.Position, compile_s, budget: Bu
 
 def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False, resume: bool = False) -> dict:
     """Run folder, data, model, resume, fit: the whole run, in that order."""
-    run.manifest = read_classes(run.cfg)
-    prepare_folder(run, resume=resume, auto_resume=auto_resume, overwrite=overwrite)
+    run.manifest = read_manifest(run.cfg["data"])
+    run.cfg["classes"] = [c["wnid"] for c in run.manifest["classes"]]
+    run.resume, notes = rundir.prepare_ranks(run.out, run.cfg, resume=resume, auto_resume=auto_resume,
+                                             overwrite=overwrite, explicit_pretrained=run.explicit_pretrained,
+                                             rank=run.rank, world=run.world)
+    for note in notes:  # rank 0's decision (or refusal), shared with every rank
+        run.log(note)
     if run.device.type == "cpu" and not torch.cuda.is_available():
         run.log(CPU_HINT)
     with StopRequest(run.world, run.device) as stop:  # from here on a signal stops at a step boundary
@@ -316,7 +281,9 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
             run.log(f"all {pos.epoch} epoch(s) of {run.out} are done; nothing to train"
                     + (" (its budget is spent)" if spent else " (--epochs N extends it)"))
             return {"done": True}
-        write_config(run, data, fresh)
+        if run.main:
+            rundir.write_config(run.out, run.cfg, world_size=run.world, device=str(run.device),
+                                num_classes=len(data.classes), fresh_init=fresh)
         try:
             return fit(run, step, data, pos, stop, budget)
         except NonFinite as e:

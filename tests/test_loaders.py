@@ -15,7 +15,7 @@ from helpers import ROOT, Lines
 from PIL import Image
 
 from fasttin.errors import UserError, pool_worker_signals
-from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, make_loader
+from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, better_backend, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
 from fasttin.loaders.errors import DoesNotFit
@@ -209,6 +209,17 @@ def test_auto_on_cpu_chooses_resident_where_it_fits_else_pil_and_says_why(packed
     with caplog.at_level(logging.INFO, logger="fasttin.loaders"):
         ld = loader(packed, backend="auto")
     assert ld.backend == "pil" and "does not fit on cpu" in caplog.text and "no GPU" in caplog.text
+
+
+def test_better_backend_names_auto_s_choice_only_when_it_differs_and_is_not_pil(packed, monkeypatch):
+    pil = loader(packed, backend="pil")
+    assert better_backend(pil, 64).startswith("the split fits on cpu") and "try --backend resident" in better_backend(
+        pil, 64)
+    res = loader(packed, backend="resident")
+    assert better_backend(res, 64) is None
+    monkeypatch.setattr(resident_mod, "free_memory", lambda device: 100_000)
+    assert better_backend(pil, 64) is None  # auto would take pil itself: no hint
+    assert better_backend(res, 64) is None  # pil is never a better choice
 
 
 def test_resident_memory_check(packed, monkeypatch):

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from fasttin import loop
+from fasttin.checkpoint import CheckpointError
 from fasttin.loop import EMA, Budget, StepClock, lr_factor, make_step, shares, train_epoch, verdict
 from fasttin.model import build_model
 from fasttin.profiling import StepProfiler
-from fasttin.recipes import BASE, SETTINGS, resolve, settings
+from fasttin.recipes import BASE, SETTINGS, SettingError, check_batch, resolve, settings
 from fasttin.recipes import train_parser as parser
+from fasttin.report import metrics_upto, read_metrics, write_metrics
 
 
 def tiny_step(**over):
@@ -156,6 +158,38 @@ def test_ema_averages_every_float_tensor_with_a_warmed_up_decay_and_round_trips(
     other.load_state_dict(ema.state_dict())
     assert other.updates == 2 and all(torch.equal(a, b) for a, b in zip(other.model.state_dict().values(),
                                                                         ema.model.state_dict().values()))
+    assert ema.inert_note(889).startswith("--ema 0.99: the warm-up's decay") and "step 890" in ema.inert_note(889)
+    assert ema.inert_note(890) is None
+
+
+def test_a_step_state_missing_an_entry_is_a_checkpoint_error_naming_the_file():
+    cfg = resolve("fast-cpu", batch_size=4)  # with an EMA
+    step = make_step(build_model(10, cfg["stem"]), cfg, device="cpu", steps_per_epoch=3)
+    state = step.state_dict()
+    again = make_step(build_model(10, cfg["stem"]), cfg, device="cpu", steps_per_epoch=3)
+    again.load_state_dict(state, "run/last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), step.model.state_dict().values()))
+    for key in ("optimizer", "ema"):
+        with pytest.raises(CheckpointError, match=f"run/last.pt has no '{key}' entry"):
+            again.load_state_dict({k: v for k, v in state.items() if k != key}, "run/last.pt")
+
+
+def test_check_batch_needs_a_batch_that_splits_over_the_processes_and_fits_the_split():
+    cfg = resolve("seed-64-scratch", batch_size=100)
+    check_batch(cfg, 4, 100, "d")
+    with pytest.raises(SettingError, match="--batch-size 100 does not split over 3 processes"):
+        check_batch(cfg, 3, 1000, "d")
+    with pytest.raises(SettingError, match="--batch-size 100: more than the 99 training images of d"):
+        check_batch(cfg, 1, 99, "d")
+
+
+def test_a_resumed_run_keeps_only_the_metric_rows_its_checkpoint_saw(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"epoch": e} for e in (1, 2, 3)]
+    write_metrics(path, rows)
+    assert metrics_upto(path, 2, 3, rewrite=False) == rows[:2] and read_metrics(path) == rows  # only rank 0 writes
+    assert metrics_upto(path, None, 1, rewrite=True) == rows[:1] == read_metrics(path)  # an earlier fasttin's: by epoch
+    assert metrics_upto(tmp_path / "none.jsonl", 0, 0, rewrite=True) == []
 
 
 def test_step_with_ema_updates_it_each_step_and_keeps_it_in_its_state():

@@ -16,8 +16,8 @@ from fasttin.recipes import AUGMENTS, BACKENDS
 from fasttin.shards import open_split
 
 log = logging.getLogger("fasttin.loaders")
-__all__ = ["make_loader", "choose_backend", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL", "DataError",
-           "LoaderArgumentError"]
+__all__ = ["make_loader", "choose_backend", "better_backend", "Loader", "BACKENDS", "AUGMENTS", "PAD_LABEL",
+           "DataError", "LoaderArgumentError"]
 
 
 def _keep_freed_memory_mapped() -> None:
@@ -43,6 +43,13 @@ def choose_backend(ds, device: torch.device, batch_size: int, res: int, augment:
     if why is None:
         return "dali", f"the split does not fit on {device} ({need / 2**30:.2f} GiB needed): DALI streams it"
     return "pil", f"the split does not fit on {device} ({need / 2**30:.2f} GiB needed) and {why}"
+
+
+def better_backend(loader: Loader, res: int) -> str | None:
+    """A hint when `auto` would choose another backend than `loader`'s for batches of `res`
+    (never pil: it is nobody's faster choice), e.g. "the split fits on cuda:0 ...: try --backend resident"."""
+    auto, why = choose_backend(loader.ds, loader.device, loader.batch_size, res, loader.augment)
+    return f"{why}: try --backend {auto}" if auto not in (loader.backend, "pil") else None
 
 
 def check_arguments(*, backend, augment, res, batch_size, rank, world_size, dtype, workers) -> None:
