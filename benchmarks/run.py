@@ -90,6 +90,13 @@ def parser() -> CommandParser:
                    "peers and accounting are optional)")
     p.add_argument("--backends", type=names_from(LOADERS, "backends"), default=",".join(LOADERS),
                    help=f"the loaders of the loader and train stages, of {','.join(LOADERS)} (default all)")
+    p.add_argument("--peers", default="all", help="the peers stage's loaders, comma-separated (default all; "
+                   "see benchmarks/peers/loaders.py)")
+    p.add_argument("--mae-images", type=positive, default=500, help="the peers' MAE against PIL bicubic on the "
+                   "first N images")
+    p.add_argument("--ffcv-site", type=Path, default=None, help="the folder benchmarks/peers/setup-ffcv.sh "
+                   "installed FFCV into (default .peers-site)")
+    p.add_argument("--peer-timeout", type=float, default=1800, help="seconds a peer's worker may take to answer")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
@@ -132,6 +139,14 @@ def resolve_flags(args) -> None:
     if args.augment not in AUGMENTS:
         raise UserError(f"--augment {args.augment}: choose one of {', '.join(AUGMENTS)}")
     args.res = args.res or ([64] if args.quick else [64, 224])
+    if "peers" in args.stages:
+        from benchmarks.peers.loaders import PEERS
+        from benchmarks.peers.stage import DEFAULT_SITE
+        try:
+            args.peers = names_from(tuple(PEERS), "peers")(",".join(PEERS) if args.peers == "all" else args.peers)
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--peers: {e}") from None
+        args.ffcv_site = args.ffcv_site or DEFAULT_SITE
     if args.quick:
         args.repeats, args.batches, args.steps, args.decode_images = 2, 0, 1, 256
         args.batch_size = min(args.batch_size, 8)

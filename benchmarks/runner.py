@@ -43,11 +43,10 @@ NEEDS: dict[str, Callable[[Bench], str | None]] = {
     "jpeg": lambda b: None if b.ds.payload == "jpeg" else "raw payload: nothing to decode",
     "cv2": lambda b: _importable("cv2"),
     "torchvision": lambda b: _importable("torchvision"),
-    "peers": lambda b: _importable("benchmarks.peers"),
 }
 
 # the grid keys that are record fields too
-RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "clock")
+RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "clock", "kernel", "workers")
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,8 @@ class Stage:
 
     run(bench, **point) returns the measured record fields (from `bench.measure`); a row with an
     `alternate` group instead returns a consumer (one pass -> images), or (consumer, extra record
-    fields), that the runner times in turn with the other rows of its group at the same resolution.
+    fields[, after]), that the runner times in turn with the other rows of its group at the same
+    resolution; after() -> more fields, once the group is timed (the peers' MAE).
     `grid(bench, res)` lists the points (res is None for rows with `per_res=False`); `name` is a format
     string over a point, or a function of it.
     """
@@ -81,12 +81,13 @@ class Stage:
 
 class Bench:
     """The shared settings, the data set, the records so far, and a cache of built objects (the
-    loaders) that the stages of one resolution share."""
+    loaders, the peers' worker processes) that the stages of one resolution share."""
 
     def __init__(self, args, device: torch.device, ds):
         self.args, self.device, self.ds = args, device, ds
         self.records: list[dict] = []
         self.cache: dict = {}
+        self.closers: list = []
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -106,8 +107,14 @@ class Bench:
             raise self.cache[key]
         return self.cache[key]
 
+    def on_release(self, close) -> None:
+        """close() at `release()`: what a row started (a worker process) ends with its resolution."""
+        self.closers.append(close)
+
     def release(self) -> None:
         self.cache.clear()
+        while self.closers:
+            self.closers.pop()()
 
     def timed(self, fn) -> tuple[int, float]:
         t = time.perf_counter()
@@ -159,8 +166,8 @@ class Bench:
 
 
 def record(stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
-    """One measurement in the schema every benchmark shares (benchmarks.run's and the peers'):
-    stage, name, backend, res, batch_size, device, dtype, img_per_s, mb_per_s, repeats, and the
+    """One measurement in the schema of every benchmark record: stage, name, backend, res,
+    batch_size, device, dtype, img_per_s, mb_per_s, repeats, and the
     stage's own fields; a skipped one carries the reason and no figure."""
     rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": None, "device": None,
            "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
@@ -202,23 +209,23 @@ def run_point(b: Bench, stage: Stage, point: dict) -> dict | None:
     why = b.missing(stage.needs)
     if why is None:
         try:
-            got = stage.run(b, **point)
-            # None: the stage added its own records (the peers stage: one per peer)
-            return got if got is None else b.add(stage.stage, stage.label(point), **{**fields, **got})
+            return b.add(stage.stage, stage.label(point), **{**fields, **stage.run(b, **point)})
         except Skip as e:
             why = str(e)
     return b.add(stage.stage, stage.label(point), skipped=why, **fields)
 
 
 def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
-    """Rows whose figures are measured alternately (the loaders and the pipelines they are compared with)."""
-    consumers, skipped, extra = {}, {}, {}
+    """Rows whose figures are measured alternately (the loaders and the pipelines they are compared
+    with, the model's configurations, the peers); each row's `after` runs once all are timed."""
+    consumers, skipped, extra, after = {}, {}, {}, {}
     for i, (stage, point) in enumerate(rows):
         why = b.missing(stage.needs)
         if why is None:
             try:
                 got = stage.run(b, **point)
-                consumers[i], extra[i] = got if isinstance(got, tuple) else (got, {})
+                consumers[i], extra[i], *rest = got if isinstance(got, tuple) else (got, {})
+                after[i] = rest[0] if rest else dict
             except Skip as e:
                 why = str(e)
         if why:
@@ -227,8 +234,12 @@ def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
     for i, (stage, point) in enumerate(rows):
         got = measured.get(i)
         why = skipped.get(i) or (str(got) if isinstance(got, Skip) else None)
-        fields = _record_fields(stage, point)
-        b.add(stage.stage, stage.label(point), skipped=why, **fields, **({} if why else {**extra[i], **got}))
+        if not why:
+            try:
+                got = {**extra[i], **got, **after[i]()}
+            except Skip as e:
+                why = str(e)
+        b.add(stage.stage, stage.label(point), skipped=why, **_record_fields(stage, point), **({} if why else got))
 
 
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:

@@ -14,14 +14,14 @@ import io
 import multiprocessing as mp
 import os
 import statistics
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks import pipelines, training
-from benchmarks.runner import Bench, Skip, Stage
-from fasttin.errors import UserError, pool_worker_signals
+from benchmarks import LOADERS, pipelines, training
+from benchmarks.peers import stage as peers
+from benchmarks.runner import Bench, Stage
+from fasttin.errors import pool_worker_signals
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
 from fasttin.loop import AMP_DTYPE
@@ -157,28 +157,11 @@ def measure_copy(b: Bench, res: int, pinned: bool) -> dict:
 
 # ---- loaders, peers ---------------------------------------------------------------------------------
 
-LOADERS = ("resident", "pil", "dali", "classic")
 LOADER_NEEDS = {"dali": ("dali",), "classic": ("cv2", "torchvision")}
 
 
 def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
     return pipelines.one_pass(b, pipelines.loader_for(b, backend, res))
-
-
-def run_peers(b: Bench, res: int) -> None:
-    """benchmarks.peers.run_peers: fasttin's loaders and the peers (FFCV, DALI's file reader,
-    torchvision, classic), each in its own process, alternated epoch by epoch; it returns records in
-    this schema, one per peer (skipped with the reason when a peer is not installed)."""
-    from benchmarks.peers import run_peers as peers
-    try:
-        records = peers(b.args.data, b.args.split, [res], batch_size=b.args.batch_size, rounds=b.args.repeats,
-                        workers=b.args.workers or CORES, dtype="float16" if b.args.amp == "fp16" else "bfloat16",
-                        cache=Path(b.args.cache) / "peers")
-    except UserError as e:  # e.g. a split smaller than one batch
-        raise Skip(str(e)) from None
-    if not records:
-        raise Skip("benchmarks.peers measured no peer")
-    b.records.extend(records)
 
 
 def _loader_point(backend: str):
@@ -226,7 +209,7 @@ def table(backends=LOADERS) -> list[Stage]:
                 loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate="loaders") for k in loaders],
         *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
                 grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in loaders],
-        Stage("peers", "FFCV, DALI file reader, torchvision, classic (own processes)", run_peers, ("peers",)),
+        peers.stage(),
         Stage("accounting", "the trainer's step, {clock} the time accounting", training.accounting_consumer,
               grid=lambda b, res: [{"res": res, "clock": k} for k in ("without", "with")], alternate="accounting"),
     ]
@@ -237,6 +220,7 @@ _LOADER_NAMES = {"classic": "ImageFolder + OpenCV-upscaled files, loader only"}
 
 def add_ratios(records: list[dict]) -> None:
     """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling),
+    vs_ffcv_raw on each peer,
     and the accounting's cost (the ratio of the medians, and the median of the rounds' ratios: the
     sturdier on a machine whose speed drifts) on its 'with' record."""
     for res in {r["res"] for r in records if r["res"]}:
@@ -246,6 +230,9 @@ def add_ratios(records: list[dict]) -> None:
             w, wo = acc["with"], acc["without"]
             w["overhead"] = wo["img_per_s"] / w["img_per_s"] - 1
             w["paired_overhead"] = statistics.median(a / b for a, b in zip(wo["runs"], w["runs"])) - 1
+        ffcv = next((r["img_per_s"] for r in done if r["stage"] == "peers" and r["backend"] == "ffcv-raw"), None)
+        for r in (r for r in done if ffcv and r["stage"] == "peers"):
+            r["vs_ffcv_raw"] = r["img_per_s"] / ffcv
         classic = next((r for r in done if r["stage"] == "classic"), None)
         best = max((r for r in done if r["stage"] == "loader"), key=lambda r: r["img_per_s"], default=None)
         if classic and best:

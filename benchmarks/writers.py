@@ -17,18 +17,22 @@ def _fmt(v, spec: str = ",.0f") -> str:
     return "" if v is None else f"{v:{spec}}"
 
 
-# (column title, the cell of a record): benchmarks.run's table; benchmarks.peers passes its own
+# (column title, the cell of a record); a run with the peers stage has their columns too
 RUN_COLUMNS = (("stage", lambda r: r["stage"]), ("what", lambda r: r["name"]), ("res", lambda r: r["res"] or ""),
                ("batch", lambda r: r["batch_size"]), ("device", lambda r: r["device"]),
                ("img/s", lambda r: _fmt(r["img_per_s"])), ("MB/s", lambda r: _fmt(r.get("mb_per_s") or None)),
                ("ratio", lambda r: ratio(r)),
                ("note", lambda r: f"skipped: {r['skipped']}" if r.get("skipped") else ""))
+PEER_COLUMNS = (("version", lambda r: r.get("version", "")), ("out", lambda r: r.get("dtype") or ""),
+                ("kernel", lambda r: r.get("kernel", "")),
+                ("MAE vs PIL bicubic (0-255)", lambda r: _fmt(r.get("mae_vs_pil"), ".2f")))
 
 
-def markdown(out: dict, columns=RUN_COLUMNS) -> str:
+def markdown(out: dict) -> str:
     """A record file (runner.envelope) as the Markdown BENCHMARKS.md quotes: the command, the date,
     the machine and versions, then one row a record."""
     env = out["environment"]
+    columns = RUN_COLUMNS + (PEER_COLUMNS if any(r["stage"] == "peers" for r in out["records"]) else ())
     lines = [f"Command: `{out['command']}`  ",
              f"Date: {env['date']}; machine: {env['cpu']} x{env['cores']}, GPU: {env['gpu'] or 'none'}; "
              f"torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
@@ -44,6 +48,8 @@ def write_markdown(path: Path, out: dict) -> None:
 
 
 def ratio(r: dict) -> str:
+    if r.get("vs_ffcv_raw"):
+        return f"{r['vs_ffcv_raw']:.2f}x FFCV raw"
     if r.get("vs_model"):
         return f"{r['vs_model']:.2f}x of model-only"
     return f"{r['vs_classic']:.2f}x classic" if r.get("vs_classic") else ""
@@ -92,14 +98,14 @@ def write_outputs(paths: dict, out: dict, writers=WRITERS) -> list[str]:
 
 
 def table(records: list[dict]):
+    """The terminal's table: the Markdown's columns but the batch, the note and the peers' extras."""
     from rich.table import Table
     t = Table(title="fasttin benchmarks")
-    for c in ("stage", "what", "res", "device", "img/s", "MB/s", "ratio"):
-        t.add_column(c, justify="left" if c in ("stage", "what") else "right")
+    columns = [(title, cell) for title, cell in RUN_COLUMNS if title not in ("batch", "note")]
+    for title, _ in columns:
+        t.add_column(title, justify="left" if title in ("stage", "what") else "right")
     for r in records:
-        t.add_row(r["stage"], r["name"], str(r["res"] or ""), r["device"],
-                  "skipped" if r.get("skipped") else f"{r['img_per_s']:,.0f}",
-                  f"{r['mb_per_s']:,.0f}" if r.get("mb_per_s") else "", ratio(r).split(" ")[0])
+        t.add_row(*(("skipped" if r.get("skipped") and title == "img/s" else str(cell(r))) for title, cell in columns))
     return t
 
 

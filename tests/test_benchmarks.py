@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import ROOT, run_cli
 
-from benchmarks import pipelines, runner, stages, writers
+from benchmarks import pipelines, stages, writers
 from benchmarks.run import STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
@@ -86,12 +86,6 @@ def test_missing_needs_and_skips_become_records_with_reasons():
     assert len(recs) == 7 and not any(r["stage"] == "train" for r in recs)
 
 
-def test_the_peers_stage_is_skipped_with_a_reason_without_its_module(monkeypatch):
-    monkeypatch.setitem(runner.NEEDS, "peers", lambda b: runner._importable("benchmarks.no_such_peers"))
-    recs = run_table(fake_bench(), stages.table(), {"peers"}, [64])
-    assert [r["skipped"] for r in recs] == ["benchmarks.no_such_peers is not installed"]
-
-
 def test_alternation_takes_turns_and_never_records_an_empty_repeat():
     calls = []
 
@@ -111,6 +105,29 @@ def test_alternation_takes_turns_and_never_records_an_empty_repeat():
     by = {r["name"]: r for r in recs}
     assert by["a"]["repeats"] == 3 and by["c"]["repeats"] == 3 and by["a"]["img_per_s"] > 0
     assert by["b"]["img_per_s"] is None and "no images" in by["b"]["skipped"]
+
+
+def test_a_row_s_after_runs_once_its_group_is_timed_and_what_it_started_ends_with_the_resolution():
+    events = []
+
+    def row(b, res, backend):
+        b.on_release(lambda: events.append(f"close {backend}@{res}"))
+
+        def after():
+            events.append(f"after {backend}")
+            if backend == "b":
+                raise Skip("b's worker died")
+            return {"mae_vs_pil": 0.5}
+        return (lambda: events.append(f"pass {backend}") or 4), {"version": "1"}, after
+
+    table = [Stage("peers", "{backend}", row, grid=lambda b, res: [{"res": res, "backend": k} for k in "ab"],
+                   alternate="peers")]
+    recs = run_table(fake_bench(repeats=1), table, {"peers"}, [64, 80])
+    at64 = events[:events.index("close a@64") + 1]
+    assert at64 == ["pass a", "pass b", "pass a", "pass b", "after a", "after b", "close b@64", "close a@64"]
+    assert [(r["res"], r.get("mae_vs_pil"), r.get("version"), r.get("skipped")) for r in recs] == [
+        (64, 0.5, "1", None), (64, None, None, "b's worker died"), (80, 0.5, "1", None),
+        (80, None, None, "b's worker died")]
 
 
 def test_a_failing_writer_loses_none_of_the_others(tmp_path):

@@ -7,12 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.peers import mae, run_peers
-from benchmarks.peers.__main__ import main as peers_main
+from benchmarks.peers import mae
 from benchmarks.peers.loaders import Spec
-from benchmarks.peers.runner import CLASSIC_AT_64, _record, _start
+from benchmarks.peers.stage import CLASSIC_AT_64, Worker
 from benchmarks.pipelines import image_folder, relative_paths, upscaled_folder
-from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, UserError
+from benchmarks.run import main as run_main
+from benchmarks.runner import Skip
+from benchmarks.stages import add_ratios
+from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK
 from fasttin.loaders import dali
 from fasttin.loaders.augment import normalize
 from fasttin.shards import open_split
@@ -60,25 +62,31 @@ def test_prepared_folders_hold_every_image_once(packed_raw, tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-@pytest.mark.slow
-def test_runner_measures_the_installed_peers_and_skips_the_rest(packed, tmp_path):
+def peers_run(packed, tmp_path, *flags, peers="fasttin-resident", res=RES):
     out = tmp_path / "peers.json"
-    peers = "fasttin-resident,fasttin-pil,fasttin-dali,dali-files,torchvision,classic,ffcv-raw"
-    rc = peers_main(["--data", str(packed), "--split", "train", "--res", str(RES), "--batch-size", "50",
-                     "--rounds", "2", "--workers", "1", "--mae-images", "20", "--peers", peers,
-                     "--cache", str(tmp_path / "cache"), "--ffcv-site", str(tmp_path / "no-ffcv"), "--json", str(out)])
+    rc = run_main(["--data", str(packed), "--split", "train", "--stages", "peers", "--res", str(res),
+                   "--batch-size", "50", "--repeats", "2", "--workers", "1", "--mae-images", "20", "--peers", peers,
+                   "--cache", str(tmp_path / "cache"), "--ffcv-site", str(tmp_path / "no-ffcv"), "--json", str(out),
+                   "--device", "cpu", *flags])
+    return rc, {r["backend"]: r for r in json.loads(out.read_text())["records"]} if out.exists() else {}
+
+
+@pytest.mark.slow
+def test_the_peers_stage_measures_the_installed_peers_and_skips_the_rest(packed, tmp_path):
+    peers = "fasttin-resident,fasttin-pil,fasttin-dali,ffcv-raw,dali-files,torchvision,classic"
+    rc, records = peers_run(packed, tmp_path, peers=peers)
     assert rc == EXIT_OK
-    records = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
-    assert list(records) == peers.split(",")
+    assert list(records) == peers.split(",")  # the table's order
     for r in records.values():
         assert SCHEMA <= r.keys() and r["stage"] == "peers" and r["batch_size"] == 50 and r["res"] == RES
+        assert r["workers"] == 1 and r["device"] == "cpu"
     assert "setup-ffcv.sh" in records["ffcv-raw"]["skipped"]
     measured = [r for r in records.values() if not r.get("skipped")]
     assert {r["backend"] for r in measured} == {"fasttin-resident", "fasttin-pil", "torchvision", "classic"} | (
         {"fasttin-dali", "dali-files"} if dali.available() is None else set())
     for r in measured:
         assert r["img_per_s"] > 0 and r["repeats"] == 2 and len(r["runs"]) == 2, r
-        assert r["mae_images"] == 20 and "vs_ffcv_raw" not in r
+        assert r["mae_images"] == 20 and "vs_ffcv_raw" not in r and r["version"]
         assert r["dtype"] == ("float16" if r["backend"] == "dali-files" else "bfloat16")
     for backend in ("fasttin-resident", "fasttin-pil", "torchvision"):  # PIL's kernel exactly
         assert records[backend]["mae_vs_pil"] == 0.0
@@ -86,30 +94,31 @@ def test_runner_measures_the_installed_peers_and_skips_the_rest(packed, tmp_path
     assert records["classic"]["kernel"].startswith("OpenCV INTER_CUBIC")
 
 
-def test_classic_at_64_is_skipped_without_a_worker(packed, tmp_path):
-    (rec,) = run_peers(packed, "train", (64,), batch_size=50, peers=["classic"], cache=tmp_path)
-    assert rec["skipped"] == CLASSIC_AT_64 and rec["kernel"] == "none (native 64 px)" and rec["img_per_s"] is None
+def test_vs_ffcv_raw_is_each_peer_against_the_ffcv_raw_record_of_its_resolution():
+    recs = [{"stage": "peers", "res": r, "backend": k, "img_per_s": v}
+            for r, k, v in ((64, "ffcv-raw", 100.0), (64, "fasttin-resident", 250.0), (224, "fasttin-resident", 9.0))]
+    add_ratios(recs)
+    assert [r.get("vs_ffcv_raw") for r in recs] == [1.0, 2.5, None]  # no FFCV figure at 224: no ratio
 
 
-def test_a_worker_that_fails_becomes_a_skipped_record(packed, tmp_path):
+def test_classic_at_64_and_a_split_smaller_than_a_batch_are_skipped_without_a_worker(packed, tmp_path):
+    rc, records = peers_run(packed, tmp_path, peers="classic", res=64)
+    assert rc == EXIT_OK and records["classic"]["skipped"] == CLASSIC_AT_64
+    assert records["classic"]["kernel"] == "none (native 64 px)" and records["classic"]["img_per_s"] is None
+    rc, records = peers_run(packed, tmp_path, "--batch-size", "1000")
+    assert "fewer than one batch of 1000" in records["fasttin-resident"]["skipped"]
+
+
+def test_a_worker_that_fails_to_start_or_dies_is_a_skip_with_its_reason(tmp_path):
     spec = Spec(peer="fasttin-resident", data=str(tmp_path / "missing"), split="train", res=64, batch_size=10,
                 workers=1, dtype="bfloat16", cache=str(tmp_path), folder=str(tmp_path), upscaled=None)
-    records = {"fasttin-resident": _record("fasttin-resident", 64, 10, 1)}
-    live = _start({"fasttin-resident": spec}, records, tmp_path, timeout_s=300)
-    assert live == {}
-    assert records["fasttin-resident"]["skipped"].startswith("failed to start: worker exited with status 1")
+    w = Worker(spec, tmp_path, timeout_s=300)
+    with pytest.raises(Skip, match="worker exited with status 1"):
+        w.ask()
+    w.close()
 
 
-def test_bad_input_is_one_line(packed, tmp_path, capsys):
-    assert peers_main(["--data", str(tmp_path / "nowhere")]) == EXIT_BAD_INPUT
+def test_an_unknown_peer_is_one_line_before_any_work(packed, tmp_path, capsys):
+    assert run_main(["--data", str(packed), "--stages", "peers", "--peers", "ffcv-raw,tensorflow"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.startswith("benchmarks.peers: error:") and err.count("\n") == 1
-    with pytest.raises(UserError, match="fewer than one batch"):
-        run_peers(packed, "val", batch_size=1000)
-    with pytest.raises(UserError, match="unknown peer"):
-        run_peers(packed, "train", peers=["ffcv-raw", "tensorflow"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # the parser's one line, as for every command's flags
-        peers_main(["--data", str(packed), "--res", "64,big"])
-    err = capsys.readouterr().err
-    assert e.value.code == EXIT_BAD_INPUT and err.count("\n") == 1 and "--res" in err and "big" in err
+    assert err.startswith("benchmarks.run: error: --peers: unknown peers tensorflow") and err.count("\n") == 1

@@ -1,6 +1,4 @@
-"""The `peers` benchmark stage: fasttin's loaders against FFCV, DALI's own idiom, torchvision and
-the classic pipeline, loader only, on the CPU. `run_peers` (benchmarks.peers.runner) is the stage;
-`python -m benchmarks.peers` runs it alone; setup-ffcv.sh installs FFCV beside the main venv."""
-from benchmarks.peers.runner import run_peers
-
-__all__ = ["run_peers"]
+"""The peers of the benchmark table: fasttin's loaders against FFCV, DALI's own idiom, torchvision
+and the classic pipeline, loader only, on the CPU (`python -m benchmarks.run --stages peers`).
+stage.py is the table's row, worker.py the process each peer runs in, loaders.py one builder a
+peer, mae.py the error against PIL bicubic; setup-ffcv.sh installs FFCV beside the main venv."""

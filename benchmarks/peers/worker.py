@@ -2,8 +2,8 @@
 
 The runner drives it with one command a line on stdin; each answer is one JSON line on the
 original stdout (whatever the libraries print is sent to stderr instead):
-  at start   {"ready": {version, kernel, dtype}}, or {"skipped": why} when the peer is not installed
-  epoch      one whole timed epoch: {"images", "seconds", "shape", "dtype"}
+  at start   {"ready": {version, dtype}}, or {"skipped": why} when the peer is not installed
+  epoch      one whole epoch (the runner times it): {"images", "shape", "dtype"}
   mae N      {"mae": error, "images": N} on the first N images (see benchmarks.peers.mae)
   quit       exit
 """
@@ -14,13 +14,12 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 
 from benchmarks.peers import mae as mae_mod
-from benchmarks.peers.loaders import PEERS, Spec, build, kernel, version
+from benchmarks.peers.loaders import PEERS, Spec, build, version
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -39,20 +38,18 @@ def why_unavailable(peer: str) -> str | None:
     return None
 
 
-def timed_epoch(epoch, spec: Spec) -> dict:
+def one_epoch(epoch, spec: Spec) -> dict:
     """One whole epoch, each batch brought to a half-precision NCHW view as a trainer would take it."""
     dtype = getattr(torch, spec.dtype)
     n, shape, out = 0, None, None
-    t = time.perf_counter()
     for x in epoch():
         if x.dtype not in HALF:
             x = x.to(dtype)  # the float32 loaders (torchvision, classic): to the run's half type
         n += x.shape[0]
         shape, out = shape or list(x.shape), out or str(x.dtype).removeprefix("torch.")
-    seconds = time.perf_counter() - t
     if shape is not None and shape[1:] != [3, spec.res, spec.res]:
         raise RuntimeError(f"{spec.peer} gave batches of shape {shape}, expected [B, 3, {spec.res}, {spec.res}]")
-    return {"images": n, "seconds": seconds, "shape": shape, "dtype": out}
+    return {"images": n, "shape": shape, "dtype": out}
 
 
 def measure_mae(spec: Spec, n: int) -> dict:
@@ -85,11 +82,11 @@ def serve(spec: Spec, reply) -> None:
         return
     epoch = build(spec)
     half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
-    reply(ready={"version": version(spec.peer), "kernel": kernel(spec.peer, spec.res), "dtype": half})
+    reply(ready={"version": version(spec.peer), "dtype": half})
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "epoch":
-            reply(**timed_epoch(epoch, spec))
+            reply(**one_epoch(epoch, spec))
         elif cmd == "mae":
             reply(**measure_mae(spec, int(args[0])))
         elif cmd == "quit":
