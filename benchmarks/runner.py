@@ -245,21 +245,24 @@ def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:
     """Every selected row at every grid point: the rows without a resolution first, then per
     resolution in table order, each alternating group's rows measured together where the first of
-    them stands. Built objects (loaders) are released between resolutions."""
+    them stands. Built objects (loaders) are released between resolutions, and what the rows
+    started (the peers' processes) is ended, whatever stops the run."""
     rows = [s for s in table if s.stage in selected]
     for s in (s for s in rows if not s.per_res):
         for point in s.points(b, None):
             run_point(b, s, point)
     for res in resolutions:
         done = set()
-        for s in (s for s in rows if s.per_res):
-            if s.alternate:
-                if s.alternate not in done:
-                    done.add(s.alternate)
-                    run_alternating(b, [(g, p) for g in rows if g.per_res and g.alternate == s.alternate
-                                        for p in g.points(b, res)])
-                continue
-            for point in s.points(b, res):
-                run_point(b, s, point)
-        b.release()
+        try:
+            for s in (s for s in rows if s.per_res):
+                if s.alternate:
+                    if s.alternate not in done:
+                        done.add(s.alternate)
+                        run_alternating(b, [(g, p) for g in rows if g.per_res and g.alternate == s.alternate
+                                            for p in g.points(b, res)])
+                    continue
+                for point in s.points(b, res):
+                    run_point(b, s, point)
+        finally:  # an interrupted run too: no worker process outlives it
+            b.release()
     return b.records

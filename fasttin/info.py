@@ -39,6 +39,27 @@ def pillow_simd() -> bool:
     return ".post" in PIL.__version__
 
 
+SIMD = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # the flags that move CPU throughput the most
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU as /proc/cpuinfo names it, with its family, model and widest SIMD flags (a shared
+    machine may land on another CPU from one day to the next; a record must say which it ran on);
+    platform's word for it where there is no /proc/cpuinfo."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    first = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
+    first = {k.strip(): v.strip() for k, v in first.items()}
+    if "model name" not in first:
+        return platform.processor() or platform.machine()
+    flags = [f for f in SIMD if f in first.get("flags", "").split()]
+    return (f"{first['model name']} (family {first.get('cpu family', '?')}, model {first.get('model', '?')}"
+            + (f"; {' '.join(flags)}" if flags else "") + ")")
+
+
 def git_commit() -> str | None:
     """The commit of the fasttin checkout that runs ('-dirty' when it has uncommitted changes), or
     None outside a git checkout: what a record must name to be re-run."""
@@ -76,7 +97,7 @@ def environment() -> dict:
         "cuda_available": cuda,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "commit": git_commit(),

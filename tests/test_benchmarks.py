@@ -130,6 +130,18 @@ def test_a_row_s_after_runs_once_its_group_is_timed_and_what_it_started_ends_wit
         (80, None, None, "b's worker died")]
 
 
+def test_what_a_row_started_ends_when_the_run_is_interrupted():
+    closed = []
+
+    def row(b, res):
+        b.on_release(lambda: closed.append(res))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_table(fake_bench(), [Stage("peers", "p", row)], {"peers"}, [64, 80])
+    assert closed == [64]
+
+
 def test_a_failing_writer_loses_none_of_the_others(tmp_path):
     out = {"environment": {"date": "d", "cpu": "c", "cores": 2, "gpu": None, "torch": "t", "torchvision": "v",
                            "dali": None, "pillow": "p", "pillow_simd": False, "python": "3"},

@@ -1,5 +1,7 @@
 """The peers benchmark stage: the runner with the peers the main venv has, the MAE, skip records."""
 import json
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -116,6 +118,20 @@ def test_a_worker_that_fails_to_start_or_dies_is_a_skip_with_its_reason(tmp_path
     with pytest.raises(Skip, match="worker exited with status 1"):
         w.ask()
     w.close()
+
+
+def test_a_worker_that_answers_nonsense_or_nothing_is_a_skip_and_is_stopped():
+    for say, timeout, needle in (("print('ready?', flush=True); ", 30, "answered b'ready?\\n' to 'start'"),
+                                 ("", 1, "no answer to 'start' within 1 s")):
+        w = Worker.__new__(Worker)  # a worker process that is not benchmarks.peers.worker
+        w.peer, w.timeout_s = "x", timeout
+        w.proc = subprocess.Popen([sys.executable, "-c", say + "import time; time.sleep(120)"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, bufsize=0)
+        with pytest.raises(Skip) as e:
+            w.ask()
+        assert str(e.value) == needle
+        assert w.proc.wait(timeout=30) != 0  # killed, not left running
+        w.close()
 
 
 def test_an_unknown_peer_is_one_line_before_any_work(packed, tmp_path, capsys):

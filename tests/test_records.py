@@ -23,6 +23,17 @@ def test_records_name_the_commit_they_ran():
     assert environment()["commit"] in (head.stdout.strip(), head.stdout.strip() + "-dirty")
 
 
+def test_records_name_the_cpu_with_its_model_and_simd_flags():
+    """A shared machine may be another CPU another day: the record says which, from /proc/cpuinfo."""
+    from fasttin.info import cpu_model
+    info = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+            "model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse avx2 avx512f amx_tile\n\n"
+            "processor\t: 1\nmodel name\t: another\n")
+    assert cpu_model(info) == "Intel(R) Xeon(R) Platinum 8480+ (family 6, model 143; avx2 avx512f amx_tile)"
+    assert cpu_model("processor\t: 0\nmodel name\t: Old\nflags\t: fpu sse2\n") == "Old (family ?, model ?)"
+    assert cpu_model("") and "model name" not in cpu_model("")  # no /proc/cpuinfo: platform's word
+
+
 def test_time_to_accuracy_compares_runs_and_refuses_an_empty_one(tmp_path):
     """The ablation table's rows and the figure come from run folders: a row names only the settings
     where its run differs from the first, the minutes add up each epoch's time, and a run with no

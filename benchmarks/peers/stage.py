@@ -58,7 +58,11 @@ class Worker:
         line = self.proc.stdout.readline()  # unbuffered: select saw exactly what is left to read
         if not line.endswith(b"\n"):
             raise WorkerFailed(f"worker exited with status {self.proc.wait()} (its error is above)")
-        return json.loads(line)
+        try:
+            return json.loads(line)
+        except ValueError:
+            self.proc.kill()
+            raise WorkerFailed(f"answered {line[:80]!r} to {command or 'start'!r}") from None
 
     def close(self) -> None:
         try:
