@@ -95,3 +95,20 @@ def test_the_readme_results_table_comes_from_the_records():
         assert int(figure[3]) == len(epochs) == summary["epochs"], name
         cpu_cells += 1
     assert cpu_cells >= 2  # seed-64-scratch and fast-cpu
+
+
+def test_readme_s_loading_ratios_are_the_peers_records():
+    """The README's 2026-12-02 ranges of `resident` against FFCV raw are the min and max of the four
+    peers runs kept in benchmarks/results/cpu-2026-12-02-peers/ (two of each code, alternated)."""
+    runs = sorted((ROOT / "benchmarks" / "results" / "cpu-2026-12-02-peers").glob("*.json"))
+    assert [p.stem for p in runs] == ["new1", "new2", "old1", "old2"]
+    ratio = {64: [], 224: [], "classic": []}
+    for p in runs:
+        recs = {(r["backend"], r["res"]): r["img_per_s"] for r in json.loads(p.read_text())["records"]}
+        for res in (64, 224):
+            ratio[res].append(recs["fasttin-resident", res] / recs["ffcv-raw", res])
+        ratio["classic"].append(recs["fasttin-resident", 224] / recs["classic", 224])
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    span = {k: f"{min(v):.2f}-{max(v):.2f}" for k, v in ratio.items()}
+    assert f"{span[64]}x at 64" in readme and f"{span[224]}x at 224" in readme
+    assert f"{min(ratio['classic']):.1f}-{max(ratio['classic']):.1f}x the classic pipeline at 224" in readme
