@@ -158,6 +158,9 @@ def test_threaded_upscale_is_the_plain_one(threads):
             assert got.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(got, want), (b, dtype)
             assert torch.get_num_threads() == threads
+        keys = torch.tensor([6, 0, 3, 3, 1, 5, 2, 4, 0])  # at 224 a slice is 4 images (SLICE_BYTES): 4, 4, 1
+        assert torch.equal(upscale_normalize(lambda k: x[k], keys, 224, torch.bfloat16),
+                           normalize(upscale(x[keys], 224), torch.bfloat16))
         with pytest.raises(RuntimeError):
             upscale_normalize(lambda k: x[k].float().permute(0, 2, 3, 1), torch.arange(7), 97, torch.bfloat16)
         assert torch.get_num_threads() == threads
