@@ -204,7 +204,7 @@ def _record_fields(stage: Stage, point: dict) -> dict:
     return {**stage.fields, **{k: point[k] for k in RECORD_KEYS if k in point}}
 
 
-def run_point(b: Bench, stage: Stage, point: dict) -> dict | None:
+def run_point(b: Bench, stage: Stage, point: dict) -> dict:
     fields = _record_fields(stage, point)
     why = b.missing(stage.needs)
     if why is None:

@@ -2,6 +2,7 @@
 culprit, no traceback, and that nothing was lost (an earlier run's files byte-identical)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,20 @@ def test_resume_of_a_finished_run_exits_0(tiny, done_run):
     r = train(tiny, done_run, "--epochs", "1", "--auto-resume")
     assert r.returncode == 0 and "are done" in r.stderr and "Traceback" not in r.stderr
     assert snapshot(done_run) == before
+
+
+def test_a_resume_from_a_checkpoint_missing_an_entry_is_one_line_and_changes_nothing(tiny, done_run, tmp_path):
+    """A last.pt without its optimizer state (damaged, or written by other settings): refused in one
+    line naming the file and the entry, exit 2, every file of the run byte-identical."""
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    state = checkpoint.load(run / "last.pt")
+    del state["optimizer"]
+    checkpoint.save(run / "last.pt", state)
+    before = snapshot(run)
+    r = train(tiny, run, "--epochs", "2", "--resume")
+    refused(r, 2, str(run / "last.pt"), "'optimizer'", alone=False)
+    assert snapshot(run) == before
 
 
 @pytest.mark.slow

@@ -142,9 +142,8 @@ def resize_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
 # A slice's upscaled pixels and its output stay within a core's L2, so normalisation's second pass
-# reads them from cache, not memory: 4 images a slice at res 224 bf16 (measured on 2 cores,
-# 2026-12-02, the consumer holding its last two batches: 11.4 ms a batch of 100, against 13.8 ms
-# with the earlier two slices a thread, alternated over 7 rounds; bit-identical either way).
+# reads them from cache, not memory: 4 images a slice at res 224 bf16 (tools/slice_sizes.py
+# measures each size; BENCHMARKS.md has the figures and the loader stage before and after).
 SLICE_BYTES = 2 << 20
 
 
