@@ -301,6 +301,7 @@ def main(argv=None) -> int:
             rank, world, device = ranks.setup(resolve_device(args.device).type == "cuda")
             run = Run(cfg, device, rank, world, explicit_pretrained=args.pretrained is not None)
             summary = run_training(run, resume=args.resume, auto_resume=args.auto_resume, overwrite=args.overwrite)
+            ranks.teardown(together=True)
         finally:
             ranks.teardown()
         return EXIT_INTERRUPTED if summary.get("interrupted") else EXIT_OK
