@@ -257,22 +257,31 @@ class Budget:
 
     @classmethod
     def resumed(cls, minutes: float, total_steps: int, pos, *, world: int, device) -> Budget:
-        """The budget of a run at position `pos` (checkpoint.Position): its spent time and reserve."""
-        b = cls(minutes, total_steps, spent=pos.budget_spent_s, world=world, device=device)
-        b.reserve = pos.budget_reserve_s
-        b.agreed = (pos.budget_spent_s, pos.budget_reserve_s)
+        """The budget of a run at position `pos` (checkpoint.Position): its spent time and reserve,
+        the later of last.pt's and those its last metrics row decided the run's end by (`close_epoch`
+        writes them after last.pt is saved): a run that ended because its budget was spent resumes spent."""
+        row = pos.rows[-1] if pos.rows else {}
+        spent = max(pos.budget_spent_s, row.get("budget_spent_s", 0.0))
+        reserve = max(pos.budget_reserve_s, row.get("budget_reserve_s", 0.0))
+        b = cls(minutes, total_steps, spent=spent, world=world, device=device)
+        b.reserve = reserve
+        b.agreed = (spent, reserve)
         return b
 
     def start_clock(self) -> None:
         """This process's clock runs from here: the set-up before training is not the budget's."""
         self.started = time.perf_counter()
 
-    def keep_room(self, row: dict, steps: int) -> float:
+    def close_epoch(self, row: dict, steps: int) -> bool:
         """After an epoch (its metrics row): keep room for a final validation and checkpoint as long
-        as the longest so far, with a quarter more, and for one step; returns the seconds spent."""
+        as the longest so far, with a quarter more, and for one step; then decide once whether the
+        budget is spent. The row records the figures decided by, so a resume decides the same."""
         step_s = (row["data_wait_s"] + row["compute_s"]) / max(steps, 1)
         self.reserve = max(self.reserve, 1.25 * (row["eval_s"] + row["checkpoint_s"]) + step_s)
-        return self.local_spent()
+        spent, reserve = self.local_spent(), max(self.reserve, self._reserve())
+        row.update(budget_spent_s=spent, budget_reserve_s=reserve)
+        # under torchrun every rank decides by the agreed clock, which is no later than these figures
+        return self.exhausted() if self.world > 1 else self._fraction(spent, reserve) >= 1.0
 
     def local_spent(self) -> float:
         """Seconds spent by this process's clock, resumes included."""
@@ -292,9 +301,12 @@ class Budget:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             self.agreed = tuple(t.tolist())
 
+    def _fraction(self, spent: float, reserve: float) -> float:
+        return min(1.0, spent / max(self.seconds - reserve, 1e-9))
+
     def fraction(self) -> float:
         """How far the run is, 0 to 1, by the clock."""
-        return min(1.0, self.spent() / max(self.seconds - self._reserve(), 1e-9))
+        return self._fraction(self.spent(), self._reserve())
 
     def position(self) -> float:
         return self.total_steps * self.fraction()

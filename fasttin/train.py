@@ -189,9 +189,10 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
     if profiler:
         profiler.attach(step)
     epoch, compile_s = pos.epoch, None
+    ended = budget.exhausted() if budget else epoch >= cfg["epochs"]
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
                          run.log) as live:
-        while budget.fraction() < 1.0 if budget else epoch < cfg["epochs"]:
+        while not ended:
             res, first, t0 = epoch_res(run, step, epoch, pos, budget), pos.batch, time.perf_counter()
             lr = step.lr_at(step.position()) if budget else step.epoch_lr(epoch)
             live.start_epoch(epoch, first)
@@ -230,8 +231,8 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                             budget=budget, best=best)
             row.update(checkpoint_s=time.perf_counter() - t2, epoch_s=time.perf_counter() - t0)
             row.update(shares(row, row["epoch_s"]), elapsed_s=sum(r["epoch_s"] for r in pos.rows))
-            if budget:
-                row["budget_spent_s"] = budget.keep_room(row, steps)
+            # decided once, before the row is written: the row keeps what a resume needs to decide the same
+            ended = budget.close_epoch(row, steps) if budget else epoch + 1 >= cfg["epochs"]
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)
                 live.end_epoch(row)

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from fasttin import loop
+from fasttin import checkpoint, loop
 from fasttin.checkpoint import CheckpointError
 from fasttin.loop import EMA, Budget, StepClock, lr_factor, make_step, shares, train_epoch, verdict
 from fasttin.model import build_model
@@ -221,3 +221,23 @@ def test_budget_position_follows_the_clock_and_keeps_the_reserve(monkeypatch):
     assert b.fraction() == pytest.approx(0.5) and b.position() == pytest.approx(100.0) and not b.exhausted()
     now[0] += 25.0
     assert b.exhausted() and b.position() == 200 and b.local_spent() == pytest.approx(50.0)
+
+
+def test_a_run_that_ended_on_its_budget_resumes_spent(monkeypatch):
+    """The end is decided after last.pt is saved (the reserve needs the save's own time): the
+    metrics row keeps the figures decided by, so a resume from that last.pt decides the same."""
+    now = [100.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    b = Budget(1.0, total_steps=200)
+    now[0] += 48.0  # an epoch of 40 s, validated in 5 s: last.pt is saved now, with these figures
+    saved = checkpoint.Position(epoch=1, budget_spent_s=b.local_spent(), budget_reserve_s=b.reserve)
+    now[0] += 3.0  # the save took 3 s
+    row = {"data_wait_s": 2.0, "compute_s": 38.0, "eval_s": 5.0, "checkpoint_s": 3.0}
+    assert b.close_epoch(row, steps=20)  # 51 s spent, 12 s kept for the end: no room for another step
+    assert row["budget_spent_s"] == 51.0 and row["budget_reserve_s"] == pytest.approx(12.0)
+    assert not Budget(1.0, 200, spent=saved.budget_spent_s).exhausted()  # last.pt's figures alone: 48 of 60 s
+    saved.rows = [row]
+    assert Budget.resumed(1.0, 200, saved, world=1, device="cpu").exhausted()
+    going = Budget(1.0, total_steps=200)  # the same epoch with time left decides to go on
+    now[0] += 20.0
+    assert not going.close_epoch(dict(row), steps=20) and not going.exhausted()
