@@ -4,8 +4,9 @@ the classic ImageFolder pipeline, in one run on one machine.
 Stages (benchmarks/stages.py): read, decode, resize, copy (host -> device), model (the compute
 ceiling of fasttin.loop's step), loader (each backend, and the classic pipeline: ImageFolder over
 files upscaled on disk), train (loader + the trainer's step, with its share of the ceiling), and
-the optional peers. Each figure is the median of timed repeats after a warm-up, the device
-synchronised; a stage whose needs are missing is a record with `skipped` and the reason.
+the optional peers, accounting and agreement. Each figure is the median of timed repeats after a
+warm-up, the device synchronised; a stage whose needs are missing is a record with `skipped` and
+the reason.
 Loader-only figures are measured alternately, repeat by repeat, so they share the machine's state.
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, count, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
-STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers", "accounting")
+STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers", "accounting",
+               "agreement")
 positive = count("value")
 
 
@@ -87,7 +89,7 @@ def parser() -> CommandParser:
     p.add_argument("--cache", default="bench-out/cache", help="where the classic pipeline's upscaled files go")
     p.add_argument("--stages", type=stage_list, default="read,decode,resize,copy,model,loader,train",
                    help=f"which stages to run, of {','.join(STAGE_NAMES)} (loader includes classic; "
-                   "peers and accounting are optional)")
+                   "peers, accounting and agreement are optional)")
     p.add_argument("--backends", type=names_from(LOADERS, "backends"), default=",".join(LOADERS),
                    help=f"the loaders of the loader and train stages, of {','.join(LOADERS)} (default all)")
     p.add_argument("--peers", default="all", help="the peers stage's loaders, comma-separated (default all; "
@@ -97,6 +99,8 @@ def parser() -> CommandParser:
     p.add_argument("--ffcv-site", type=Path, default=None, help="the folder benchmarks/peers/setup-ffcv.sh "
                    "installed FFCV into (default .peers-site)")
     p.add_argument("--peer-timeout", type=float, default=1800, help="seconds a peer's worker may take to answer")
+    p.add_argument("--trainer-epochs", type=positive, default=2, help="the agreement's fasttin.train epochs a "
+                   "round (the last one is timed)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)

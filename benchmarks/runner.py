@@ -46,7 +46,7 @@ NEEDS: dict[str, Callable[[Bench], str | None]] = {
 }
 
 # the grid keys that are record fields too
-RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "clock", "kernel", "workers")
+RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "clock", "kernel", "workers", "side")
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,12 @@ class Bench:
             self.closers.pop()()
 
     def timed(self, fn) -> tuple[int, float]:
+        """fn() -> images, timed here; or -> (images, seconds) from a consumer that times itself
+        (a process of its own, whose start-up is not the figure)."""
         t = time.perf_counter()
         n = fn()
         self.sync()
-        dt = time.perf_counter() - t
+        n, dt = n if isinstance(n, tuple) else (n, time.perf_counter() - t)
         if not n:
             raise NoImages("a repeat yielded no images (the pass ended at once)")
         return n, dt

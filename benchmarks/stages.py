@@ -4,7 +4,8 @@ read: shard payloads (warm and cold page cache); decode: pillow on 1 and all cor
 mixed (GPU); resize: pillow, DALI, torch; copy: host -> device; model: the compute ceiling per
 configuration; loader: each backend and the classic pipeline, alternated repeat by repeat;
 train: loader + fasttin.loop's step; peers: the loaders users would otherwise choose (optional);
-accounting: what the trainer's time accounting costs its step (optional).
+accounting: what the trainer's time accounting costs its step (optional); agreement: the train
+stage against a real fasttin.train run (optional).
 The DALI decode and resize rows build their graphs with the dali backend's own `build_pipeline`.
 """
 from __future__ import annotations
@@ -212,6 +213,10 @@ def table(backends=LOADERS) -> list[Stage]:
         peers.stage(),
         Stage("accounting", "the trainer's step, {clock} the time accounting", training.accounting_consumer,
               grid=lambda b, res: [{"res": res, "clock": k} for k in ("without", "with")], alternate="accounting"),
+        *[Stage("agreement", lambda p: f"{p['backend']}: {training.AGREEMENT_SIDES[p['side']]}",
+                training.agreement_consumer, LOADER_NEEDS.get(k, ()), alternate="agreement",
+                grid=lambda b, res, k=k: [{"res": res, "backend": k, "side": s} for s in training.AGREEMENT_SIDES])
+          for k in loaders if k != "classic"],  # the trainer trains on fasttin's loaders only
     ]
 
 
@@ -220,7 +225,7 @@ _LOADER_NAMES = {"classic": "ImageFolder + OpenCV-upscaled files, loader only"}
 
 def add_ratios(records: list[dict]) -> None:
     """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling),
-    vs_ffcv_raw on each peer,
+    vs_ffcv_raw on each peer, vs_trainer on each agreement's train stage,
     and the accounting's cost (the ratio of the medians, and the median of the rounds' ratios: the
     sturdier on a machine whose speed drifts) on its 'with' record."""
     for res in {r["res"] for r in records if r["res"]}:
@@ -233,6 +238,11 @@ def add_ratios(records: list[dict]) -> None:
         ffcv = next((r["img_per_s"] for r in done if r["stage"] == "peers" and r["backend"] == "ffcv-raw"), None)
         for r in (r for r in done if ffcv and r["stage"] == "peers"):
             r["vs_ffcv_raw"] = r["img_per_s"] / ffcv
+        for r in (r for r in done if r["stage"] == "agreement" and r["side"] == "stage"):
+            trainer = next((t for t in done if t["stage"] == "agreement" and t["side"] == "trainer"
+                            and t["backend"] == r["backend"]), None)
+            if trainer:
+                r["vs_trainer"] = r["img_per_s"] / trainer["img_per_s"]
         classic = next((r for r in done if r["stage"] == "classic"), None)
         best = max((r for r in done if r["stage"] == "loader"), key=lambda r: r["img_per_s"], default=None)
         if classic and best:

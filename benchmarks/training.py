@@ -7,11 +7,19 @@ layout, compile, stem, batch, threads), the points timed in turn.
 train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling and the
 trainer's own time accounting (StepClock: data wait and compute), which feeds `loop.verdict`.
 accounting: the same step with and without that accounting, timed in turn: what it costs.
+agreement: a real `fasttin.train` run and this command's train stage, each in a process of its own
+as a user runs them, timed in turn: does the train stage measure what the trainer does?
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,6 +28,8 @@ from benchmarks.runner import Bench, Skip
 from fasttin.loop import AMP_DTYPE, StepClock, make_step, shares, train_epoch
 from fasttin.model import build_model
 from fasttin.recipes import STEMS, resolve
+from fasttin.report import read_metrics
+from fasttin.shards import open_split
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16", "off": "fp32"}
 
@@ -141,12 +151,62 @@ def measure_train(b: Bench, res: int, backend: str) -> dict:
     clock = StepClock(b.device)
     per = b.args.classic_batch_size if backend == "classic" else b.args.batch_size
 
+    steps = []
+
     def epoch() -> int:
         _, done = train_epoch(step, loader, clock=clock, max_steps=b.args.steps)
+        steps.append(done)
         return done * per
     fields = b.measure(epoch, after_warmup=clock.take)
     times = clock.take()
-    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per,
+    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per, "steps": steps[-1],
             "model": model_label(cfg, b.args.batch_size),
             "recipe": b.args.recipe, "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
             "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}
+
+
+def run_module(module: str, *args) -> None:
+    """`python -m module args` in a process of its own; a failure skips the row with its last words."""
+    r = subprocess.run([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise Skip(f"python -m {module} exited with status {r.returncode}: {last}")
+
+
+AGREEMENT_SIDES = {"trainer": "fasttin.train, its last epoch", "stage": "the train stage, an epoch's steps"}
+
+
+def agreement_consumer(b: Bench, res: int, backend: str, side: str):
+    """One round of a side, timed by the process's own clock: `fasttin.train` for --trainer-epochs
+    (the last one is timed: its train_img_s), or `benchmarks.run --stages train` over the steps of
+    one epoch of the same train split (one timed repeat after its warm-up)."""
+    per = b.args.batch_size
+    steps = len(open_split(b.args.data, "train")) // per
+    if steps < 1:
+        raise Skip(f"--batch-size {per}: larger than the train split of {b.args.data}")
+    def make_folder() -> Path:  # the runs' outputs, removed with the resolution
+        path = Path(tempfile.mkdtemp(prefix="fasttin-agreement-"))
+        b.on_release(lambda: shutil.rmtree(path, ignore_errors=True))
+        return path
+    folder = b.shared(("agreement", "folder"), make_folder)
+    common = ["--data", b.args.data, "--recipe", b.args.recipe, "--res", res, "--batch-size", per,
+              "--device", b.args.device]
+
+    def trainer() -> tuple[int, float]:
+        out = folder / f"run-{backend}"
+        run_module("fasttin.train", *common, "--backend", backend, "--epochs", b.args.trainer_epochs, "--out", out,
+                   "--overwrite")
+        row = read_metrics(out / "metrics.jsonl")[-1]
+        return steps * per, steps * per / row["train_img_s"]
+
+    def stage() -> tuple[int, float]:
+        out = folder / f"stage-{backend}.json"
+        run_module("benchmarks.run", *common, "--split", "train", "--stages", "train", "--backends", backend,
+                   "--steps", steps, "--repeats", 1, "--json", out)
+        (rec,) = [r for r in json.loads(out.read_text())["records"] if r["stage"] == "train" and r["img_per_s"]]
+        if rec["steps"] != steps:
+            raise Skip(f"the train stage took {rec['steps']} steps, not the epoch's {steps}")
+        return rec["steps"] * per, rec["steps"] * per / rec["img_per_s"]
+    return (trainer if side == "trainer" else stage), {"steps": steps, "trainer_epochs": b.args.trainer_epochs,
+                                                        "recipe": b.args.recipe}

@@ -47,12 +47,13 @@ def write_markdown(path: Path, out: dict) -> None:
     write_atomic(path, markdown(out).encode())
 
 
+# the ratio column: the first of these a record has (stages.add_ratios computes them)
+RATIOS = (("vs_ffcv_raw", "{:.2f}x FFCV raw"), ("vs_model", "{:.2f}x of model-only"),
+          ("vs_trainer", "{:.3f}x fasttin.train"), ("vs_classic", "{:.2f}x classic"))
+
+
 def ratio(r: dict) -> str:
-    if r.get("vs_ffcv_raw"):
-        return f"{r['vs_ffcv_raw']:.2f}x FFCV raw"
-    if r.get("vs_model"):
-        return f"{r['vs_model']:.2f}x of model-only"
-    return f"{r['vs_classic']:.2f}x classic" if r.get("vs_classic") else ""
+    return next((text.format(r[key]) for key, text in RATIOS if r.get(key)), "")
 
 
 def write_plot(path: Path, out: dict) -> None:
