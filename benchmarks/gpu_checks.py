@@ -38,21 +38,24 @@ def first_batch(data, backend: str, device, res: int) -> tuple[np.ndarray, np.nd
     return to_pixels(x.cpu()), idx.cpu().numpy()
 
 
-def skipped(check: str, why: str) -> dict:
-    return {"check": check, "value": None, "ok": None, "skipped": why}
+def each_backend(name: str, out: list, backends=BACKENDS):
+    """(backend, its check's name) for each backend; a dali check where DALI does not import is
+    recorded as skipped, with the reason, instead."""
+    for backend in backends:
+        why = dali.available() if backend == "dali" else None
+        if why:
+            out.append({"check": name.format(backend=backend), "value": None, "ok": None, "skipped": why})
+        else:
+            yield backend, name.format(backend=backend)
 
 
 def check_agreement(data, device, out: list) -> None:
-    """Each backend on `device` against its reference on the CPU, on the same samples."""
-    pairs = [("resident", "resident"), ("dali", "dali")]  # (on the device, the CPU reference)
+    """Each backend on `device` against itself on the CPU (resident there is bit-exact with PIL
+    bicubic; dali's CPU mode is its reference), on the same samples."""
     for res in (64, 224):
-        for backend, reference in pairs:
-            name = f"{backend} on {device} vs {reference} on the CPU, res {res}"
-            why = dali.available() if "dali" in (backend, reference) else None
-            if why:
-                out.append(skipped(name, why))
-                continue
-            ref, ref_idx = first_batch(data, reference, "cpu", res)
+        for backend, name in each_backend(f"{{backend}} on {device} vs {{backend}} on the CPU, res {res}", out,
+                                          ("resident", "dali")):
+            ref, ref_idx = first_batch(data, backend, "cpu", res)
             got, idx = first_batch(data, backend, device, res)
             mae = float(np.abs(got - ref).mean()) if (idx == ref_idx).all() else float("inf")
             out.append({"check": name, "value": mae, "limit": 1.0, "ok": mae < 1.0})
@@ -60,11 +63,7 @@ def check_agreement(data, device, out: list) -> None:
 
 def check_epochs(data, device, out: list) -> None:
     n = len(open_split(data, "val"))
-    for backend in BACKENDS:
-        name = f"{backend} on {device}: exact epoch over 2 ranks"
-        if backend == "dali" and dali.available():
-            out.append(skipped(name, dali.available()))
-            continue
+    for backend, name in each_backend(f"{{backend}} on {device}: exact epoch over 2 ranks", out):
         seen = []
         for rank in range(2):
             ld = make_loader(data, "val", backend=backend, res=64, batch_size=100, device=device, rank=rank,
@@ -78,11 +77,7 @@ def check_training(data, device, steps: int, recipe: str, out: list) -> None:
     """fasttin.loop's step with the recipe's settings over each backend: the mean loss of the last
     tenth of the steps must be below that of the first tenth."""
     k = max(1, steps // 10)
-    for backend in BACKENDS:
-        name = f"{backend} on {device}: {steps} steps of the {recipe} step"
-        if backend == "dali" and dali.available():
-            out.append(skipped(name, dali.available()))
-            continue
+    for backend, name in each_backend(f"{{backend}} on {device}: {steps} steps of the {recipe} step", out):
         torch.manual_seed(0)
         cfg = resolve(recipe, res=64, batch_size=128)
         ld = make_loader(data, "train", backend=backend, res=64, batch_size=128, device=device,

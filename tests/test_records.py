@@ -115,3 +115,18 @@ def test_readme_s_loading_ratios_are_the_peers_records():
     after = {r["backend"]: r["img_per_s"] for r in json.loads(
         (ROOT / "benchmarks" / "results" / "cpu-2026-12-02-slices" / "peers224.json").read_text())["records"]}
     assert f"{after['fasttin-resident'] / after['ffcv-raw']:.2f}x at 224** (one run, after)" in readme
+
+
+def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
+    """tools/pack_ratio.py times the read loop and the pack each going first in turn (ABBA), as
+    every alternation here does (runner.rotation), not always in one order."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pack_ratio", ROOT / "tools" / "pack_ratio.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls = []
+    monkeypatch.setattr(tool, "read_loop", lambda path: calls.append("read"))
+    monkeypatch.setattr(tool, "pack", lambda src, out, quiet: calls.append("pack"))
+    tool.main(["archive.zip", "--repeats", "3"])
+    assert calls == ["read", "pack", "pack", "read", "read", "pack"]
+    assert "ratio" in capsys.readouterr().out

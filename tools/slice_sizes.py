@@ -17,6 +17,7 @@ import time
 import torch
 
 import fasttin.loaders.augment as aug
+from benchmarks.runner import rotation
 from fasttin.loaders import _keep_freed_memory_mapped
 
 RES, BATCH, DTYPE = 224, 100, torch.bfloat16
@@ -64,7 +65,7 @@ def main(argv: list[str]) -> int:
     reference = batch(sizes[0], torch.arange(BATCH))
     rounds = {s: [] for s in sizes}
     for r in range(7):
-        for s in sizes[r % len(sizes):] + sizes[:r % len(sizes)]:  # each size goes first in turn
+        for s in rotation(sizes, r):  # each size goes first in turn
             rounds[s].append(median_ms(holding(lambda s=s: batch(s, torch.randint(0, 10000, (BATCH,), generator=g))),
                                        20))
     for s in sizes:
