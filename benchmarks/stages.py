@@ -81,19 +81,10 @@ def measure_pil_decode(b: Bench, cores: int) -> dict:
         return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
 
 
-class _Batches:
-    """build_pipeline's feed (external_source, cycle="raise"): the same prepared batches each pass."""
-
-    def __init__(self, batches: list):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter([[x] for x in self.batches])
-
-
 def dali_graph(b: Bench, gpu: bool, *, decode: bool, res: int):
     """(pass -> images) over the dali backend's own graph: decode (JPEG payloads, no resize) or
-    resize (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation."""
+    resize (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation.
+    The feed is a list, which external_source (cycle="raise") iterates anew each pass."""
     idx = _sample(b)
     bs = min(len(idx), 256)
     idx = idx[: len(idx) // bs * bs]
@@ -102,8 +93,8 @@ def dali_graph(b: Bench, gpu: bool, *, decode: bool, res: int):
     else:
         flat = b.ds.images(idx).reshape(len(idx), -1)
         batches = [list(flat[i:i + bs]) for i in range(0, len(idx), bs)]
-    pipe = build_pipeline(_Batches(batches), payload="jpeg" if decode else "raw", gpu=gpu, res=SIZE if decode else res,
-                          augment="none", batch_size=bs, threads=CORES,
+    pipe = build_pipeline([[x] for x in batches], payload="jpeg" if decode else "raw", gpu=gpu,
+                          res=SIZE if decode else res, augment="none", batch_size=bs, threads=CORES,
                           device_id=(b.device.index or 0) if gpu else None, seed=0)
     pipe.build()
 

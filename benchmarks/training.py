@@ -150,7 +150,6 @@ def measure_train(b: Bench, res: int, backend: str) -> dict:
     step = new_step(b, cfg, steps_per_epoch=len(loader))
     clock = StepClock(b.device)
     per = b.args.classic_batch_size if backend == "classic" else b.args.batch_size
-
     steps = []
 
     def epoch() -> int:
@@ -182,9 +181,13 @@ def agreement_consumer(b: Bench, res: int, backend: str, side: str):
     (the last one is timed: its train_img_s), or `benchmarks.run --stages train` over the steps of
     one epoch of the same train split (one timed repeat after its warm-up)."""
     per = b.args.batch_size
-    steps = len(open_split(b.args.data, "train")) // per
+    try:
+        steps = len(open_split(b.args.data, "train")) // per
+    except (OSError, ValueError) as e:  # FormatError included: a pack without a train split
+        raise Skip(f"no train split to train on: {e}") from None
     if steps < 1:
         raise Skip(f"--batch-size {per}: larger than the train split of {b.args.data}")
+
     def make_folder() -> Path:  # the runs' outputs, removed with the resolution
         path = Path(tempfile.mkdtemp(prefix="fasttin-agreement-"))
         b.on_release(lambda: shutil.rmtree(path, ignore_errors=True))
@@ -198,7 +201,7 @@ def agreement_consumer(b: Bench, res: int, backend: str, side: str):
         run_module("fasttin.train", *common, "--backend", backend, "--epochs", b.args.trainer_epochs, "--out", out,
                    "--overwrite")
         row = read_metrics(out / "metrics.jsonl")[-1]
-        return steps * per, steps * per / row["train_img_s"]
+        return row["batches"] * per, row["batches"] * per / row["train_img_s"]
 
     def stage() -> tuple[int, float]:
         out = folder / f"stage-{backend}.json"

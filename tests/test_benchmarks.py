@@ -234,14 +234,26 @@ def test_the_cached_upscaled_split_stays_in_its_folder(key, tmp_path):
 @pytest.mark.slow
 def test_the_agreement_times_training_runs_and_the_train_stage_over_one_train_epoch_in_turn(packed, tmp_path):
     out = tmp_path / "a.json"
-    assert main(["--stages", "agreement", "--data", str(packed), "--res", "32", "--batch-size", "50", "--repeats", "2",
+    # one round after the warm-up round: four processes (the turns are test_alternation_takes_turns's)
+    assert main(["--stages", "agreement", "--data", str(packed), "--res", "32", "--batch-size", "50", "--repeats", "1",
                  "--trainer-epochs", "1", "--backends", "resident", "--device", "cpu", "--json", str(out)]) == 0
     recs = {r["side"]: r for r in json.loads(out.read_text())["records"]}
     assert set(recs) == {"trainer", "stage"} and not any(r.get("skipped") for r in recs.values())
-    assert all(len(r["runs"]) == 2 and min(r["runs"]) > 0 for r in recs.values())
+    assert all(len(r["runs"]) == 1 and min(r["runs"]) > 0 for r in recs.values())
     # the stage reads the trainer's split: one epoch of 200 train images is 4 steps (val's 50 would be 1)
     assert recs["stage"]["steps"] == recs["trainer"]["steps"] == 4
     assert recs["stage"]["vs_trainer"] == pytest.approx(recs["stage"]["img_per_s"] / recs["trainer"]["img_per_s"])
+
+
+def test_the_agreement_without_a_train_split_or_a_batch_of_it_is_a_skip(packed, tmp_path):
+    from benchmarks.training import agreement_consumer
+    b = fake_bench()
+    b.args.data = str(tmp_path / "nowhere")
+    with pytest.raises(Skip, match="no train split to train on"):
+        agreement_consumer(b, 64, "resident", "trainer")
+    b.args.data, b.args.batch_size = str(packed), 500  # the train split holds 200 images
+    with pytest.raises(Skip, match="--batch-size 500: larger than the train split"):
+        agreement_consumer(b, 64, "resident", "stage")
 
 
 def test_a_failing_agreement_run_is_a_skip_naming_the_command_and_its_last_words():
