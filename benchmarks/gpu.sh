@@ -17,7 +17,7 @@
 #
 #   PYTHON (python3), DEVICE (cuda), SITE (~/x/.xfer-src/site), DATA (C: ~/x/.xfer-src/data; A and B
 #   make a synthetic set of SYNTH (100) train images per class here), BUDGET_MIN (C: 4.5)
-# Rehearse on a CPU machine, small, with DALI hidden as on the GPU machine:
+# Rehearse on a CPU machine, small (REHEARSE=1: tiny sizes, 3x the time limits), with DALI hidden as on the GPU machine:
 #   STAGE=A DEVICE=cpu PYTHON=.venv/bin/python REHEARSE=1 PYTHONPATH=tools/hide-dali benchmarks/gpu.sh /tmp/gpu-a
 set -uo pipefail
 out=${1:?usage: STAGE=A|B|C benchmarks/gpu.sh OUT_DIR}
@@ -29,6 +29,7 @@ py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 stage=${STAGE:-A}
 small=${REHEARSE:+1}  # a CPU rehearsal: tiny sizes, the same steps
+scale=$([ -n "$small" ] && echo 3 || echo 1)  # and 3x the time limits: compiling on 2 CPU cores is slow
 t0=$(date +%s)
 since() { echo $(( $(date +%s) - t0 )); }
 left() { echo $(( $1 - $(since) )); }  # seconds left of a stage budget of $1
@@ -59,29 +60,29 @@ bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$([ -n "$sma
 case "$stage" in
 A)
   echo "== checks without DALI ($(since) s in)"
-  step timeout 70 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-A.json"
+  step timeout $((70 * scale)) $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-A.json"
   echo "== benchmarks, eager ($(since) s in)"
-  step timeout 110 $py -m benchmarks.run "${bench[@]}" --stages model,loader,train --backends resident,pil,classic \
+  step timeout $((110 * scale)) $py -m benchmarks.run "${bench[@]}" --stages model,loader,train --backends resident,pil,classic \
     --compiled none --json "$out/bench-A.json" --markdown "$out/bench-A.md"
   echo "== fasttin.train --recipe fast --epochs 2 --compile ($(since) s in)"
-  step timeout 100 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
+  step timeout $((100 * scale)) $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
     --out "$out/fast-synthetic" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
   echo "== benchmarks, compiled model points ($(since) s in)"
-  timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages model \
+  timeout "$(( $(left $((330 * scale))) > 10 ? $(left $((330 * scale))) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages model \
     --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json" ||
     echo "(the compiled points stop at the stage's time; the records measured so far are kept)"
   ;;
 B)
   echo "== checks with DALI ($(since) s in)"
-  step timeout 120 $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
+  step timeout $((120 * scale)) $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
   echo "== benchmarks, dali ($(since) s in)"
-  step timeout "$(( $(left 330) > 10 ? $(left 330) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
+  step timeout "$(( $(left $((330 * scale))) > 10 ? $(left $((330 * scale))) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
     --compiled none --json "$out/bench-B.json" --markdown "$out/bench-B.md"
   ;;
 C)
   budget=${BUDGET_MIN:-$([ -n "$small" ] && echo 0.5 || echo 4.5)}
   echo "== fast from scratch at res 64 on the real data, a $budget-minute budget ($(since) s in)"
-  step timeout 340 $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
+  step timeout $((340 * scale)) $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
     --device "$device" --out "$out/fast-real" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
   ;;
 *) echo "STAGE must be A, B or C" >&2; exit 2 ;;
