@@ -8,7 +8,6 @@ key) must be a bare file name, so nothing is ever written outside the cache fold
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from benchmarks.runner import Bench, Skip
 from fasttin.errors import UserError
 from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_folder
+from fasttin.forking import before_fork
 from fasttin.loaders import make_loader
 from fasttin.loop import AMP_DTYPE
 
@@ -120,7 +120,7 @@ def classic_loader(b: Bench, res: int):
         from torchvision.datasets import ImageFolder
         folder = ImageFolder(str(upscaled_folder(b.ds, Path(b.args.cache), res)),
                              T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]))
-        gc.collect()
+        before_fork()  # its persistent workers are forked at the first pass
         return torch.utils.data.DataLoader(folder, batch_size=b.args.classic_batch_size, shuffle=True,
                                            num_workers=b.args.workers or os.cpu_count(),
                                            pin_memory=b.device.type == "cuda", persistent_workers=True,

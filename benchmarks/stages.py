@@ -10,9 +10,7 @@ The DALI decode and resize rows build their graphs with the dali backend's own `
 """
 from __future__ import annotations
 
-import gc
 import io
-import multiprocessing as mp
 import os
 import statistics
 
@@ -22,7 +20,7 @@ import torch
 from benchmarks import LOADERS, pipelines, training
 from benchmarks.peers import stage as peers
 from benchmarks.runner import Bench, Stage
-from fasttin.errors import pool_worker_signals
+from fasttin.forking import fork_pool
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
 from fasttin.loop import AMP_DTYPE
@@ -76,8 +74,7 @@ def measure_pil_decode(b: Bench, cores: int) -> dict:
     if cores == 1:
         return b.measure(lambda: _pil_decode(idx))
     chunks = np.array_split(idx, cores * 4)
-    gc.collect()
-    with mp.get_context("fork").Pool(cores, initializer=pool_worker_signals) as pool:
+    with fork_pool(cores) as pool:
         return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
 
 

@@ -55,14 +55,6 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def pool_worker_signals(*_) -> None:
-    """The initializer of every forked multiprocessing pool: a worker dies on SIGTERM and leaves
-    SIGINT to its parent. Inherited, a command's SIGTERM handler made Pool.terminate() print a
-    worker's KeyboardInterrupt traceback, or wait forever for a worker blocked on the task queue's lock."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class CommandParser(argparse.ArgumentParser):
     """argparse for the command `python -m name`, with its errors as one line (the culprit named,
     the same `name: error:` prefix as every other error of the command) and exit status 2."""

@@ -31,10 +31,10 @@ from fasttin.errors import (
     CommandParser,
     UserError,
     interrupt_on_sigterm,
-    pool_worker_signals,
     run_command,
 )
 from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
+from fasttin.forking import fork_pool, pool_worker_signals
 from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
     FORMAT_NAME,
@@ -269,7 +269,7 @@ def _pack(source, out: Path, opts: PackOptions, workers, quiet, subset: bool = T
     splits = {}
 
     def build(work: Path) -> dict:
-        pool = mp.get_context("fork").Pool(workers, _init_worker, (source,)) if workers > 1 else None
+        pool = fork_pool(workers, _init_worker, (source,)) if workers > 1 else None
         _init_worker(source)
         try:
             with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

@@ -1,4 +1,5 @@
 """make_loader and its backends on the CPU (DALI in its CPU mode)."""
+import gc
 import itertools
 import logging
 import os
@@ -14,7 +15,8 @@ import torch
 from helpers import ROOT, Lines
 from PIL import Image
 
-from fasttin.errors import UserError, pool_worker_signals
+from fasttin.errors import UserError
+from fasttin.forking import fork_pool, pool_worker_signals
 from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, better_backend, make_loader
 from fasttin.loaders import resident as resident_mod
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
@@ -424,17 +426,53 @@ def _sleep_as_a_decoding_worker(ready):
     time.sleep(120)
 
 
-def test_every_forked_pool_sets_its_workers_signals():
-    """A pool forked without pool_worker_signals inherits the command's SIGTERM handler: Pool.terminate()
-    then printed a worker's traceback (the benchmarks' decode stage) or hung (decode_all, once)."""
+def test_every_fork_goes_through_forking():
+    """One way to fork workers (fasttin/forking.py). A pool made without pool_worker_signals inherits
+    the command's SIGTERM handler: Pool.terminate() then printed a worker's traceback (the benchmarks'
+    decode stage) or hung (decode_all, once). A fork without a collection first may finalise a
+    dropped DALI pipeline in the child, which hangs it: the packer's pool did, in the test suite."""
     import re
 
     from helpers import ROOT
-    pools = [(f, line) for d in ("fasttin", "benchmarks") for f in (ROOT / d).rglob("*.py")
-             for line in f.read_text().splitlines() if re.search(r"\.Pool\(", line)]
+    text = {f: f.read_text() for d in ("fasttin", "benchmarks") for f in (ROOT / d).rglob("*.py")
+            if f.name != "forking.py"}
+    assert [f for f, t in text.items() if re.search(r"\.Pool\(|gc\.collect\(|os\.fork\(|get_context\(", t)] == []
+    loaders = [f for f, t in text.items() if re.search(r"DataLoader\(", t)]
+    assert len(loaders) >= 3 and [f for f in loaders if "before_fork()" not in text[f]] == []
+    pools = [line for t in text.values() for line in t.splitlines() if re.search(r"fork_pool\(\w", line)]
     assert len(pools) >= 3
-    for f, line in pools:
-        assert "pool_worker_signals" in line or "_init_worker" in line, (f, line)
+    for line in pools:  # the default initializer is pool_worker_signals; the packer's calls it
+        assert re.search(r"fork_pool\(\w+\)", line) or "_init_worker" in line, line
+
+
+class _Finaliser:
+    """Held only by a reference cycle, so only a collection frees it; writes where it was finalised."""
+
+    def __init__(self, path):
+        self.path, self.cycle = path, self
+
+    def __del__(self):
+        self.path.write_text(str(os.getpid()))
+
+
+def _collect(_):
+    gc.collect()
+    return os.getpid()
+
+
+def test_a_forked_pool_finalises_the_parents_garbage_in_the_parent(tmp_path):
+    """A dropped DALI pipeline finalised in a forked packer's worker hung the suite (its destructor
+    waits on threads the child does not have): fork_pool collects in the parent first."""
+    where = tmp_path / "finalised-in"
+    gc.disable()  # nothing collects the cycle until someone asks
+    try:
+        _Finaliser(where)
+        with fork_pool(2) as pool:
+            children = set(pool.map(_collect, range(8)))
+        finalised_in = where.read_text() if where.exists() else None  # before the parent collects again
+    finally:
+        gc.enable()
+    assert finalised_in == str(os.getpid()) and os.getpid() not in children
 
 
 def test_decoding_workers_die_on_sigterm_under_the_trainers_stop_handler():

@@ -170,6 +170,7 @@ def image_folder(spec: Spec, root: str, resize: bool):
     from torchvision.datasets import ImageFolder
 
     from benchmarks.pipelines import relative_paths
+    from fasttin.forking import before_fork
     from fasttin.shards import open_split
     steps = [T.Resize((spec.res, spec.res), interpolation=T.InterpolationMode.BICUBIC)] if resize else []
     steps += [T.RandomHorizontalFlip()] if spec.flip else []
@@ -177,6 +178,7 @@ def image_folder(spec: Spec, root: str, resize: bool):
     if spec.limit:  # the first images in pack order, to compare with the reference
         rel = relative_paths(open_split(spec.data, spec.split))[:spec.limit]
         folder.samples = folder.imgs = [(os.path.join(root, r), 0) for r in rel]
+    before_fork()  # the workers are forked at the first pass
     loader = torch.utils.data.DataLoader(folder, batch_size=spec.batch_size, shuffle=spec.shuffle,
                                          num_workers=spec.workers, persistent_workers=spec.workers > 0,
                                          drop_last=spec.limit is None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import os
 import signal
 import weakref
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data._utils import signal_handling
 
+from fasttin.forking import before_fork
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DataError
@@ -141,9 +141,7 @@ class PilLoader(Loader):
     def _epoch(self, epoch: int):
         self._plans.epoch = epoch
         if self._loader.num_workers and _workers_iterator(self._loader) is None:
-            # The workers are about to be forked: collect unreachable objects first, so that none (a
-            # dropped DALI pipeline, say) runs its finaliser in a child, where its threads do not exist.
-            gc.collect()
+            before_fork()  # the workers are about to be forked
         with _forking():
             batches = iter(self._loader)  # forks the workers the first time (persistent after)
         for images, p, failure in batches:
@@ -188,6 +186,7 @@ def torch_internals_missing() -> list[str]:
     missing += [f"_MultiProcessingDataLoaderIter.{n}" for n in ("_shutdown_workers",)
                 if not hasattr(_MultiProcessingDataLoaderIter, n)]
     loader = DataLoader([0, 1], num_workers=1, persistent_workers=True, multiprocessing_context="fork")
+    before_fork()
     it = iter(loader)
     try:
         missing += ["DataLoader._iterator" for _ in [0] if _workers_iterator(loader) is not it]

@@ -13,14 +13,12 @@ and mirrors in its interpolation matrices.
 """
 from __future__ import annotations
 
-import gc
-import multiprocessing as mp
 import os
 
 import numpy as np
 import torch
 
-from fasttin.errors import pool_worker_signals
+from fasttin.forking import fork_pool
 from fasttin.loaders.augment import CROP_PAD, SIZE, resize_boxes, upscale_normalize
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DoesNotFit
@@ -67,8 +65,7 @@ def decode_all(ds, workers: int | None = None) -> np.ndarray:
         return ds.images(np.arange(len(ds)))
     global _DS
     _DS = ds
-    gc.collect()  # nothing unreachable (a dropped DALI pipeline) may be finalised in a forked child
-    with mp.get_context("fork").Pool(workers, initializer=pool_worker_signals) as pool:
+    with fork_pool(workers) as pool:
         out = np.concatenate(pool.map(_decode_chunk, np.array_split(np.arange(len(ds)), len(ds) // 2048)))
         pool.close()  # the workers leave on their own; terminate() (the with's exit) then has nothing to stop
         pool.join()
