@@ -242,46 +242,63 @@ def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1)
 class Budget:
     """--budget: the schedule's position from the clock. The run may spend `minutes` on training,
     validation and checkpoints; the last step comes `reserve` seconds before the end (the final
-    validation and checkpoint, measured after each epoch), and the position runs from 0 to the
-    nominal schedule's last step over the time before it. `spent` (seconds) carries over a resume.
+    validation and checkpoint, measured each epoch), and the position runs from 0 to the nominal
+    schedule's last step over the time before it. `spent` (seconds) carries over a resume.
 
     Under torchrun the ranks must step with one lr and stop at one step: there the clock is read
-    only at the logging steps (`share_clock`, which all-reduces it); a single process reads it every step.
+    only at the logging steps, every `sync_every` steps (`share_clock`, which all-reduces it); a
+    single process reads it every step.
     """
 
-    def __init__(self, minutes: float, total_steps: int, *, spent: float = 0.0, world: int = 1, device="cpu"):
+    def __init__(self, minutes: float, total_steps: int, *, spent: float = 0.0, reserve: float = 0.0,
+                 world: int = 1, device="cpu", sync_every: int = 1):
         self.seconds, self.total_steps, self.world, self.device = minutes * 60, total_steps, world, device
         self.spent_before, self.started = spent, time.perf_counter()
-        self.reserve = 0.0  # seconds kept for the final validation and checkpoint
-        self.agreed = (spent, 0.0)  # (spent, reserve) as of the last agreement (torchrun)
+        self.reserve = reserve  # seconds kept for the final validation and checkpoint
+        self.agreed = (spent, reserve, 0.0)  # (spent, reserve, save_s) as of the last agreement (torchrun)
+        self.sync_every = sync_every if world > 1 else 1  # steps between two readings of the clock
+        self.eval_s = self.save_s = self.step_room = 0.0  # the longest validation, save, and steps between readings
 
     @classmethod
-    def resumed(cls, minutes: float, total_steps: int, pos, *, world: int, device) -> Budget:
-        """The budget of a run at position `pos` (checkpoint.Position): its spent time and reserve,
-        the later of last.pt's and those its last metrics row decided the run's end by (`close_epoch`
-        writes them after last.pt is saved): a run that ended because its budget was spent resumes spent."""
-        row = pos.rows[-1] if pos.rows else {}
-        spent = max(pos.budget_spent_s, row.get("budget_spent_s", 0.0))
-        reserve = max(pos.budget_reserve_s, row.get("budget_reserve_s", 0.0))
-        b = cls(minutes, total_steps, spent=spent, world=world, device=device)
-        b.reserve = reserve
-        b.agreed = (spent, reserve)
-        return b
+    def resumed(cls, minutes: float, total_steps: int, pos, **kw) -> Budget:
+        """The budget of a run at position `pos` (checkpoint.Position): the spent time and reserve
+        last.pt keeps, which at an epoch's end are those its end was decided by (`close_epoch`)."""
+        return cls(minutes, total_steps, spent=pos.budget_spent_s, reserve=pos.budget_reserve_s, **kw)
 
     def start_clock(self) -> None:
         """This process's clock runs from here: the set-up before training is not the budget's."""
         self.started = time.perf_counter()
 
     def close_epoch(self, row: dict, steps: int) -> bool:
-        """After an epoch (its metrics row): keep room for a final validation and checkpoint as long
-        as the longest so far, with a quarter more, and for one step; then decide once whether the
-        budget is spent. The row records the figures decided by, so a resume decides the same."""
+        """After an epoch's validation, before its checkpoint: keep room (`_keep_room`), then decide
+        once whether the budget is spent by the end of the save that follows. The row (and last.pt,
+        saved next) records the figures decided by, so a resume decides the same. Under torchrun
+        every rank calls it: the clocks are agreed here, and the decision is the agreed figures'."""
         step_s = (row["data_wait_s"] + row["compute_s"]) / max(steps, 1)
-        self.reserve = max(self.reserve, 1.25 * (row["eval_s"] + row["checkpoint_s"]) + step_s)
-        spent, reserve = self.local_spent(), max(self.reserve, self._reserve())
+        self.eval_s = max(self.eval_s, row["eval_s"])
+        self.step_room = max(self.step_room, step_s * min(self.sync_every, max(steps, 1)))
+        self._keep_room()
+        self.share_clock()
+        spent, reserve, save_s = self.agreed if self.world > 1 else (self.local_spent(), self.reserve, self.save_s)
+        spent += save_s  # to the end of the save that follows, taken as long as the longest so far
         row.update(budget_spent_s=spent, budget_reserve_s=reserve)
-        # under torchrun every rank decides by the agreed clock, which is no later than these figures
-        return self.exhausted() if self.world > 1 else self._fraction(spent, reserve) >= 1.0
+        return self._fraction(spent, reserve) >= 1.0
+
+    def saved(self, seconds: float) -> None:
+        """A checkpoint save took `seconds`."""
+        self.save_s = max(self.save_s, seconds)
+        self._keep_room()
+
+    def _keep_room(self) -> None:
+        """Room for a final validation and checkpoint as long as the longest so far, with a quarter
+        more, and for the steps until the clock is read again (one; under torchrun, to the next
+        logging step or the epoch's end)."""
+        self.reserve = max(self.reserve, 1.25 * (self.eval_s + self.save_s) + self.step_room)
+
+    def figures(self) -> dict:
+        """The spent seconds and reserve that last.pt keeps at a stop within an epoch."""
+        return {"budget_spent_s": max(self.local_spent(), self.agreed[0]),
+                "budget_reserve_s": max(self.reserve, self.agreed[1])}
 
     def local_spent(self) -> float:
         """Seconds spent by this process's clock, resumes included."""
@@ -295,9 +312,9 @@ class Budget:
         return self.agreed[1] if self.world > 1 else self.reserve
 
     def share_clock(self) -> None:
-        """Every rank adopts the largest clock and reserve (torchrun, at the synchronising steps)."""
+        """Every rank adopts the largest clock, reserve and save (torchrun, at the synchronising steps)."""
         if self.world > 1:
-            t = torch.tensor([self.local_spent(), self.reserve], dtype=torch.float64, device=self.device)
+            t = torch.tensor([self.local_spent(), self.reserve, self.save_s], dtype=torch.float64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             self.agreed = tuple(t.tolist())
 

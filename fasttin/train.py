@@ -159,22 +159,33 @@ def ensure_finite(step, epoch: int) -> None:
 
 
 def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epoch: int, batch: int, res: int,
-                    budget: Budget | None, best: str | None = None) -> None:
-    """last.pt with the position (`epoch` done, `batch` into the next), and best.pt with the `best`
-    weights ("raw" or "ema") when they validated best. The caller has checked them finite."""
+                    budget: dict | None, best: str | None = None) -> None:
+    """last.pt with the position (`epoch` done, `batch` into the next) and the `budget` figures, and
+    best.pt with the `best` weights ("raw" or "ema") when they validated best. The caller has
+    checked them finite."""
     if not run.main:
         return
     arch = {"name": "resnet18", "stem": run.cfg["stem"], "num_classes": len(data.classes),
             "res": run.cfg["eval_res"] or res}
     common = dict(config=run.cfg, best_acc1=pos.best, classes=data.classes, words=data.words, arch=arch)
     extra = {"rows": len(pos.rows), "best_weights": pos.best_weights, **({"epoch_res": res} if batch else {})}
-    if budget is not None:
-        extra.update(budget_spent_s=budget.local_spent(), budget_reserve_s=budget.reserve)
+    extra.update(budget or {})
     checkpoint.save(run.out / "last.pt", checkpoint.run_state(step.state_dict(), epoch=epoch, batch=batch,
                                                                **common, **extra))
     if best is not None:
         weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
         checkpoint.save(run.out / "best.pt", checkpoint.best_state(weights, best, epoch=epoch + (batch > 0), **common))
+
+
+BUDGET_FIGURES = ("budget_spent_s", "budget_reserve_s")
+
+
+def time_row(row: dict, pos: checkpoint.Position, t0: float, validated: float) -> None:
+    """An epoch's row gets its times, read from one clock reading: the epoch's from `t0`, the checks,
+    metrics and checkpoint since the end of validation (`validated`), the shares, the run's so far."""
+    now = time.perf_counter()
+    row.update(checkpoint_s=now - validated, epoch_s=now - t0)
+    row.update(shares(row, row["epoch_s"]), elapsed_s=sum(r["epoch_s"] for r in pos.rows))
 
 
 def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
@@ -207,7 +218,8 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             done = first + steps
             if stop.should_stop() and done < steps_per_epoch:
                 ensure_finite(step, epoch)
-                save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res, budget=budget)
+                save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res,
+                                budget=budget.figures() if budget else None)
                 run.log(f"{stop.name}: saved {run.out / 'last.pt'} at batch {done} of epoch {epoch + 1}; "
                         "--resume continues from there")
                 return {"interrupted": True}
@@ -215,29 +227,36 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                 on_log(steps, m)
             times = clock.take()
             compile_s = clock.first_compute_s if cfg["compile"] and compile_s is None else compile_s
-            t1 = time.perf_counter()
+            t1 = time.perf_counter()  # the training phase's end: its time outside the steps (the epoch's
+            # set-up, the logging steps' work) is time the model waited, so the four parts add up to the epoch
+            times["data_wait_s"] += max(0.0, t1 - t0 - times["data_wait_s"] - times["compute_s"])
             val = validate(run, step, data, res)
-            times["eval_s"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            times["eval_s"] = t2 - t1
             row = report.epoch_row(epoch, m, val, times, lr=lr, res=res, val_res=cfg["eval_res"] or res, steps=steps,
                                    batches=done, batch_size=cfg["batch_size"],
                                    compile_s=compile_s if epoch == pos.epoch else None)
             ensure_finite(step, epoch)  # before its row or a checkpoint is written: nothing non-finite is kept
             best = pos.record(row, val)
-            t2 = time.perf_counter()
+            time_row(row, pos, t0, t2)  # until the save is timed (a crash before it keeps these)
+            # decided once, before the save: last.pt and the row keep the figures it was decided by
+            ended = budget.close_epoch(row, steps) if budget else epoch + 1 >= cfg["epochs"]
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)  # first: a crash now only repeats the epoch
             complete = done == steps_per_epoch
             save_checkpoint(run, step, data, pos, epoch=epoch + complete, batch=0 if complete else done, res=res,
-                            budget=budget, best=best)
-            row.update(checkpoint_s=time.perf_counter() - t2, epoch_s=time.perf_counter() - t0)
-            row.update(shares(row, row["epoch_s"]), elapsed_s=sum(r["epoch_s"] for r in pos.rows))
-            # decided once, before the row is written: the row keeps what a resume needs to decide the same
-            ended = budget.close_epoch(row, steps) if budget else epoch + 1 >= cfg["epochs"]
+                            budget={k: row[k] for k in BUDGET_FIGURES} if budget else None, best=best)
+            time_row(row, pos, t0, t2)
+            if budget:
+                budget.saved(row["checkpoint_s"])
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)
                 live.end_epoch(row)
             epoch += 1
-            if stop.decide():
+            if ended:
+                if stop.should_stop():
+                    run.log(f"{stop.name} after the last epoch: the run is complete")
+            elif stop.decide():
                 run.log(f"{stop.name}: stopped after epoch {epoch}; --resume continues")
                 return {"interrupted": True}
     if profiler:
@@ -255,6 +274,9 @@ def finish(run: Run, data: Data, pos: checkpoint.Position, compile_s, budget: Bu
                              writeup=recipes.WRITEUP_TOP1.get(cfg["recipe"]))
     if run.main and pos.rows:
         report.write_run(run.out, pos.rows, summary, f"fasttin {cfg['recipe']}, {run.device.type}")
+    if budget and summary["budget_spent_s"] > budget.seconds:  # the machine slowed after the last decision
+        run.log(f"the budget ran over by {summary['budget_spent_s'] - budget.seconds:.1f} s: the last steps, "
+                f"validation and checkpoint took longer than the {budget.reserve:.1f} s kept for them")
     return summary
 
 
@@ -276,11 +298,13 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
         step, fresh = build(run, data)
         pos = restore(run, step, data)
         budget = Budget.resumed(run.cfg["budget"], run.cfg["epochs"] * len(data.train), pos, world=run.world,
-                                device=run.device) if run.cfg["budget"] else None
+                                device=run.device, sync_every=run.cfg["log_every"]) if run.cfg["budget"] else None
         spent = budget is not None and budget.exhausted()
         if pos.epoch >= run.cfg["epochs"] and budget is None or spent:
             run.log(f"all {pos.epoch} epoch(s) of {run.out} are done; nothing to train"
                     + (" (its budget is spent)" if spent else " (--epochs N extends it)"))
+            if pos.rows and not (run.out / "summary.json").is_file():  # it stopped after its last save
+                finish(run, data, pos, None, budget)
             return {"done": True}
         if run.main:
             rundir.write_config(run.out, run.cfg, world_size=run.world, device=str(run.device),

@@ -179,3 +179,70 @@ def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
     assert "resumed from" in err
     rows = [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]
+
+
+def train_with(fault: str, data, out, *extra):
+    """fasttin.train with `fault` (Python, run first with `loop` and `train` imported) standing in
+    for a crash or a signal at one point of the run."""
+    code = f"import os, signal, sys\nfrom fasttin import loop, train\n{fault}\nsys.exit(train.main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, "--data", str(data), "--out", str(out), *QUICK, "--backend",
+                           "resident", *map(str, extra)], capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=ROOT)
+
+
+BUDGET_RUN = ["--epochs", "100", "--budget", "0.1", "--schedule", "linear"]
+DIES_AFTER_THE_LAST_SAVE = """
+close, saved = loop.Budget.close_epoch, loop.Budget.saved
+def close_epoch(self, row, steps):
+    self.ended = close(self, row, steps)
+    return self.ended
+def saved_then_killed(self, seconds):
+    saved(self, seconds)
+    if self.ended:
+        os._exit(137)  # after last.pt, before the metrics row gets its save's time
+loop.Budget.close_epoch, loop.Budget.saved = close_epoch, saved_then_killed
+"""
+
+
+@pytest.mark.slow
+def test_a_budget_run_killed_after_its_last_save_resumes_spent_and_writes_its_summary(tiny, tmp_path):
+    r = train_with(DIES_AFTER_THE_LAST_SAVE, tiny, tmp_path, *BUDGET_RUN)
+    assert r.returncode == 137 and not (tmp_path / "summary.json").exists(), r.stderr[-2000:]
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    again = train(tiny, tmp_path, *BUDGET_RUN, "--resume")
+    assert again.returncode == 0 and "budget is spent" in again.stderr, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr and (tmp_path / "metrics.jsonl").read_text() == rows
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["epochs"] == len(rows.splitlines()) and summary["budget_spent_s"] > 0
+
+
+TERM_AFTER_THE_LAST_DECISION = """
+close = loop.Budget.close_epoch
+def close_epoch(self, row, steps):
+    ended = close(self, row, steps)
+    if ended:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the last checkpoint is being written
+    return ended
+loop.Budget.close_epoch = close_epoch
+"""
+TERM_AFTER_THE_LAST_SAVE = """
+save = train.save_checkpoint
+def save_then_term(*args, **kw):
+    save(*args, **kw)
+    if kw["epoch"] == 2 and kw["batch"] == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+train.save_checkpoint = save_then_term
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, flags", [(TERM_AFTER_THE_LAST_DECISION, BUDGET_RUN),
+                                          (TERM_AFTER_THE_LAST_SAVE, ["--epochs", "2"])], ids=["budget", "epochs"])
+def test_a_signal_after_the_last_epoch_ends_the_run_complete(tiny, tmp_path, fault, flags):
+    """A run whose last epoch is done is complete: a SIGTERM during its last save says so, and the
+    summary is written (it said 'stopped after epoch N; --resume continues', and --resume did nothing)."""
+    r = train_with(fault, tiny, tmp_path, *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SIGTERM after the last epoch: the run is complete" in r.stderr and "--resume continues" not in r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == len(rows)
+    assert [x["epoch"] for x in rows] == list(range(1, len(rows) + 1))

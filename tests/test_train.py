@@ -41,8 +41,8 @@ def test_learns_a_synthetic_set_quickly(learnable, tmp_path):
     for row in rows:
         assert set(row) >= {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc1", "val_acc5",
                             "epoch_s", "train_img_s", *(k + "_s" for k in keys), *(k + "_share" for k in keys)}
-        assert sum(row[k + "_share"] for k in keys) == pytest.approx(1.0, abs=0.02)
-    assert sum(s[k + "_share"] for k in keys) == pytest.approx(1.0, abs=0.02)
+        assert sum(row[k + "_share"] for k in keys) == pytest.approx(1.0, abs=1e-6)  # every part of the epoch
+    assert sum(s[k + "_share"] for k in keys) == pytest.approx(1.0, abs=1e-6)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["res"] == 32 and cfg["recipe"] == "seed-64-scratch" and "torch" in cfg["environment"]
@@ -348,6 +348,16 @@ def test_ema_is_validated_beside_the_raw_weights_and_eval_reads_it_when_it_was_b
     assert json.loads((tmp_path / "e.json").read_text())["top1"] == rows[best["epoch"] - 1]["ema_val_acc1"]
 
 
+def within_budget(budget_s: float, rows: list, summary: dict, stderr: str) -> float:
+    """The most a --budget run may spend: its budget, unless the machine slowed after the last
+    decision (a loaded CI machine), then by no more than its last step, validation and save took;
+    the run says when it ran over."""
+    last = rows[-1]
+    tail = last["eval_s"] + last["checkpoint_s"] + (last["data_wait_s"] + last["compute_s"]) / last["batches"]
+    assert ("the budget ran over by" in stderr) == (summary["budget_spent_s"] > budget_s), stderr[-2000:]
+    return budget_s + tail
+
+
 @pytest.mark.slow
 def test_budget_run_stops_within_its_budget_with_a_validation_and_a_checkpoint(learnable, tmp_path):
     budget_s = 30
@@ -355,7 +365,7 @@ def test_budget_run_stops_within_its_budget_with_a_validation_and_a_checkpoint(l
               "--res-schedule", "24@2")
     assert r.returncode == 0, r.stderr[-2000:]
     rows, s = rows_of(tmp_path), summary_of(tmp_path)
-    assert s["budget_min"] == budget_s / 60 and 0 < s["budget_spent_s"] <= budget_s
+    assert s["budget_min"] == budget_s / 60 and 0 < s["budget_spent_s"] <= within_budget(budget_s, rows, s, r.stderr)
     assert 1 < s["epochs_fitted"] < 200 and s["epochs"] == len(rows) and "holds about" in r.stderr
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["batches"] <= 20
     lrs = [r["lr"] for r in rows]
@@ -364,7 +374,7 @@ def test_budget_run_stops_within_its_budget_with_a_validation_and_a_checkpoint(l
     last = checkpoint.load(tmp_path / "last.pt")
     assert (last["epoch"], last["step"]) == ((len(rows), 0) if rows[-1]["batches"] == 20 else
                                              (len(rows) - 1, rows[-1]["batches"]))
-    assert (tmp_path / "best.pt").is_file() and last["budget_spent_s"] <= budget_s
+    assert (tmp_path / "best.pt").is_file() and 0 < last["budget_spent_s"] <= within_budget(budget_s, rows, s, r.stderr)
     again = train(learnable, tmp_path, "--epochs", "200", "--budget", str(budget_s / 60), "--schedule", "linear",
                   "--res-schedule", "24@2", "--resume")
     assert again.returncode == 0 and "budget is spent" in again.stderr and rows_of(tmp_path) == rows
@@ -387,7 +397,7 @@ def test_a_stopped_budget_run_resumes_with_its_ema_schedule_position_and_spent_b
     assert r.returncode == 0, r.stderr[-2000:]
     rows, s, last = rows_of(tmp_path), summary_of(tmp_path), checkpoint.load(tmp_path / "last.pt")
     assert f"{stopped['budget_spent_s'] / 60:.1f} of 0.6 budget minutes spent" in r.stderr
-    assert stopped["budget_spent_s"] < s["budget_spent_s"] <= 36
+    assert stopped["budget_spent_s"] < s["budget_spent_s"] <= within_budget(36, rows, s, r.stderr)
     assert [x["epoch"] for x in rows] == list(range(1, len(rows) + 1))
     assert rows[stopped["epoch"]]["res"] == stopped["epoch_res"] and rows[stopped["epoch"]]["batches"] == 20
     assert last["ema"]["updates"] == last["steps"] > stopped["steps"]  # the average carried on, never restarted
