@@ -187,11 +187,13 @@ class TrainStep:
         """The lr the 0-based `epoch` of an epoch-based schedule trains at (its first step's)."""
         return self.lr_at(epoch * self.steps_per_epoch)
 
-    def weights_finite(self) -> bool:
-        """Every parameter and buffer (and the average's) finite: one synchronisation, before a save only."""
+    def ensure_finite(self, epoch: int) -> None:
+        """Every parameter and buffer (and the average's) finite, or NonFinite: one synchronisation,
+        before a save only, so nothing non-finite is ever kept."""
         tensors = [*self.model.state_dict().values(), *(self.ema.model.state_dict().values() if self.ema else ())]
         flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
-        return bool(torch.stack(flags).all()) if flags else True
+        if flags and not bool(torch.stack(flags).all()):
+            raise NonFinite(f"the weights became non-finite in epoch {epoch + 1}; they were not saved")
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -295,10 +297,20 @@ class Budget:
         logging step or the epoch's end)."""
         self.reserve = max(self.reserve, 1.25 * (self.eval_s + self.save_s) + self.step_room)
 
-    def figures(self) -> dict:
-        """The spent seconds and reserve that last.pt keeps at a stop within an epoch."""
+    def figures(self, row: dict | None = None) -> dict:
+        """The spent seconds and reserve that last.pt keeps: at an epoch's end those its end was
+        decided by (`row`'s, from `close_epoch`), at a stop within an epoch the clock's."""
+        if row is not None:
+            return {k: row[k] for k in ("budget_spent_s", "budget_reserve_s")}
         return {"budget_spent_s": max(self.local_spent(), self.agreed[0]),
                 "budget_reserve_s": max(self.reserve, self.agreed[1])}
+
+    def overrun_note(self, spent: float) -> str | None:
+        """A line when the run spent more than its budget: the machine slowed after the last decision."""
+        if spent > self.seconds:
+            return (f"the budget ran over by {spent - self.seconds:.1f} s: the last steps, validation and "
+                    f"checkpoint took longer than the {self.reserve:.1f} s kept for them")
+        return None
 
     def local_spent(self) -> float:
         """Seconds spent by this process's clock, resumes included."""
@@ -373,9 +385,13 @@ class StepClock:
             self.totals[kind] += s
         self._marks = marks[-1:]
 
-    def take(self) -> dict:
-        """The totals since the last take (an epoch's), and reset."""
+    def take(self, spanning: float | None = None) -> dict:
+        """The totals since the last take (an epoch's), and reset. Given `spanning`, the training
+        phase's wall time, its time outside the steps (the epoch's set-up, the logging steps' work)
+        counts as data wait, the model having waited: the parts then add up to the phase."""
         out, self.totals = self.totals, {"data_wait_s": 0.0, "compute_s": 0.0}
+        if spanning is not None:
+            out["data_wait_s"] += max(0.0, spanning - out["data_wait_s"] - out["compute_s"])
         return out
 
 

@@ -43,6 +43,15 @@ def epoch_row(epoch: int, train: dict, val: dict, times: dict, *, lr: float, res
     return {**row, "train_img_s": n * batch_size / max(seconds, 1e-9), **times}
 
 
+def time_row(row: dict, rows: list[dict], t0: float, validated: float) -> None:
+    """An epoch's row gets its times, from one clock reading: the epoch's since `t0`, the checks,
+    metrics and checkpoint since the end of validation (`validated`), the shares, the run's so far
+    (`rows`, this one included)."""
+    now = time.perf_counter()
+    row.update(checkpoint_s=now - validated, epoch_s=now - t0)
+    row.update(shares(row, row["epoch_s"]), elapsed_s=sum(r["epoch_s"] for r in rows))
+
+
 def summary(rows: list[dict], cfg: dict, *, best: float, best_weights: str, compile_s, backend: str,
             better_backend, device, world: int, steps_per_epoch: int, budget_spent_s, writeup) -> dict:
     """summary.json: the run's accuracy, its time and where it went, and the verdict line."""

@@ -19,7 +19,7 @@ from fasttin import checkpoint, ranks, recipes, report, rundir
 from fasttin.errors import EXIT_INTERRUPTED, EXIT_OK, run_command
 from fasttin.info import resolve_device
 from fasttin.loaders import better_backend, make_loader
-from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, shares, train_epoch
+from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, train_epoch
 from fasttin.model import build_model, check_fits, initial_weights
 from fasttin.profiling import StepProfiler
 from fasttin.ranks import StopRequest
@@ -153,11 +153,6 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
     return out
 
 
-def ensure_finite(step, epoch: int) -> None:
-    if not step.weights_finite():  # one synchronisation, at a save only
-        raise NonFinite(f"the weights became non-finite in epoch {epoch + 1}; they were not saved")
-
-
 def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epoch: int, batch: int, res: int,
                     budget: dict | None, best: str | None = None) -> None:
     """last.pt with the position (`epoch` done, `batch` into the next) and the `budget` figures, and
@@ -175,17 +170,6 @@ def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epo
     if best is not None:
         weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
         checkpoint.save(run.out / "best.pt", checkpoint.best_state(weights, best, epoch=epoch + (batch > 0), **common))
-
-
-BUDGET_FIGURES = ("budget_spent_s", "budget_reserve_s")
-
-
-def time_row(row: dict, pos: checkpoint.Position, t0: float, validated: float) -> None:
-    """An epoch's row gets its times, read from one clock reading: the epoch's from `t0`, the checks,
-    metrics and checkpoint since the end of validation (`validated`), the shares, the run's so far."""
-    now = time.perf_counter()
-    row.update(checkpoint_s=now - validated, epoch_s=now - t0)
-    row.update(shares(row, row["epoch_s"]), elapsed_s=sum(r["epoch_s"] for r in pos.rows))
 
 
 def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
@@ -217,7 +201,7 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                              on_log=on_log, profiler=profiler)
             done = first + steps
             if stop.should_stop() and done < steps_per_epoch:
-                ensure_finite(step, epoch)
+                step.ensure_finite(epoch)
                 save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res,
                                 budget=budget.figures() if budget else None)
                 run.log(f"{stop.name}: saved {run.out / 'last.pt'} at batch {done} of epoch {epoch + 1}; "
@@ -225,28 +209,26 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                 return {"interrupted": True}
             if steps % cfg["log_every"]:  # an epoch shorter than the cadence still reports (rate, progress)
                 on_log(steps, m)
-            times = clock.take()
+            t1 = time.perf_counter()
+            times = clock.take(spanning=t1 - t0)  # the epoch's four parts add up to its wall time
             compile_s = clock.first_compute_s if cfg["compile"] and compile_s is None else compile_s
-            t1 = time.perf_counter()  # the training phase's end: its time outside the steps (the epoch's
-            # set-up, the logging steps' work) is time the model waited, so the four parts add up to the epoch
-            times["data_wait_s"] += max(0.0, t1 - t0 - times["data_wait_s"] - times["compute_s"])
             val = validate(run, step, data, res)
             t2 = time.perf_counter()
             times["eval_s"] = t2 - t1
             row = report.epoch_row(epoch, m, val, times, lr=lr, res=res, val_res=cfg["eval_res"] or res, steps=steps,
                                    batches=done, batch_size=cfg["batch_size"],
                                    compile_s=compile_s if epoch == pos.epoch else None)
-            ensure_finite(step, epoch)  # before its row or a checkpoint is written: nothing non-finite is kept
+            step.ensure_finite(epoch)  # before its row or a checkpoint is written
             best = pos.record(row, val)
-            time_row(row, pos, t0, t2)  # until the save is timed (a crash before it keeps these)
+            report.time_row(row, pos.rows, t0, t2)  # until the save is timed (a crash before it keeps these)
             # decided once, before the save: last.pt and the row keep the figures it was decided by
             ended = budget.close_epoch(row, steps) if budget else epoch + 1 >= cfg["epochs"]
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)  # first: a crash now only repeats the epoch
             complete = done == steps_per_epoch
             save_checkpoint(run, step, data, pos, epoch=epoch + complete, batch=0 if complete else done, res=res,
-                            budget={k: row[k] for k in BUDGET_FIGURES} if budget else None, best=best)
-            time_row(row, pos, t0, t2)
+                            budget=budget.figures(row) if budget else None, best=best)
+            report.time_row(row, pos.rows, t0, t2)
             if budget:
                 budget.saved(row["checkpoint_s"])
             if run.main:
@@ -274,9 +256,9 @@ def finish(run: Run, data: Data, pos: checkpoint.Position, compile_s, budget: Bu
                              writeup=recipes.WRITEUP_TOP1.get(cfg["recipe"]))
     if run.main and pos.rows:
         report.write_run(run.out, pos.rows, summary, f"fasttin {cfg['recipe']}, {run.device.type}")
-    if budget and summary["budget_spent_s"] > budget.seconds:  # the machine slowed after the last decision
-        run.log(f"the budget ran over by {summary['budget_spent_s'] - budget.seconds:.1f} s: the last steps, "
-                f"validation and checkpoint took longer than the {budget.reserve:.1f} s kept for them")
+    note = budget and budget.overrun_note(summary["budget_spent_s"])
+    if note:
+        run.log(note)
     return summary
 
 

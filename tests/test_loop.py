@@ -56,6 +56,34 @@ def test_clock_accounts_for_the_whole_epoch():
     assert sum(s.values()) == pytest.approx(1.0, abs=0.02)
 
 
+def test_the_training_phase_outside_the_steps_counts_as_data_wait(monkeypatch):
+    """take(spanning=): the epoch's set-up and the logging steps' work (the phase's time outside the
+    marks) join the data wait, so the parts add up to the phase; never less than the marks say."""
+    now = [10.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    clock = StepClock("cpu")
+    clock.start()
+    for wait, step in ((1.0, 2.0), (0.5, 2.0)):
+        now[0] += wait
+        clock.data_ready()
+        now[0] += step
+        clock.step_done()
+    clock.collect()
+    assert clock.take(spanning=7.0) == {"data_wait_s": 3.0, "compute_s": 4.0}  # 1.5 s outside the steps
+    clock.totals = {"data_wait_s": 1.0, "compute_s": 2.0}  # device events may exceed the host's span
+    assert clock.take(spanning=2.5) == {"data_wait_s": 1.0, "compute_s": 2.0}
+
+
+@pytest.mark.parametrize("where", ["model", "ema"])
+def test_a_save_refuses_non_finite_weights_the_average_included(where):
+    step = tiny_step(ema=0.9)
+    step.ensure_finite(0)  # finite: nothing said
+    model = step.model if where == "model" else step.ema.model
+    model.bn1.running_var[3] = float("inf")  # a buffer counts as much as a parameter
+    with pytest.raises(loop.NonFinite, match="non-finite in epoch 4"):
+        step.ensure_finite(3)
+
+
 def test_train_epoch_without_a_clock_and_max_steps():
     step = tiny_step()
     m, n = train_epoch(step, batches(5), max_steps=3)
