@@ -29,10 +29,11 @@ py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 stage=${STAGE:-A}
 small=${REHEARSE:+1}  # a CPU rehearsal: tiny sizes, the same steps
-scale=$([ -n "$small" ] && echo 3 || echo 1)  # and 3x the time limits: compiling on 2 CPU cores is slow
+pick() { [ -n "$small" ] && echo "$1" || echo "$2"; }  # pick REHEARSAL_VALUE VALUE
+scale=$(pick 3 1)  # and 3x the time limits: compiling on 2 CPU cores is slow
 t0=$(date +%s)
 since() { echo $(( $(date +%s) - t0 )); }
-left() { echo $(( $1 - $(since) )); }  # seconds left of a stage budget of $1
+left() { local s=$(( $1 * scale - $(since) )); echo $(( s > 10 ? s : 10 )); }  # seconds left of $1 x scale (>= 10)
 status=0
 step() {  # COMMAND...: run one part of the stage; a failure is said, kept as the exit status, and the rest still runs
   "$@"; local rc=$?
@@ -43,7 +44,7 @@ if [ "$stage" = B ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 $py -m fasttin.info
-synth=${SYNTH:-$([ -n "$small" ] && echo 4 || echo 100)}
+synth=${SYNTH:-$(pick 4 100)}
 if [ "$stage" != C ]; then
   data=/tmp/fasttin-synthetic-$synth
   if [ ! -f "$data/manifest.json" ]; then
@@ -53,10 +54,9 @@ if [ "$stage" != C ]; then
 else
   data=${DATA:-$HOME/x/.xfer-src/data}
 fi
-steps=$([ -n "$small" ] && echo 4 || echo 200)
-bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$([ -n "$small" ] && echo 8 || echo 256)"
-       --repeats "$([ -n "$small" ] && echo 1 || echo 3)" --batches "$([ -n "$small" ] && echo 2 || echo 15)"
-       --steps "$([ -n "$small" ] && echo 1 || echo 5)" --cache /tmp/fasttin-bench-cache)
+steps=$(pick 4 200)
+bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$(pick 8 256)" --repeats "$(pick 1 3)"
+       --batches "$(pick 2 15)" --steps "$(pick 1 5)" --cache /tmp/fasttin-bench-cache)
 case "$stage" in
 A)
   echo "== checks without DALI ($(since) s in)"
@@ -66,9 +66,9 @@ A)
     --compiled none --json "$out/bench-A.json" --markdown "$out/bench-A.md"
   echo "== fasttin.train --recipe fast --epochs 2 --compile ($(since) s in)"
   step timeout $((100 * scale)) $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
-    --out "$out/fast-synthetic" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
+    --out "$out/fast-synthetic" --overwrite ${small:+--batch-size 16 --stem imagenet}
   echo "== benchmarks, compiled model points ($(since) s in)"
-  timeout "$(( $(left $((330 * scale))) > 10 ? $(left $((330 * scale))) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages model \
+  timeout "$(left 330)" $py -m benchmarks.run "${bench[@]}" --stages model \
     --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json" ||
     echo "(the compiled points stop at the stage's time; the records measured so far are kept)"
   ;;
@@ -76,14 +76,14 @@ B)
   echo "== checks with DALI ($(since) s in)"
   step timeout $((120 * scale)) $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
   echo "== benchmarks, dali ($(since) s in)"
-  step timeout "$(( $(left $((330 * scale))) > 10 ? $(left $((330 * scale))) : 10 ))" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
+  step timeout "$(left 330)" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
     --compiled none --json "$out/bench-B.json" --markdown "$out/bench-B.md"
   ;;
 C)
-  budget=${BUDGET_MIN:-$([ -n "$small" ] && echo 0.5 || echo 4.5)}
+  budget=${BUDGET_MIN:-$(pick 0.5 4.5)}
   echo "== fast from scratch at res 64 on the real data, a $budget-minute budget ($(since) s in)"
   step timeout $((340 * scale)) $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 30 --budget "$budget" \
-    --device "$device" --out "$out/fast-real" --overwrite $([ -n "$small" ] && echo --batch-size 16 --stem imagenet)
+    --device "$device" --out "$out/fast-real" --overwrite ${small:+--batch-size 16 --stem imagenet}
   ;;
 *) echo "STAGE must be A, B or C" >&2; exit 2 ;;
 esac

@@ -96,7 +96,7 @@ def parser() -> CommandParser:
                    "see benchmarks/peers/loaders.py)")
     p.add_argument("--mae-images", type=positive, default=500, help="the peers' MAE against PIL bicubic on the "
                    "first N images")
-    p.add_argument("--ffcv-site", type=Path, default=None, help="the folder benchmarks/peers/setup-ffcv.sh "
+    p.add_argument("--ffcv-site", type=Path, help="the folder benchmarks/peers/setup-ffcv.sh "
                    "installed FFCV into (default .peers-site)")
     p.add_argument("--peer-timeout", type=float, default=1800, help="seconds a peer's worker may take to answer")
     p.add_argument("--trainer-epochs", type=positive, default=2, help="the agreement's fasttin.train epochs a "

@@ -127,13 +127,12 @@ class Bench:
             raise NoImages("a repeat yielded no images (the pass ended at once)")
         return n, dt
 
-    def measure(self, fn, nbytes_per_image: float = 0, repeats: int | None = None, after_warmup=None) -> dict:
-        """fn() processes images and returns how many; one warm-up call, then `repeats` timed ones."""
-        repeats = repeats or self.args.repeats
+    def measure(self, fn, nbytes_per_image: float = 0, after_warmup=None) -> dict:
+        """fn() processes images and returns how many; one warm-up call, then --repeats timed ones."""
         self.timed(fn)
         if after_warmup is not None:
             after_warmup()
-        rates = [n / dt for n, dt in (self.timed(fn) for _ in range(repeats))]
+        rates = [n / dt for n, dt in (self.timed(fn) for _ in range(self.args.repeats))]
         return summarise(rates, nbytes_per_image)
 
     def alternate(self, consumers: dict) -> dict:
@@ -177,6 +176,12 @@ def record(stage: str, name: str, *, skipped: str | None = None, **fields) -> di
     if skipped:
         rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
     return rec
+
+
+def rate(records: list[dict], **match) -> float | None:
+    """The img/s of the first measured record whose fields match (None: there is none)."""
+    found = (r for r in records if r.get("img_per_s") and all(r.get(k) == v for k, v in match.items()))
+    return next((r["img_per_s"] for r in found), None)
 
 
 def envelope(command: str, argv, **fields) -> dict:

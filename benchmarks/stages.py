@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import LOADERS, pipelines, training
 from benchmarks.peers import stage as peers
-from benchmarks.runner import Bench, Stage
+from benchmarks.runner import Bench, Stage, rate
 from fasttin.forking import fork_pool
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
@@ -29,12 +29,6 @@ CORES = os.cpu_count() or 1
 
 
 # ---- read ----------------------------------------------------------------------------------------
-
-def _read_all(ds) -> int:
-    for v in ds.encoded_batch(np.arange(len(ds))):
-        bytes(v)
-    return len(ds)
-
 
 def _drop_page_cache(ds) -> None:
     for m in ds.manifest["splits"][ds.split]["shards"]:
@@ -50,7 +44,9 @@ def measure_read(b: Bench, cold: bool) -> dict:
     def read() -> int:
         if cold:
             _drop_page_cache(ds)
-        return _read_all(ds)
+        for v in ds.encoded_batch(np.arange(len(ds))):
+            bytes(v)
+        return len(ds)
     return b.measure(read, per_image)
 
 
@@ -78,9 +74,9 @@ def measure_pil_decode(b: Bench, cores: int) -> dict:
         return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
 
 
-def dali_graph(b: Bench, gpu: bool, *, decode: bool, res: int):
-    """(pass -> images) over the dali backend's own graph: decode (JPEG payloads, no resize) or
-    resize (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation.
+def measure_dali(b: Bench, gpu: bool, decode: bool, res: int | None = None) -> dict:
+    """Passes over the dali backend's own graph: decode (JPEG payloads, no resize) or resize
+    (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation.
     The feed is a list, which external_source (cycle="raise") iterates anew each pass."""
     idx = _sample(b)
     bs = min(len(idx), 256)
@@ -104,11 +100,7 @@ def dali_graph(b: Bench, gpu: bool, *, decode: bool, res: int):
             except StopIteration:
                 return done
             done += bs
-    return run
-
-
-def measure_dali(b: Bench, gpu: bool, decode: bool, res: int | None = None) -> dict:
-    return b.measure(dali_graph(b, gpu, decode=decode, res=res))
+    return b.measure(run)
 
 
 def measure_pil_resize(b: Bench, res: int) -> dict:
@@ -153,31 +145,33 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
     return pipelines.one_pass(b, pipelines.loader_for(b, backend, res))
 
 
-def _loader_point(backend: str):
-    """One point a resolution; the record notes the augmentation, batch and dtype the loader hands out."""
-    def grid(b: Bench, res: int) -> list[dict]:
-        if backend == "classic":  # flip only, float32 from ToTensor, the write-up's batch
-            return [{"res": res, "backend": backend, "augment": "flip", "dtype": "float32",
-                     "batch_size": b.args.classic_batch_size}]
-        return [{"res": res, "backend": backend, "augment": b.args.augment,
-                 "dtype": str(AMP_DTYPE[b.args.amp]).removeprefix("torch.")}]
-    return grid
+def _loader_row(backend: str) -> Stage:
+    """A loader's row, one point a resolution, timed in turn with the other loaders; the record notes
+    the augmentation, batch and dtype the loader hands out."""
+    if backend == "classic":  # flip only, float32 from ToTensor, the write-up's batch
+        return Stage("classic", "ImageFolder + OpenCV-upscaled files, loader only", loader_consumer,
+                     LOADER_NEEDS["classic"], alternate="loaders", grid=lambda b, res: [
+                         {"res": res, "backend": backend, "augment": "flip", "dtype": "float32",
+                          "batch_size": b.args.classic_batch_size}])
+    return Stage("loader", "{backend}, augment {augment}", loader_consumer, LOADER_NEEDS.get(backend, ()),
+                 alternate="loaders", grid=lambda b, res: [
+                     {"res": res, "backend": backend, "augment": b.args.augment,
+                      "dtype": str(AMP_DTYPE[b.args.amp]).removeprefix("torch.")}])
 
 
 def _each(key, values):
+    """A grid of one point a value of `key` at each resolution."""
     return lambda b, res: [{"res": res, key: v} for v in values]
 
 
 def table(backends=LOADERS) -> list[Stage]:
     """Every stage; the loader and train stages for `backends` only."""
     loaders = [k for k in LOADERS if k in backends]
-    jpeg = ("jpeg",)
-    cores = f"{CORES} cores"
     return [
         Stage("read", "shard payloads, warm page cache", lambda b: measure_read(b, False), per_res=False),
         Stage("read", "shard payloads, cold (fadvise DONTNEED)", lambda b: measure_read(b, True), per_res=False),
-        Stage("decode", "pillow, 1 core", lambda b: measure_pil_decode(b, 1), jpeg, per_res=False),
-        Stage("decode", f"pillow, {cores}", lambda b: measure_pil_decode(b, CORES), jpeg, per_res=False),
+        Stage("decode", "pillow, 1 core", lambda b: measure_pil_decode(b, 1), ("jpeg",), per_res=False),
+        Stage("decode", f"pillow, {CORES} cores", lambda b: measure_pil_decode(b, CORES), ("jpeg",), per_res=False),
         Stage("decode", "DALI CPU (+ normalise)", lambda b: measure_dali(b, False, True), ("jpeg", "dali"),
               per_res=False, fields={"device": "cpu"}),
         Stage("decode", "DALI mixed (GPU) (+ normalise)", lambda b: measure_dali(b, True, True),
@@ -194,21 +188,17 @@ def table(backends=LOADERS) -> list[Stage]:
         Stage("copy", "host->device batch, {kind}", lambda b, res, kind: measure_copy(b, res, kind == "pinned"),
               ("cuda",), grid=_each("kind", ("pinned", "pageable")), fields={"device": "cuda", "dtype": "uint8"}),
         Stage("model", training.model_label, training.model_consumer, grid=training.model_grid, alternate="model"),
-        *[Stage("classic" if k == "classic" else "loader", _LOADER_NAMES.get(k, "{backend}, augment {augment}"),
-                loader_consumer, LOADER_NEEDS.get(k, ()), grid=_loader_point(k), alternate="loaders") for k in loaders],
+        *[_loader_row(k) for k in loaders],
         *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
-                grid=lambda b, res, k=k: [{"res": res, "backend": k}]) for k in loaders],
+                grid=_each("backend", [k])) for k in loaders],
         peers.stage(),
         Stage("accounting", "the trainer's step, {clock} the time accounting", training.accounting_consumer,
-              grid=lambda b, res: [{"res": res, "clock": k} for k in ("without", "with")], alternate="accounting"),
+              grid=_each("clock", ("without", "with")), alternate="accounting"),
         *[Stage("agreement", lambda p: f"{p['backend']}: {training.AGREEMENT_SIDES[p['side']]}",
                 training.agreement_consumer, LOADER_NEEDS.get(k, ()), alternate="agreement",
                 grid=lambda b, res, k=k: [{"res": res, "backend": k, "side": s} for s in training.AGREEMENT_SIDES])
           for k in loaders if k != "classic"],  # the trainer trains on fasttin's loaders only
     ]
-
-
-_LOADER_NAMES = {"classic": "ImageFolder + OpenCV-upscaled files, loader only"}
 
 
 def add_ratios(records: list[dict]) -> None:
@@ -223,19 +213,18 @@ def add_ratios(records: list[dict]) -> None:
             w, wo = acc["with"], acc["without"]
             w["overhead"] = wo["img_per_s"] / w["img_per_s"] - 1
             w["paired_overhead"] = statistics.median(a / b for a, b in zip(wo["runs"], w["runs"])) - 1
-        ffcv = next((r["img_per_s"] for r in done if r["stage"] == "peers" and r["backend"] == "ffcv-raw"), None)
+        ffcv = rate(done, stage="peers", backend="ffcv-raw")
         for r in (r for r in done if ffcv and r["stage"] == "peers"):
             r["vs_ffcv_raw"] = r["img_per_s"] / ffcv
         for r in (r for r in done if r["stage"] == "agreement" and r["side"] == "stage"):
-            trainer = next((t for t in done if t["stage"] == "agreement" and t["side"] == "trainer"
-                            and t["backend"] == r["backend"]), None)
+            trainer = rate(done, stage="agreement", side="trainer", backend=r["backend"])
             if trainer:
-                r["vs_trainer"] = r["img_per_s"] / trainer["img_per_s"]
-        classic = next((r for r in done if r["stage"] == "classic"), None)
+                r["vs_trainer"] = r["img_per_s"] / trainer
+        classic = rate(done, stage="classic")
         best = max((r for r in done if r["stage"] == "loader"), key=lambda r: r["img_per_s"], default=None)
         if classic and best:
-            best["vs_classic"] = best["img_per_s"] / classic["img_per_s"]
+            best["vs_classic"] = best["img_per_s"] / classic
         for r in (r for r in done if r["stage"] == "train"):
-            model = next((m for m in done if m["stage"] == "model" and m["name"] == r.get("model")), None)
+            model = rate(done, stage="model", name=r.get("model"))
             if model:
-                r["vs_model"] = r["img_per_s"] / model["img_per_s"]
+                r["vs_model"] = r["img_per_s"] / model

@@ -13,6 +13,7 @@ as a user runs them, timed in turn: does the train stage measure what the traine
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -41,10 +42,10 @@ def settings(b: Bench, res: int, **overrides) -> dict:
     return cfg
 
 
-def model_label(cfg: dict, batch_size: int | None = None) -> str:
+def model_label(cfg: dict) -> str:
     """A model configuration's name (a grid point, or a recipe's settings run with all threads)."""
     return (f"{cfg['stem']} stem, {PRECISION[cfg['amp']]}, {'NHWC' if cfg['channels_last'] else 'NCHW'}, "
-            f"{'compiled' if cfg['compile'] else 'eager'}, batch {batch_size or cfg['batch_size']}, "
+            f"{'compiled' if cfg['compile'] else 'eager'}, batch {cfg['batch_size']}, "
             f"{cfg.get('threads') or torch.get_num_threads()} thread(s)")
 
 
@@ -52,6 +53,14 @@ def new_step(b: Bench, cfg: dict, steps_per_epoch: int):
     torch.manual_seed(0)
     model = build_model(len(b.ds.classes), cfg["stem"])
     return make_step(model, cfg, device=b.device, steps_per_epoch=steps_per_epoch)
+
+
+def random_batch(b: Bench, cfg: dict, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of the step's size and its labels, on the device in the step's precision and layout."""
+    bs = cfg["batch_size"]
+    fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    x = torch.randn(bs, 3, res, res, device=b.device).to(AMP_DTYPE[cfg["amp"]]).contiguous(memory_format=fmt)
+    return x, torch.randint(0, len(b.ds.classes), (bs,), device=b.device)
 
 
 def model_grid(b: Bench, res: int) -> list[dict]:
@@ -66,15 +75,14 @@ def model_grid(b: Bench, res: int) -> list[dict]:
         sizes.append((b.args.batch_size, cores))
     mine = {k: own[k] for k in ("stem", "amp", "channels_last", "compile")}
     points = []
-    for stem in (s for s in STEMS if s in b.args.stems):
-        for amp in ("off", "bf16"):
-            for cl in (False, True):
-                for comp in (None, "default"):
-                    some = (amp, cl) == ("bf16", True)
-                    wanted = {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]
-                    if wanted and not b.args.quick:  # --quick: the recipe's own configuration only
-                        points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), bs, t) for bs, t in sizes
-                                   if not comp or which == "all" or (bs, t) == (b.args.batch_size, cores)]
+    configs = itertools.product([s for s in STEMS if s in b.args.stems], ("off", "bf16"), (False, True),
+                                (None, "default"))  # stem, precision, NHWC, compile
+    for stem, amp, cl, comp in (() if b.args.quick else configs):  # --quick: the recipe's own configuration only
+        some = (amp, cl) == ("bf16", True)
+        wanted = {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]
+        if wanted:
+            points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), bs, t) for bs, t in sizes
+                       if not comp or which == "all" or (bs, t) == (b.args.batch_size, cores)]
     if which != "only" and (mine, b.args.batch_size, cores) not in points:
         points.append((mine, b.args.batch_size, cores))
     return [{**p, "res": res, "batch_size": bs, "threads": t, "dtype": str(AMP_DTYPE[p["amp"]]).removeprefix("torch.")}
@@ -103,9 +111,7 @@ def model_consumer(b: Bench, res: int, stem: str, amp: str, channels_last: bool,
     cfg = settings(b, res, stem=stem, amp=amp, channels_last=channels_last, compile=compile, batch_size=batch_size)
     k = b.args.steps
     step = new_step(b, cfg, steps_per_epoch=k * (b.args.repeats + 2))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch_size, 3, res, res, device=b.device).to(AMP_DTYPE[amp]).contiguous(memory_format=fmt)
-    y = torch.randint(0, len(b.ds.classes), (batch_size,), device=b.device)
+    x, y = random_batch(b, cfg, res)
     with _threads(threads):
         t = time.perf_counter()
         step(x, y)
@@ -128,12 +134,7 @@ def accounting_consumer(b: Bench, res: int, clock: str):
     def build():
         cfg = settings(b, res)
         step = new_step(b, cfg, steps_per_epoch=b.args.steps)
-        g = torch.Generator().manual_seed(0)
-        fmt = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
-        data = [(torch.randn(b.args.batch_size, 3, res, res, generator=g).to(b.device, AMP_DTYPE[cfg["amp"]])
-                 .contiguous(memory_format=fmt), torch.randint(0, len(b.ds.classes), (b.args.batch_size,),
-                                                               generator=g).to(b.device)) for _ in range(b.args.steps)]
-        return step, data
+        return step, [random_batch(b, cfg, res) for _ in range(b.args.steps)]
     step, data = b.shared(("accounting", res), build)  # one step and one set of batches for both sides
 
     def epoch() -> int:
@@ -159,7 +160,7 @@ def measure_train(b: Bench, res: int, backend: str) -> dict:
     fields = b.measure(epoch, after_warmup=clock.take)
     times = clock.take()
     return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per, "steps": steps[-1],
-            "model": model_label(cfg, b.args.batch_size),
+            "model": model_label(cfg),
             "recipe": b.args.recipe, "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
             "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from benchmarks.runner import rate
 from fasttin.errors import UserError
 from fasttin.fileio import OutputError, write_atomic, write_json_atomic, write_with
 from fasttin.loop import verdict
@@ -17,12 +18,20 @@ def _fmt(v, spec: str = ",.0f") -> str:
     return "" if v is None else f"{v:{spec}}"
 
 
+# the ratio column: the first of these a record has (stages.add_ratios computes them)
+RATIOS = (("vs_ffcv_raw", "{:.2f}x FFCV raw"), ("vs_model", "{:.2f}x of model-only"),
+          ("vs_trainer", "{:.3f}x fasttin.train"), ("vs_classic", "{:.2f}x classic"))
+
+
+def ratio(r: dict) -> str:
+    return next((text.format(r[key]) for key, text in RATIOS if r.get(key)), "")
+
+
 # (column title, the cell of a record); a run with the peers stage has their columns too
 RUN_COLUMNS = (("stage", lambda r: r["stage"]), ("what", lambda r: r["name"]), ("res", lambda r: r["res"] or ""),
                ("batch", lambda r: r["batch_size"]), ("device", lambda r: r["device"]),
                ("img/s", lambda r: _fmt(r["img_per_s"])), ("MB/s", lambda r: _fmt(r.get("mb_per_s") or None)),
-               ("ratio", lambda r: ratio(r)),
-               ("note", lambda r: f"skipped: {r['skipped']}" if r.get("skipped") else ""))
+               ("ratio", ratio), ("note", lambda r: f"skipped: {r['skipped']}" if r.get("skipped") else ""))
 PEER_COLUMNS = (("version", lambda r: r.get("version", "")), ("out", lambda r: r.get("dtype") or ""),
                 ("kernel", lambda r: r.get("kernel", "")),
                 ("MAE vs PIL bicubic (0-255)", lambda r: _fmt(r.get("mae_vs_pil"), ".2f")))
@@ -45,15 +54,6 @@ def markdown(out: dict) -> str:
 
 def write_markdown(path: Path, out: dict) -> None:
     write_atomic(path, markdown(out).encode())
-
-
-# the ratio column: the first of these a record has (stages.add_ratios computes them)
-RATIOS = (("vs_ffcv_raw", "{:.2f}x FFCV raw"), ("vs_model", "{:.2f}x of model-only"),
-          ("vs_trainer", "{:.3f}x fasttin.train"), ("vs_classic", "{:.2f}x classic"))
-
-
-def ratio(r: dict) -> str:
-    return next((text.format(r[key]) for key, text in RATIOS if r.get(key)), "")
 
 
 def write_plot(path: Path, out: dict) -> None:
@@ -86,10 +86,10 @@ def write_plot(path: Path, out: dict) -> None:
 WRITERS = (("json", write_json_atomic), ("markdown", write_markdown), ("plot", write_plot))  # in this order
 
 
-def write_outputs(paths: dict, out: dict, writers=WRITERS) -> list[str]:
+def write_outputs(paths: dict, out: dict) -> list[str]:
     """Each requested output in turn (JSON first); returns one line per output that failed."""
     failed = []
-    for key, write in writers:
+    for key, write in WRITERS:
         if paths.get(key):
             try:
                 write(paths[key], out)
@@ -108,11 +108,6 @@ def table(records: list[dict]):
     for r in records:
         t.add_row(*(("skipped" if r.get("skipped") and title == "img/s" else str(cell(r))) for title, cell in columns))
     return t
-
-
-def _rate(records, **match):
-    found = (r for r in records if r.get("img_per_s") and all(r.get(k) == v for k, v in match.items()))
-    return next((r["img_per_s"] for r in found), None)
 
 
 def verdicts(records: list[dict]) -> list[str]:
@@ -142,17 +137,16 @@ def summary(records: list[dict]):
     t = Table(title="summary (model: the recipe's step on a resident batch)")
     for c in ("res", "model img/s", "backend", "loader img/s", "loader/model", "train img/s", "train/model"):
         t.add_column(c, justify="right")
-    f = lambda v: "" if v is None else f"{v:,.0f}"  # noqa: E731
     for res in sorted({r["res"] for r in records if r["res"]}):
         at = [r for r in records if r["res"] == res]
         for backend in ("resident", "dali", "pil", "classic"):
-            loader = _rate(at, stage="classic" if backend == "classic" else "loader", backend=backend)
+            loader = rate(at, stage="classic" if backend == "classic" else "loader", backend=backend)
             train = next((r for r in at if r["stage"] == "train" and r["backend"] == backend), {})
-            model = _rate(at, stage="model", name=train.get("model"))
+            model = rate(at, stage="model", name=train.get("model"))
             if loader is None and not train.get("img_per_s"):
                 continue
             share = lambda v: "" if v is None or not model else f"{v / model:.2f}"  # noqa: E731
-            t.add_row(str(res), f(model), backend, f(loader), share(loader), f(train.get("img_per_s")),
+            t.add_row(str(res), _fmt(model), backend, _fmt(loader), share(loader), _fmt(train.get("img_per_s")),
                       share(train.get("img_per_s")))
     return t
 

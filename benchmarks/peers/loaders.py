@@ -15,7 +15,7 @@ import numpy as np
 
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 
-NATIVE = "none (native 64 px)"
+MEAN_255, STD_255 = np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255  # ImageNet's, on the 0-255 scale
 
 
 @dataclass(frozen=True)
@@ -59,25 +59,18 @@ class Spec:
 
 
 def kernel(peer: str, res: int) -> str:
-    return NATIVE if res == SIZE else PEERS[peer].kernel
-
-
-def _torch_dtype(name: str):
-    import torch
-    return getattr(torch, name)
+    return "none (native 64 px)" if res == SIZE else PEERS[peer].kernel
 
 
 def fasttin(spec: Spec, backend: str):
+    import torch
+
     from fasttin.loaders import make_loader
     loader = make_loader(spec.data, spec.split, backend=backend, res=spec.res, batch_size=spec.batch_size,
                          device="cpu", augment="flip" if spec.flip else "none", shuffle=spec.shuffle,
-                         drop_last=spec.limit is None, seed=spec.seed, dtype=_torch_dtype(spec.dtype),
+                         drop_last=spec.limit is None, seed=spec.seed, dtype=getattr(torch, spec.dtype),
                          workers=spec.workers)
     return lambda: (x for x, _ in loader)
-
-
-def _normalisation(scale: float):
-    return np.array(IMAGENET_MEAN) * scale, np.array(IMAGENET_STD) * scale
 
 
 class _Samples:
@@ -121,10 +114,9 @@ def ffcv(spec: Spec, mode: str):
     # at res 64 the images pass as they are; otherwise the whole image (a centre crop of ratio 1)
     # is resized by FFCV's decoder, which uses OpenCV INTER_AREA
     decoder = SimpleRGBImageDecoder() if spec.res == SIZE else CenterCropRGBImageDecoder((spec.res, spec.res), 1.0)
-    mean, std = _normalisation(255)
     out = np.float16 if spec.dtype != "float32" else np.float32
-    image = [decoder, *([RandomHorizontalFlip()] if spec.flip else []), NormalizeImage(mean, std, out), ToTensor(),
-             ToTorchImage(channels_last=True)]
+    image = [decoder, *([RandomHorizontalFlip()] if spec.flip else []), NormalizeImage(MEAN_255, STD_255, out),
+             ToTensor(), ToTorchImage(channels_last=True)]
     loader = Loader(str(path), batch_size=spec.batch_size, num_workers=spec.workers, os_cache=True,
                     order=OrderOption.RANDOM if spec.shuffle else OrderOption.SEQUENTIAL, seed=spec.seed,
                     indices=None if spec.limit is None else np.arange(spec.limit), drop_last=spec.limit is None,
@@ -143,7 +135,6 @@ def dali_files(spec: Spec):
     from benchmarks.pipelines import relative_paths
     from fasttin.shards import open_split
     files = relative_paths(open_split(spec.data, spec.split))[:spec.limit] if spec.limit else None
-    mean, std = _normalisation(255)
 
     @pipeline_def(batch_size=spec.batch_size, num_threads=spec.workers, device_id=None, seed=spec.seed)
     def pipe():
@@ -152,7 +143,7 @@ def dali_files(spec: Spec):
         if spec.res != SIZE:
             images = fn.resize(images, size=[spec.res, spec.res], interp_type=types.INTERP_CUBIC)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT if spec.dtype == "float32" else types.FLOAT16,
-                                          output_layout="HWC", mean=mean.tolist(), std=std.tolist(),
+                                          output_layout="HWC", mean=MEAN_255.tolist(), std=STD_255.tolist(),
                                           mirror=fn.random.coin_flip(probability=0.5) if spec.flip else 0)
         return images, labels
 
