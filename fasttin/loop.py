@@ -260,6 +260,7 @@ class Budget:
         self.agreed = (spent, reserve, 0.0)  # (spent, reserve, save_s) as of the last agreement (torchrun)
         self.sync_every = sync_every if world > 1 else 1  # steps between two readings of the clock
         self.eval_s = self.save_s = self.step_room = 0.0  # the longest validation, save, and steps between readings
+        self.kept = reserve  # the reserve the last epoch's steps ran with (what its end had kept)
 
     @classmethod
     def resumed(cls, minutes: float, total_steps: int, pos, **kw) -> Budget:
@@ -276,6 +277,7 @@ class Budget:
         once whether the budget is spent by the end of the save that follows. The row (and last.pt,
         saved next) records the figures decided by, so a resume decides the same. Under torchrun
         every rank calls it: the clocks are agreed here, and the decision is the agreed figures'."""
+        self.kept = self._reserve()
         step_s = (row["data_wait_s"] + row["compute_s"]) / max(steps, 1)
         self.eval_s = max(self.eval_s, row["eval_s"])
         self.step_room = max(self.step_room, step_s * min(self.sync_every, max(steps, 1)))
@@ -306,11 +308,15 @@ class Budget:
                 "budget_reserve_s": max(self.reserve, self.agreed[1])}
 
     def overrun_note(self, spent: float) -> str | None:
-        """A line when the run spent more than its budget: the machine slowed after the last decision."""
-        if spent > self.seconds:
-            return (f"the budget ran over by {spent - self.seconds:.1f} s: the last steps, validation and "
-                    f"checkpoint took longer than the {self.reserve:.1f} s kept for them")
-        return None
+        """A line when the run spent more than its budget: the budget ended in the first epoch, before
+        a validation and a save were timed, or the machine slowed after the last decision."""
+        if spent <= self.seconds:
+            return None
+        over = f"the budget ran over by {spent - self.seconds:.1f} s: "
+        if not self.kept:
+            return over + ("it ended in the first epoch, before a validation and checkpoint were timed, so no time "
+                           "was kept for them")
+        return over + f"the last steps, validation and checkpoint took longer than the {self.kept:.1f} s kept for them"
 
     def local_spent(self) -> float:
         """Seconds spent by this process's clock, resumes included."""

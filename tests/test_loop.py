@@ -275,6 +275,24 @@ def test_the_budget_decides_its_end_once_and_a_resume_from_its_figures_decides_t
     assert resumed.exhausted() and resumed.reserve == b.reserve == 11.25
 
 
+def test_a_budget_run_over_says_why(monkeypatch):
+    """Over budget only when the budget ended in the first epoch (nothing timed, nothing kept) or the
+    machine slowed after the last decision: the line names the reserve the last steps ran with."""
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    first = Budget(1.0, total_steps=200)
+    now[0] += 61.0  # the first epoch outlasts the budget: its steps ran with no reserve
+    assert first.close_epoch({"data_wait_s": 0.0, "compute_s": 55.0, "eval_s": 5.0}, steps=20)
+    assert "in the first epoch" in first.overrun_note(64.0) and first.overrun_note(60.0) is None
+    now[0] = 0.0
+    b = Budget(1.0, total_steps=200)
+    now[0] = 30.0
+    assert not b.close_epoch({"data_wait_s": 1.0, "compute_s": 24.0, "eval_s": 5.0}, steps=20)  # keeps 7.5 s
+    now[0] = 55.0
+    assert b.close_epoch({"data_wait_s": 0.0, "compute_s": 10.0, "eval_s": 15.0}, steps=2)  # a slow validation
+    assert b.reserve > 7.5 and b.overrun_note(63.0).endswith("took longer than the 7.5 s kept for them")
+
+
 def test_under_torchrun_the_budget_keeps_room_for_the_steps_between_two_readings_of_the_clock():
     b = Budget(1.0, total_steps=200, world=2, sync_every=25)
     b.share_clock = lambda: None  # one process here: the agreement is test_ddp's
