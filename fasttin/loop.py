@@ -260,7 +260,7 @@ class Budget:
         self.agreed = (spent, reserve, 0.0)  # (spent, reserve, save_s) as of the last agreement (torchrun)
         self.sync_every = sync_every if world > 1 else 1  # steps between two readings of the clock
         self.eval_s = self.save_s = self.step_room = 0.0  # the longest validation, save, and steps between readings
-        self.kept = reserve  # the reserve the last epoch's steps ran with (what its end had kept)
+        self.kept = None  # the reserve the last epoch's steps ran with (what its end had kept), once one closed
 
     @classmethod
     def resumed(cls, minutes: float, total_steps: int, pos, **kw) -> Budget:
@@ -312,7 +312,10 @@ class Budget:
         a validation and a save were timed, or the machine slowed after the last decision."""
         if spent <= self.seconds:
             return None
-        over = f"the budget ran over by {spent - self.seconds:.1f} s: "
+        over = f"the budget ran over by {spent - self.seconds:.1f} s"
+        if self.kept is None:  # its last epoch closed in an earlier process
+            return over
+        over += ": "
         if not self.kept:
             return over + ("it ended in the first epoch, before a validation and checkpoint were timed, so no time "
                            "was kept for them")

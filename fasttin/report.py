@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fasttin.errors import UserError
 from fasttin.fileio import write_atomic, write_json_atomic, write_with
 from fasttin.loop import shares, verdict
 
@@ -152,15 +153,34 @@ def write_progress(out: Path, epoch: int, step: int, steps_per_epoch: int) -> No
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows ([] when there is none); a damaged line is one line naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fix = "restore it, or start the run again with --overwrite"
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is damaged (not UTF-8: {e}); {fix}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise UserError(f"{path} line {n} is damaged ({e}); {fix}") from None
+            if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("epoch"), int):
+                raise UserError(f"{path} line {n} is not a metrics row (no epoch); {fix}")
+    return rows
 
 
 def metrics_upto(path: Path, rows_seen: int | None, epochs: int, *, rewrite: bool) -> list[dict]:
     """A resumed run's rows: those its checkpoint had seen (by count; by epoch for an earlier
-    fasttin's), the file cut back to them when `rewrite` (so no epoch is repeated or skipped)."""
+    fasttin's), the file cut back to them when `rewrite` (so no epoch is repeated or skipped).
+    Fewer rows than the checkpoint saw is a lost file: refused, or the summary would leave epochs out."""
     rows = read_metrics(path)
+    if rows_seen is not None and len(rows) < rows_seen:
+        raise UserError(f"{path} holds {len(rows)} row(s) but the checkpoint has seen {rows_seen}: the run's metrics "
+                        "were lost; restore the file, or start the run again with --overwrite")
     kept = rows[:rows_seen] if rows_seen is not None else [r for r in rows if r["epoch"] <= epochs]
     if rewrite and kept != rows:
         write_metrics(path, kept)

@@ -184,7 +184,7 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
     if profiler:
         profiler.attach(step)
     epoch, compile_s = pos.epoch, None
-    ended = budget.exhausted() if budget else epoch >= cfg["epochs"]
+    ended = False  # run_training returned for a run with nothing left: a fresh --budget run takes a step at least
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
                          run.log) as live:
         while not ended:
@@ -200,7 +200,7 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             m, steps = train(run, step, data, epoch, first, res, clock=clock, stop=stop, budget=budget,
                              on_log=on_log, profiler=profiler)
             done = first + steps
-            if stop.should_stop() and done < steps_per_epoch:
+            if stop.should_stop() and done < steps_per_epoch and not (budget and budget.exhausted()):
                 step.ensure_finite(epoch)
                 save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res,
                                 budget=budget.figures() if budget else None)
@@ -271,8 +271,6 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
     run.resume, notes = rundir.prepare_ranks(run.out, run.cfg, resume=resume, auto_resume=auto_resume,
                                              overwrite=overwrite, explicit_pretrained=run.explicit_pretrained,
                                              rank=run.rank, world=run.world)
-    for note in notes:  # rank 0's decision (or refusal), shared with every rank
-        run.log(note)
     if run.device.type == "cpu" and not torch.cuda.is_available():
         run.log(CPU_HINT)
     with StopRequest(run.world, run.device) as stop:  # from here on a signal stops at a step boundary
@@ -281,14 +279,17 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
         pos = restore(run, step, data)
         budget = Budget.resumed(run.cfg["budget"], run.cfg["epochs"] * len(data.train), pos, world=run.world,
                                 device=run.device, sync_every=run.cfg["log_every"]) if run.cfg["budget"] else None
-        spent = budget is not None and budget.exhausted()
+        spent = run.resume and budget is not None and budget.exhausted()
         if pos.epoch >= run.cfg["epochs"] and budget is None or spent:
-            run.log(f"all {pos.epoch} epoch(s) of {run.out} are done; nothing to train"
-                    + (" (its budget is spent)" if spent else " (--epochs N extends it)"))
+            run.log(f"its budget is spent after {len(pos.rows)} epoch(s); nothing to train in {run.out}" if spent
+                    else f"all {pos.epoch} epoch(s) of {run.out} are done; nothing to train (--epochs N extends it)")
             if pos.rows and not (run.out / "summary.json").is_file():  # it stopped after its last save
                 finish(run, data, pos, None, budget)
             return {"done": True}
+        for note in notes:  # rank 0's decision (or refusal), shared with every rank: it trains on
+            run.log(note)
         if run.main:
+            (run.out / "summary.json").unlink(missing_ok=True)  # a finished run's, extended: written at its end
             rundir.write_config(run.out, run.cfg, world_size=run.world, device=str(run.device),
                                 num_classes=len(data.classes), fresh_init=fresh)
         try:

@@ -234,15 +234,81 @@ train.save_checkpoint = save_then_term
 """
 
 
+TERM_ON_THE_STEP_THE_BUDGET_ENDS = """
+exhausted = loop.Budget.exhausted
+def exhausted_then_term(self):
+    spent = exhausted(self)
+    if spent and not getattr(self, "signalled", False):
+        self.signalled = True
+        os.kill(os.getpid(), signal.SIGTERM)  # mid-epoch, on the step the budget ends
+    return spent
+loop.Budget.exhausted = exhausted_then_term
+"""
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, flags", [(TERM_AFTER_THE_LAST_DECISION, BUDGET_RUN),
-                                          (TERM_AFTER_THE_LAST_SAVE, ["--epochs", "2"])], ids=["budget", "epochs"])
-def test_a_signal_after_the_last_epoch_ends_the_run_complete(tiny, tmp_path, fault, flags):
-    """A run whose last epoch is done is complete: a SIGTERM during its last save says so, and the
-    summary is written (it said 'stopped after epoch N; --resume continues', and --resume did nothing)."""
-    r = train_with(fault, tiny, tmp_path, *flags)
+@pytest.mark.parametrize("fault, flags, data", [
+    (TERM_AFTER_THE_LAST_DECISION, BUDGET_RUN, "tiny"), (TERM_AFTER_THE_LAST_SAVE, ["--epochs", "2"], "tiny"),
+    (TERM_ON_THE_STEP_THE_BUDGET_ENDS, BUDGET_RUN, "learnable")], ids=["budget", "epochs", "budget-mid-epoch"])
+def test_a_signal_after_the_last_epoch_ends_the_run_complete(request, tmp_path, fault, flags, data):
+    """A run whose last step is done is complete: a SIGTERM during its last save, or on the step its
+    budget ends (20 steps an epoch), says so, and the summary is written (it said '--resume
+    continues', and --resume trained nothing and wrote no summary)."""
+    data = request.getfixturevalue(data)
+    r = train_with(fault, data, tmp_path, *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "SIGTERM after the last epoch: the run is complete" in r.stderr and "--resume continues" not in r.stderr
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == len(rows)
     assert [x["epoch"] for x in rows] == list(range(1, len(rows) + 1))
+    if "--budget" in flags:
+        again = train(data, tmp_path, *flags, "--resume")
+        assert again.returncode == 0 and "budget is spent" in again.stderr, again.stderr[-2000:]
+
+
+KILLED_AFTER_THE_SAVE_OF_EPOCH_2 = """
+save = train.save_checkpoint
+def save_then_killed(*args, **kw):
+    save(*args, **kw)
+    if kw["epoch"] == 2 and kw["batch"] == 0:
+        os._exit(137)
+train.save_checkpoint = save_then_killed
+"""
+
+
+@pytest.mark.slow
+def test_an_extended_run_leaves_no_stale_summary_and_notes_a_new_target_only_when_it_trains(tiny, tmp_path):
+    """--epochs extended: the finished run's summary is not left to contradict the rows (a kill after
+    the extension's last save kept the 1-epoch summary for good), and "the new target is recorded"
+    is said only when training goes on (a lowered --epochs said it, and config.json kept the old)."""
+    assert train(tiny, tmp_path, "--epochs", "1").returncode == 0
+    r = train_with(KILLED_AFTER_THE_SAVE_OF_EPOCH_2, tiny, tmp_path, "--epochs", "2", "--resume")
+    assert r.returncode == 137 and not (tmp_path / "summary.json").exists(), r.stderr[-2000:]
+    again = train(tiny, tmp_path, "--epochs", "2", "--resume")
+    assert again.returncode == 0 and "all 2 epoch(s)" in again.stderr, again.stderr[-2000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2
+    before = snapshot(tmp_path)
+    lowered = train(tiny, tmp_path, "--epochs", "1", "--resume")
+    assert lowered.returncode == 0 and "nothing to train" in lowered.stderr and "new target" not in lowered.stderr
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["torn-line", "not-utf8", "emptied", "deleted"])
+def test_a_damaged_or_lost_metrics_file_is_refused_on_resume(tiny, done_run, tmp_path, damage):
+    """One line naming metrics.jsonl, exit 2, the run untouched (a damaged line was a traceback; a
+    lost file resumed silently and its summary left the earlier epochs out)."""
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    metrics = run / "metrics.jsonl"
+    if damage == "torn-line":
+        metrics.write_text(metrics.read_text() + '{"epoch": 2, "lr": 0.0\n')
+    elif damage == "not-utf8":
+        metrics.write_bytes(metrics.read_bytes() + b"\xff\xfe\n")
+    elif damage == "emptied":
+        metrics.write_text("")
+    else:
+        metrics.unlink()
+    before = snapshot(run)
+    refused(train(tiny, run, "--epochs", "2", "--resume"), 2, "metrics.jsonl", alone=False)
+    assert snapshot(run) == before

@@ -291,6 +291,8 @@ def test_a_budget_run_over_says_why(monkeypatch):
     now[0] = 55.0
     assert b.close_epoch({"data_wait_s": 0.0, "compute_s": 10.0, "eval_s": 15.0}, steps=2)  # a slow validation
     assert b.reserve > 7.5 and b.overrun_note(63.0).endswith("took longer than the 7.5 s kept for them")
+    resumed = Budget(1.0, total_steps=200, spent=62.0, reserve=9.0)  # its last epoch closed in another process:
+    assert resumed.overrun_note(62.0) == "the budget ran over by 2.0 s"  # what the steps ran with is not known
 
 
 def test_under_torchrun_the_budget_keeps_room_for_the_steps_between_two_readings_of_the_clock():
