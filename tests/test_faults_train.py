@@ -312,3 +312,13 @@ def test_a_damaged_or_lost_metrics_file_is_refused_on_resume(tiny, done_run, tmp
     before = snapshot(run)
     refused(train(tiny, run, "--epochs", "2", "--resume"), 2, "metrics.jsonl", alone=False)
     assert snapshot(run) == before
+
+
+@pytest.mark.slow
+def test_a_fresh_run_with_an_absurd_budget_takes_a_step_and_says_it_ran_over(tiny, tmp_path):
+    """--budget 1e-9 trained nothing and left a folder that neither a new run nor --resume took."""
+    r = train(tiny, tmp_path, "--epochs", "5", "--budget", "1e-9")
+    assert r.returncode == 0 and "it ended in the first epoch" in r.stderr, r.stderr[-2000:]
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
+    assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
