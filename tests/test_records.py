@@ -115,6 +115,13 @@ def test_readme_s_loading_ratios_are_the_peers_records():
     after = {r["backend"]: r["img_per_s"] for r in json.loads(
         (ROOT / "benchmarks" / "results" / "cpu-2026-12-02-slices" / "peers224.json").read_text())["records"]}
     assert f"{after['fasttin-resident'] / after['ffcv-raw']:.2f}x at 224** (one run, after)" in readme
+    later = {64: [], 224: []}  # 2026-12-04, another CPU, the slices in
+    for p in sorted((ROOT / "benchmarks" / "results" / "cpu-2026-12-04-peers").glob("run*.json")):
+        recs = {(r["backend"], r["res"]): r["img_per_s"] for r in json.loads(p.read_text())["records"]}
+        for res in later:
+            later[res].append(recs["fasttin-resident", res] / recs["ffcv-raw", res])
+    assert len(later[64]) == 2
+    assert all(f"**{min(v):.2f}-{max(v):.2f}x at {res}**" in readme for res, v in later.items())
 
 
 def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
