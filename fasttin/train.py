@@ -116,7 +116,7 @@ def restore(run: Run, step, data: Data) -> checkpoint.Position:
     pos.rows = report.metrics_upto(metrics, pos.rows_seen, pos.epoch, rewrite=run.main)
     run.log(f"resumed from {where}: {pos.epoch} epoch(s) done"
             + (f", {pos.batch} batch(es) into epoch {pos.epoch + 1}" if pos.batch else "")
-            + (f", {pos.budget_spent_s / 60:.1f} of {run.cfg['budget']:g} budget minutes spent" if run.cfg["budget"]
+            + (f", {pos.budget_spent_s:.1f} s of the {run.cfg['budget']:g}-minute budget spent" if run.cfg["budget"]
                else ""))
     return pos
 
