@@ -237,11 +237,11 @@ train.save_checkpoint = save_then_term
 TERM_ON_THE_STEP_THE_BUDGET_ENDS = """
 exhausted = loop.Budget.exhausted
 def exhausted_then_term(self):
-    spent = exhausted(self)
-    if spent and not getattr(self, "signalled", False):
-        self.signalled = True
-        os.kill(os.getpid(), signal.SIGTERM)  # mid-epoch, on the step the budget ends
-    return spent
+    self.calls = getattr(self, "calls", 0) + 1
+    if self.calls == 5:  # after step 5 of 20, not on the machine's timing: the budget ends, a SIGTERM comes
+        self.spent_before += self.seconds
+        os.kill(os.getpid(), signal.SIGTERM)
+    return exhausted(self)
 loop.Budget.exhausted = exhausted_then_term
 """
 
@@ -261,6 +261,8 @@ def test_a_signal_after_the_last_epoch_ends_the_run_complete(request, tmp_path, 
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == len(rows)
     assert [x["epoch"] for x in rows] == list(range(1, len(rows) + 1))
+    if fault is TERM_ON_THE_STEP_THE_BUDGET_ENDS:
+        assert rows[-1]["batches"] == 5 and len(rows) == 1
     if "--budget" in flags:
         again = train(data, tmp_path, *flags, "--resume")
         assert again.returncode == 0 and "budget is spent" in again.stderr, again.stderr[-2000:]
