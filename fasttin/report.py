@@ -152,24 +152,26 @@ def write_progress(out: Path, epoch: int, step: int, steps_per_epoch: int) -> No
                                                     "pid": os.getpid(), "time": time.time()}).encode(), sync=False)
 
 
+METRICS_FIX = "restore it, or start the run again with --overwrite"  # a damaged or lost metrics.jsonl
+
+
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's rows ([] when there is none); a damaged line is one line naming the file and the line."""
     if not path.is_file():
         return []
-    fix = "restore it, or start the run again with --overwrite"
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is damaged (not UTF-8: {e}); {fix}") from None
+        raise UserError(f"{path} is damaged (not UTF-8: {e}); {METRICS_FIX}") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except ValueError as e:
-                raise UserError(f"{path} line {n} is damaged ({e}); {fix}") from None
+                raise UserError(f"{path} line {n} is damaged ({e}); {METRICS_FIX}") from None
             if not isinstance(rows[-1], dict) or not isinstance(rows[-1].get("epoch"), int):
-                raise UserError(f"{path} line {n} is not a metrics row (no epoch); {fix}")
+                raise UserError(f"{path} line {n} is not a metrics row (no epoch); {METRICS_FIX}")
     return rows
 
 
@@ -180,7 +182,7 @@ def metrics_upto(path: Path, rows_seen: int | None, epochs: int, *, rewrite: boo
     rows = read_metrics(path)
     if rows_seen is not None and len(rows) < rows_seen:
         raise UserError(f"{path} holds {len(rows)} row(s) but the checkpoint has seen {rows_seen}: the run's metrics "
-                        "were lost; restore the file, or start the run again with --overwrite")
+                        f"were lost; {METRICS_FIX}")
     kept = rows[:rows_seen] if rows_seen is not None else [r for r in rows if r["epoch"] <= epochs]
     if rewrite and kept != rows:
         write_metrics(path, kept)
