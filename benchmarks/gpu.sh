@@ -16,7 +16,7 @@
 #      --budget: val top-1 by epoch against wall-clock, and the time accounting.
 #
 #   PYTHON (python3), DEVICE (cuda), SITE (~/x/.xfer-src/site), DATA (C: ~/x/.xfer-src/data; A and B
-#   make a synthetic set of SYNTH (100) train images per class here), BUDGET_MIN (C: 4.5)
+#   make a synthetic set of SYNTH (100) train images per class here), BUDGET_MIN (C: 4.5), STAGE_S (A, B: 330)
 # Rehearse on a CPU machine, small (REHEARSE=1: tiny sizes, 3x the time limits), with DALI hidden as on the GPU machine:
 #   STAGE=A DEVICE=cpu PYTHON=.venv/bin/python REHEARSE=1 PYTHONPATH=tools/hide-dali benchmarks/gpu.sh /tmp/gpu-a
 set -uo pipefail
@@ -55,6 +55,7 @@ else
   data=${DATA:-$HOME/x/.xfer-src/data}
 fi
 steps=$(pick 4 200)
+limit=${STAGE_S:-330}  # A and B: the seconds the stage may run before its last part is stopped
 bench=(--data "$data" --device "$device" --res 64,224 --batch-size "$(pick 8 256)" --repeats "$(pick 1 3)"
        --batches "$(pick 2 15)" --steps "$(pick 1 5)" --cache /tmp/fasttin-bench-cache)
 case "$stage" in
@@ -68,7 +69,7 @@ A)
   step timeout $((100 * scale)) $py -m fasttin.train --data "$data" --recipe fast --res 64 --epochs 2 --compile --device "$device" \
     --out "$out/fast-synthetic" --overwrite ${small:+--batch-size 16 --stem imagenet}
   echo "== benchmarks, compiled model points ($(since) s in)"
-  timeout "$(left 330)" $py -m benchmarks.run "${bench[@]}" --stages model \
+  timeout "$(left "$limit")" $py -m benchmarks.run "${bench[@]}" --stages model \
     --compiled only $([ "$device" = cpu ] && echo --compile-cpu) --json "$out/bench-A-compiled.json" ||
     echo "(the compiled points stop at the stage's time; the records measured so far are kept)"
   ;;
@@ -76,7 +77,7 @@ B)
   echo "== checks with DALI ($(since) s in)"
   step timeout $((120 * scale)) $py -m benchmarks.gpu_checks --data "$data" --device "$device" --steps "$steps" --json "$out/checks-B.json"
   echo "== benchmarks, dali ($(since) s in)"
-  step timeout "$(left 330)" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
+  step timeout "$(left "$limit")" $py -m benchmarks.run "${bench[@]}" --stages decode,resize,loader,train --backends dali \
     --compiled none --json "$out/bench-B.json" --markdown "$out/bench-B.md"
   ;;
 C)
