@@ -83,15 +83,16 @@ def write_run(out: Path, rows: list[dict], summary: dict, title: str) -> None:
 
 class LiveView:
     """What a run shows while it trains: a progress bar per epoch with img/s, loss and ETA (on a
-    terminal, rank 0), RUN_DIR/progress.json at each logging step, and once, at the first logging
-    step, the measured rate and what it means for the epoch and the run (or, under --budget, how
-    many epochs the budget holds). Silent on ranks other than 0; no bar in logs (not a terminal),
+    terminal, rank 0), RUN_DIR/progress.json at each logging step, and once, at the second logging
+    step, the rate measured since the first and what it means for the epoch and the run (or, under
+    --budget, how many epochs the budget holds). Silent on ranks other than 0; no bar in logs (not a terminal),
     where its final frame would land after the run's last message."""
 
     def __init__(self, enabled: bool, out: Path, steps_per_epoch: int, batch_size: int, epochs: int,
                  budget_min: float, log):
         self.enabled, self.out, self.steps_per_epoch, self.batch_size = enabled, out, steps_per_epoch, batch_size
         self.epochs, self.budget_min, self.log, self.rate_said = epochs, budget_min, log, False
+        self.warmup = None  # (epoch, steps, seconds) of the first logging window
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}  "
                                             "data wait {task.fields[wait]}"),
@@ -118,16 +119,31 @@ class LiveView:
         if not self.enabled:
             return
         write_progress(self.out, epoch + 1, first + steps, self.steps_per_epoch)
-        if not self.rate_said and steps >= 1:
-            self.rate_said = True
-            per_epoch = self.steps_per_epoch * self.batch_size / max(img_s, 1e-9)
-            if self.budget_min:
-                fits = self.budget_min * 60 / per_epoch
-                tail = f"the {self.budget_min:g}-minute budget holds about {fits:.1f} epoch(s)"
-            else:
-                tail = f"{duration(per_epoch * (self.epochs - epoch))} for the {self.epochs - epoch} epoch(s) left"
-            self.log(f"measured {img_s:,.0f} img/s over the first steps: about {duration(per_epoch)} of training an "
-                     f"epoch, {tail} (validation extra)")
+        self.say_rate(epoch, steps, busy)
+
+    def say_rate(self, epoch: int, steps: int, busy: float) -> None:
+        """Once, the rate and what it means, measured after the run's first logging window: that window
+        holds the warm-up (CUDA's start, cuDNN's autotuning, compiling), which on a GPU can take
+        longer than the rest of the epoch."""
+        if self.rate_said:
+            return
+        if self.warmup is None:
+            self.warmup = (epoch, steps, busy)
+            return
+        warm_epoch, warm_steps, warm_s = self.warmup
+        if warm_epoch == epoch:  # the clock's totals run from the epoch's start
+            steps, busy = steps - warm_steps, busy - warm_s
+        if steps < 1:
+            return
+        self.rate_said = True
+        img_s = steps * self.batch_size / max(busy, 1e-9)
+        per_epoch = self.steps_per_epoch * self.batch_size / max(img_s, 1e-9)
+        if self.budget_min:
+            tail = f"the {self.budget_min:g}-minute budget holds about {self.budget_min * 60 / per_epoch:.1f} epoch(s)"
+        else:
+            tail = f"{duration(per_epoch * (self.epochs - epoch))} for the {self.epochs - epoch} epoch(s) left"
+        self.log(f"measured {img_s:,.0f} img/s after the first {warm_steps} step(s) (the warm-up, {warm_s:.1f} s): "
+                 f"about {duration(per_epoch)} of training an epoch, {tail} (validation extra)")
 
     def end_epoch(self, row: dict):
         self.progress.update(self.task, completed=self.steps_per_epoch)
