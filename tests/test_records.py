@@ -135,6 +135,28 @@ def test_readme_s_loading_ratios_are_the_peers_records():
     assert all(f"**{min(v):.2f}-{max(v):.2f}x at {res}**" in readme for res, v in later.items())
 
 
+def test_benchmarks_gpu_goals_are_the_h200_records():
+    """BENCHMARKS.md's GPU goals table against the records the H200 wrote: they name the H200, every
+    check with DALI passed, and each ratio and rate in the table is the JSON's."""
+    gpu = ROOT / "benchmarks" / "results" / "gpu-2026-12-04-h200"
+    a, b = (json.loads((gpu / f"bench-{s}.json").read_text()) for s in "AB")
+    assert a["environment"]["gpu"] == b["environment"]["gpu"] == "NVIDIA H200"
+    assert all(c["ok"] for c in json.loads((gpu / "checks-B.json").read_text()))
+    rate = {(r["stage"], r.get("backend") or r["name"], r["res"]): r["img_per_s"] for r in a["records"] + b["records"]}
+    model = {res: rate["model", "imagenet stem, bf16, NHWC, eager, batch 256, 16 thread(s)", res] for res in (64, 224)}
+    text = " ".join((ROOT / "BENCHMARKS.md").read_text().split("## GPU", 1)[1].split("### Runbook", 1)[0].split())
+    for res in (64, 224):
+        for loader, fmt in (("resident", ".1f"), ("dali", ".2f")):
+            got = rate["loader", loader, res]
+            assert f"{got:,.0f} = **{got / model[res]:{fmt}}x" in text, (loader, res)
+    for res in (64, 224):
+        assert f"**{rate['train', 'resident', res] / model[res]:.2f}** at {res}" in text
+    assert f"**{100_000 / rate['train', 'resident', 224]:.1f} s** of training" in text  # the 224 epoch estimate
+    rows = [json.loads(x) for x in (RUNS / "fast-h200" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["val_acc1"] >= 0.6)
+    assert f"**{first['val_acc1']:.1%} after {first['elapsed_s']:.0f} s** of training (epoch {first['epoch']}" in text
+
+
 def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
     """tools/pack_ratio.py times the read loop and the pack each going first in turn (ABBA), as
     every alternation here does (runner.rotation), not always in one order."""
