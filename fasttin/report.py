@@ -142,8 +142,8 @@ class LiveView:
             tail = f"the {self.budget_min:g}-minute budget holds about {self.budget_min * 60 / per_epoch:.1f} epoch(s)"
         else:
             tail = f"{duration(per_epoch * (self.epochs - epoch))} for the {self.epochs - epoch} epoch(s) left"
-        self.log(f"measured {img_s:,.0f} img/s after the first {warm_steps} step(s) (the warm-up, {warm_s:.1f} s): "
-                 f"about {duration(per_epoch)} of training an epoch, {tail} (validation extra)")
+        self.log(f"measured {img_s:,.0f} img/s after the first {warm_steps} step(s) (they took {warm_s:.1f} s, "
+                 f"warm-up included): about {duration(per_epoch)} of training an epoch, {tail} (validation extra)")
 
     def end_epoch(self, row: dict):
         self.progress.update(self.task, completed=self.steps_per_epoch)

@@ -96,13 +96,13 @@ def test_the_rate_estimate_leaves_the_first_logging_window_out(tmp_path):
         return lines
     # 25 steps in 30 s of warm-up, then 25 more in 1 s: 250 images a second, 4 s an epoch
     assert said([(0, 25, 30.0), (0, 50, 31.0)]) == [
-        "measured 250 img/s after the first 25 step(s) (the warm-up, 30.0 s): about 4 s of training an "
-        "epoch, 16 s for the 4 epoch(s) left (validation extra)"]
+        "measured 250 img/s after the first 25 step(s) (they took 30.0 s, warm-up included): about 4 s of "
+        "training an epoch, 16 s for the 4 epoch(s) left (validation extra)"]
     assert said([(0, 25, 30.0)]) == []  # no rate from the warm-up alone
     # an epoch shorter than the cadence: the next epoch's window, whole, at 500 img/s
     lines = said([(0, 20, 30.0), (1, 20, 0.4), (1, 40, 0.8)], budget=1)
-    assert lines == ["measured 500 img/s after the first 20 step(s) (the warm-up, 30.0 s): about 2 s of "
-                     "training an epoch, the 1-minute budget holds about 30.0 epoch(s) (validation extra)"]
+    assert lines == ["measured 500 img/s after the first 20 step(s) (they took 30.0 s, warm-up included): "
+                     "about 2 s of training an epoch, the 1-minute budget holds about 30.0 epoch(s) (validation extra)"]
 
 
 def test_train_epoch_without_a_clock_and_max_steps():
