@@ -85,8 +85,8 @@ def test_a_save_refuses_non_finite_weights_the_average_included(where):
 
 
 def test_the_rate_estimate_leaves_the_first_logging_window_out(tmp_path):
-    """The first window holds the warm-up (on the H200 the rate over it was 1.9x too slow, about 40x
-    with --compile): the estimate comes from the steps after it, within its epoch or the next."""
+    """The first window holds the warm-up (CUDA's start, autotuning, compiling): the estimate comes
+    from the steps after it, within its epoch or the next."""
     def said(calls, **kw):
         lines = []
         view = LiveView(True, tmp_path, 100, 10, 4, kw.get("budget", 0), lines.append)

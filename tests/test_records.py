@@ -149,7 +149,6 @@ def test_benchmarks_gpu_goals_are_the_h200_records():
         for loader, fmt in (("resident", ".1f"), ("dali", ".2f")):
             got = rate["loader", loader, res]
             assert f"{got:,.0f} = **{got / model[res]:{fmt}}x" in text, (loader, res)
-    for res in (64, 224):
         assert f"**{rate['train', 'resident', res] / model[res]:.2f}** at {res}" in text
     assert f"**{100_000 / rate['train', 'resident', 224]:.1f} s** of training" in text  # the 224 epoch estimate
     rows = [json.loads(x) for x in (RUNS / "fast-h200" / "metrics.jsonl").read_text().splitlines()]
