@@ -2,8 +2,9 @@
 
 A stage row (`Stage`) says what it measures, what it needs and its parameter grid; the runner
 turns every grid point into one record. A need that is missing, or a `Skip` raised by the stage,
-becomes a record with `skipped` and the reason, so nothing goes silently missing. Every figure is
-the median of `repeats` timed repeats after a warm-up, the device synchronised; a repeat that
+becomes a record with `skipped` and the reason, so nothing goes silently missing. Every row is
+timed one way (`Bench.alternate`): a warm-up pass, then `repeats` timed passes, the device
+synchronised, the rows of a group taking turns; the figure is the median pass. A pass that
 yields no images is never recorded as 0 img/s (it is skipped, with the reason).
 """
 from __future__ import annotations
@@ -53,10 +54,11 @@ RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "cl
 class Stage:
     """One row of the benchmark table.
 
-    run(bench, **point) returns the measured record fields (from `bench.measure`); a row with an
-    `alternate` group instead returns a consumer (one pass -> images), or (consumer, extra record
-    fields[, after]), that the runner times in turn with the other rows of its group at the same
-    resolution; after() -> more fields, once the group is timed (the peers' MAE).
+    run(bench, **point) returns a consumer (one pass -> images), or (consumer, extra record
+    fields[, after]); after() -> more fields, once the consumer is timed (the peers' MAE, the
+    trainer's time accounting). A row with an `alternate` group is timed in turn with the other
+    rows of its group at the same resolution; a row without one, point by point.
+    An extra field `bytes_per_image` makes the record's mb_per_s.
     `grid(bench, res)` lists the points (res is None for rows with `per_res=False`); `name` is a format
     string over a point, or a function of it.
     """
@@ -127,14 +129,6 @@ class Bench:
             raise NoImages("a repeat yielded no images (the pass ended at once)")
         return n, dt
 
-    def measure(self, fn, nbytes_per_image: float = 0, after_warmup=None) -> dict:
-        """fn() processes images and returns how many; one warm-up call, then --repeats timed ones."""
-        self.timed(fn)
-        if after_warmup is not None:
-            after_warmup()
-        rates = [n / dt for n, dt in (self.timed(fn) for _ in range(self.args.repeats))]
-        return summarise(rates, nbytes_per_image)
-
     def alternate(self, consumers: dict) -> dict:
         """Time consumers (one pass each -> images) in turn, repeat by repeat, each going first in
         turn (`rotation`), so that they share the machine's state and none always runs first;
@@ -173,6 +167,8 @@ def record(stage: str, name: str, *, skipped: str | None = None, **fields) -> di
     rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": None, "device": None,
            "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
     rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
+    if rec["img_per_s"] and rec.get("bytes_per_image"):
+        rec["mb_per_s"] = rec["img_per_s"] * rec["bytes_per_image"] / 1e6
     if skipped:
         rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
     return rec
@@ -201,30 +197,18 @@ def rotation(keys: list, round_: int) -> list:
     return keys[k:] + keys[:k]
 
 
-def summarise(rates: list[float], nbytes_per_image: float = 0) -> dict:
-    med = statistics.median(rates)
-    return {"img_per_s": med, "mb_per_s": med * nbytes_per_image / 1e6 if nbytes_per_image else None,
-            "repeats": len(rates), "runs": rates}
+def summarise(rates: list[float]) -> dict:
+    return {"img_per_s": statistics.median(rates), "repeats": len(rates), "runs": rates}
 
 
 def _record_fields(stage: Stage, point: dict) -> dict:
     return {**stage.fields, **{k: point[k] for k in RECORD_KEYS if k in point}}
 
 
-def run_point(b: Bench, stage: Stage, point: dict) -> dict:
-    fields = _record_fields(stage, point)
-    why = b.missing(stage.needs)
-    if why is None:
-        try:
-            return b.add(stage.stage, stage.label(point), **{**fields, **stage.run(b, **point)})
-        except Skip as e:
-            why = str(e)
-    return b.add(stage.stage, stage.label(point), skipped=why, **fields)
-
-
-def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
-    """Rows whose figures are measured alternately (the loaders and the pipelines they are compared
-    with, the model's configurations, the peers); each row's `after` runs once all are timed."""
+def run_group(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
+    """Rows timed together, in turn (the loaders and the pipelines they are compared with, the
+    model's configurations, the peers), or one row's point alone; each row's `after` runs once
+    all are timed."""
     consumers, skipped, extra, after = {}, {}, {}, {}
     for i, (stage, point) in enumerate(rows):
         why = b.missing(stage.needs)
@@ -251,25 +235,18 @@ def run_alternating(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
 
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:
     """Every selected row at every grid point: the rows without a resolution first, then per
-    resolution in table order, each alternating group's rows measured together where the first of
-    them stands. Built objects (loaders) are released between resolutions, and what the rows
-    started (the peers' processes) is ended, whatever stops the run."""
+    resolution in table order, each alternating group measured where the first of its rows
+    stands. Built objects (loaders) are released after each resolution, and what the rows started
+    (the peers' processes) is ended, whatever stops the run."""
     rows = [s for s in table if s.stage in selected]
-    for s in (s for s in rows if not s.per_res):
-        for point in s.points(b, None):
-            run_point(b, s, point)
-    for res in resolutions:
-        done = set()
+    for res in [None, *resolutions]:
+        groups: dict = {}
+        for s in (s for s in rows if s.per_res == (res is not None)):
+            for i, point in enumerate(s.points(b, res)):
+                groups.setdefault(s.alternate or (id(s), i), []).append((s, point))
         try:
-            for s in (s for s in rows if s.per_res):
-                if s.alternate:
-                    if s.alternate not in done:
-                        done.add(s.alternate)
-                        run_alternating(b, [(g, p) for g in rows if g.per_res and g.alternate == s.alternate
-                                            for p in g.points(b, res)])
-                    continue
-                for point in s.points(b, res):
-                    run_point(b, s, point)
+            for group in groups.values():
+                run_group(b, group)
         finally:  # an interrupted run too: no worker process outlives it
             b.release()
     return b.records

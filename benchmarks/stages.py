@@ -37,9 +37,8 @@ def _drop_page_cache(ds) -> None:
         os.close(fd)
 
 
-def measure_read(b: Bench, cold: bool) -> dict:
+def read_consumer(b: Bench, cold: bool):
     ds = b.ds
-    per_image = float(ds.payload_bytes.sum()) / len(ds)
 
     def read() -> int:
         if cold:
@@ -47,7 +46,7 @@ def measure_read(b: Bench, cold: bool) -> dict:
         for v in ds.encoded_batch(np.arange(len(ds))):
             bytes(v)
         return len(ds)
-    return b.measure(read, per_image)
+    return read, {"bytes_per_image": float(ds.payload_bytes.sum()) / len(ds)}
 
 
 # ---- decode and resize ----------------------------------------------------------------------------
@@ -64,17 +63,18 @@ def _sample(b: Bench) -> np.ndarray:
     return np.arange(min(b.args.decode_images, len(b.ds)))
 
 
-def measure_pil_decode(b: Bench, cores: int) -> dict:
+def pil_decode_consumer(b: Bench, cores: int):
     idx = _sample(b)
     _pil_decode.ds = b.ds  # inherited by the forked workers
     if cores == 1:
-        return b.measure(lambda: _pil_decode(idx))
+        return lambda: _pil_decode(idx)
     chunks = np.array_split(idx, cores * 4)
-    with fork_pool(cores) as pool:
-        return b.measure(lambda: sum(pool.map(_pil_decode, chunks)))
+    pool = fork_pool(cores)
+    b.on_release(pool.terminate)
+    return lambda: sum(pool.map(_pil_decode, chunks))
 
 
-def measure_dali(b: Bench, gpu: bool, decode: bool, res: int | None = None) -> dict:
+def dali_consumer(b: Bench, gpu: bool, decode: bool, res: int | None = None):
     """Passes over the dali backend's own graph: decode (JPEG payloads, no resize) or resize
     (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation.
     The feed is a list, which external_source (cycle="raise") iterates anew each pass."""
@@ -100,10 +100,10 @@ def measure_dali(b: Bench, gpu: bool, decode: bool, res: int | None = None) -> d
             except StopIteration:
                 return done
             done += bs
-    return b.measure(run)
+    return run
 
 
-def measure_pil_resize(b: Bench, res: int) -> dict:
+def pil_resize_consumer(b: Bench, res: int):
     from PIL import Image
     pil = [Image.fromarray(x) for x in b.ds.images(_sample(b))]
 
@@ -111,29 +111,29 @@ def measure_pil_resize(b: Bench, res: int) -> dict:
         for im in pil:
             im.resize((res, res), Image.BICUBIC)
         return len(pil)
-    return b.measure(resize)
+    return resize
 
 
-def measure_torch_resize(b: Bench, res: int, device: str) -> dict:
+def torch_resize_consumer(b: Bench, res: int, device: str):
     x = torch.from_numpy(b.ds.images(_sample(b))).to(device).permute(0, 3, 1, 2)
     x = x if device == "cpu" else x.float()  # uint8 bicubic is a CPU kernel only
 
     def resize() -> int:
         torch.nn.functional.interpolate(x, size=(res, res), mode="bicubic", antialias=True)
         return len(x)
-    return {**b.measure(resize), "dtype": str(x.dtype).removeprefix("torch.")}
+    return resize, {"dtype": str(x.dtype).removeprefix("torch.")}
 
 
 # ---- copy -----------------------------------------------------------------------------------------
 
-def measure_copy(b: Bench, res: int, pinned: bool) -> dict:
+def copy_consumer(b: Bench, res: int, pinned: bool):
     bs = b.args.batch_size
     host = torch.empty(bs * 3 * res * res, dtype=torch.uint8, pin_memory=pinned)  # a pil backend's batch
 
     def copy() -> int:
         host.to("cuda", non_blocking=True)
         return bs
-    return b.measure(copy, 3 * res * res)
+    return copy, {"bytes_per_image": 3 * res * res}
 
 
 # ---- loaders, peers ---------------------------------------------------------------------------------
@@ -168,28 +168,28 @@ def table(backends=LOADERS) -> list[Stage]:
     """Every stage; the loader and train stages for `backends` only."""
     loaders = [k for k in LOADERS if k in backends]
     return [
-        Stage("read", "shard payloads, warm page cache", lambda b: measure_read(b, False), per_res=False),
-        Stage("read", "shard payloads, cold (fadvise DONTNEED)", lambda b: measure_read(b, True), per_res=False),
-        Stage("decode", "pillow, 1 core", lambda b: measure_pil_decode(b, 1), ("jpeg",), per_res=False),
-        Stage("decode", f"pillow, {CORES} cores", lambda b: measure_pil_decode(b, CORES), ("jpeg",), per_res=False),
-        Stage("decode", "DALI CPU (+ normalise)", lambda b: measure_dali(b, False, True), ("jpeg", "dali"),
+        Stage("read", "shard payloads, warm page cache", lambda b: read_consumer(b, False), per_res=False),
+        Stage("read", "shard payloads, cold (fadvise DONTNEED)", lambda b: read_consumer(b, True), per_res=False),
+        Stage("decode", "pillow, 1 core", lambda b: pil_decode_consumer(b, 1), ("jpeg",), per_res=False),
+        Stage("decode", f"pillow, {CORES} cores", lambda b: pil_decode_consumer(b, CORES), ("jpeg",), per_res=False),
+        Stage("decode", "DALI CPU (+ normalise)", lambda b: dali_consumer(b, False, True), ("jpeg", "dali"),
               per_res=False, fields={"device": "cpu"}),
-        Stage("decode", "DALI mixed (GPU) (+ normalise)", lambda b: measure_dali(b, True, True),
+        Stage("decode", "DALI mixed (GPU) (+ normalise)", lambda b: dali_consumer(b, True, True),
               ("jpeg", "dali", "cuda"), per_res=False, fields={"device": "cuda"}),
-        Stage("resize", "pillow(-simd) bicubic, 1 core", measure_pil_resize),
-        Stage("resize", "DALI CPU cubic (+ normalise)", lambda b, res: measure_dali(b, False, False, res), ("dali",),
+        Stage("resize", "pillow(-simd) bicubic, 1 core", pil_resize_consumer),
+        Stage("resize", "DALI CPU cubic (+ normalise)", lambda b, res: dali_consumer(b, False, False, res), ("dali",),
               fields={"device": "cpu"}),
-        Stage("resize", "DALI GPU cubic (+ normalise)", lambda b, res: measure_dali(b, True, False, res),
+        Stage("resize", "DALI GPU cubic (+ normalise)", lambda b, res: dali_consumer(b, True, False, res),
               ("dali", "cuda"), fields={"device": "cuda"}),
-        Stage("resize", "torch bicubic (antialias), CPU", lambda b, res: measure_torch_resize(b, res, "cpu"),
+        Stage("resize", "torch bicubic (antialias), CPU", lambda b, res: torch_resize_consumer(b, res, "cpu"),
               fields={"device": "cpu"}),
-        Stage("resize", "torch bicubic (antialias), GPU", lambda b, res: measure_torch_resize(b, res, "cuda"),
+        Stage("resize", "torch bicubic (antialias), GPU", lambda b, res: torch_resize_consumer(b, res, "cuda"),
               ("cuda",), fields={"device": "cuda"}),
-        Stage("copy", "host->device batch, {kind}", lambda b, res, kind: measure_copy(b, res, kind == "pinned"),
+        Stage("copy", "host->device batch, {kind}", lambda b, res, kind: copy_consumer(b, res, kind == "pinned"),
               ("cuda",), grid=_each("kind", ("pinned", "pageable")), fields={"device": "cuda", "dtype": "uint8"}),
         Stage("model", training.model_label, training.model_consumer, grid=training.model_grid, alternate="model"),
         *[_loader_row(k) for k in loaders],
-        *[Stage("train", f"{k} + the trainer's step", training.measure_train, LOADER_NEEDS.get(k, ()),
+        *[Stage("train", f"{k} + the trainer's step", training.train_consumer, LOADER_NEEDS.get(k, ()),
                 grid=_each("backend", [k])) for k in loaders],
         peers.stage(),
         Stage("accounting", "the trainer's step, {clock} the time accounting", training.accounting_consumer,

@@ -143,9 +143,10 @@ def accounting_consumer(b: Bench, res: int, clock: str):
     return epoch
 
 
-def measure_train(b: Bench, res: int, backend: str) -> dict:
-    """loop.train_epoch over the loader, --steps steps a repeat (each repeat starts a new epoch),
-    with the trainer's StepClock: the record carries where the timed steps' time went."""
+def train_consumer(b: Bench, res: int, backend: str):
+    """loop.train_epoch over the loader, --steps steps a pass (each pass starts a new epoch), with
+    the trainer's StepClock: the record carries where the timed passes' time went (the warm-up's
+    is dropped)."""
     loader = loader_for(b, backend, res)
     cfg = settings(b, res)
     step = new_step(b, cfg, steps_per_epoch=len(loader))
@@ -154,15 +155,18 @@ def measure_train(b: Bench, res: int, backend: str) -> dict:
     steps = []
 
     def epoch() -> int:
+        if len(steps) == 1:
+            clock.take()  # the warm-up's times
         _, done = train_epoch(step, loader, clock=clock, max_steps=b.args.steps)
         steps.append(done)
         return done * per
-    fields = b.measure(epoch, after_warmup=clock.take)
-    times = clock.take()
-    return {**fields, **times, **shares(times, sum(times.values())), "batch_size": per, "steps": steps[-1],
-            "model": model_label(cfg),
-            "recipe": b.args.recipe, "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
-            "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}
+
+    def accounting() -> dict:
+        times = clock.take()
+        return {**times, **shares(times, sum(times.values())), "steps": steps[-1]}
+    return epoch, {"batch_size": per, "model": model_label(cfg), "recipe": b.args.recipe,
+                   "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
+                   "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}, accounting
 
 
 def run_module(module: str, *args) -> None:

@@ -73,7 +73,7 @@ def test_missing_needs_and_skips_become_records_with_reasons():
         Stage("copy", "needs a GPU", lambda b, res: ran.append(res), ("cuda",)),
         Stage("decode", "needs JPEG", lambda b: ran.append("decode"), ("jpeg",), per_res=False),
         Stage("model", "skips itself", lambda b, res: (_ for _ in ()).throw(Skip(f"not at {res}"))),
-        Stage("read", "measures", lambda b, res: b.measure(lambda: 4), grid=lambda b, res: [{"res": res}]),
+        Stage("read", "measures", lambda b, res: (lambda: 4), grid=lambda b, res: [{"res": res}]),
         Stage("train", "not selected", lambda b, res: ran.append("train")),
     ]
     recs = run_table(fake_bench(), table, {"copy", "decode", "model", "read"}, [64, 224])
@@ -169,7 +169,7 @@ def test_outputs_are_checked_before_any_work(tmp_path):
 def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch, capsys):
     def interrupt(b):
         raise KeyboardInterrupt
-    rows = [Stage("read", "first", lambda b: b.measure(lambda: 4), per_res=False),
+    rows = [Stage("read", "first", lambda b: (lambda: 4), per_res=False),
             Stage("read", "second", interrupt, per_res=False)]
     monkeypatch.setattr(stages, "table", lambda backends: rows)
     path = tmp_path / "b.json"
