@@ -1,7 +1,5 @@
 """The peers benchmark stage: the runner with the peers the main venv has, the MAE, skip records."""
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -111,27 +109,19 @@ def test_classic_at_64_and_a_split_smaller_than_a_batch_are_skipped_without_a_wo
     assert "fewer than one batch of 1000" in records["fasttin-resident"]["skipped"]
 
 
-def test_a_worker_that_fails_to_start_or_dies_is_a_skip_with_its_reason(tmp_path):
+def test_a_worker_that_fails_to_start_dies_or_hangs_is_a_skip_and_is_stopped(tmp_path):
     spec = Spec(peer="fasttin-resident", data=str(tmp_path / "missing"), split="train", res=64, batch_size=10,
                 workers=1, dtype="bfloat16", cache=str(tmp_path), folder=str(tmp_path), upscaled=None)
     w = Worker(spec, tmp_path, timeout_s=300)
-    with pytest.raises(Skip, match="worker exited with status 1"):
+    with pytest.raises(Skip, match="worker exited with status 1"):  # the split cannot be opened
         w.ask()
     w.close()
-
-
-def test_a_worker_that_answers_nonsense_or_nothing_is_a_skip_and_is_stopped():
-    for say, timeout, needle in (("print('ready?', flush=True); ", 30, "answered b'ready?\\n' to 'start'"),
-                                 ("", 1, "no answer to 'start' within 1 s")):
-        w = Worker.__new__(Worker)  # a worker process that is not benchmarks.peers.worker
-        w.peer, w.timeout_s = "x", timeout
-        w.proc = subprocess.Popen([sys.executable, "-c", say + "import time; time.sleep(120)"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, bufsize=0)
-        with pytest.raises(Skip) as e:
-            w.ask()
-        assert str(e.value) == needle
-        assert w.proc.wait(timeout=30) != 0  # killed, not left running
-        w.close()
+    w = Worker(spec, tmp_path, timeout_s=0.01)  # its imports alone take longer than that
+    with pytest.raises(Skip, match="no answer to 'start' within 0.01 s"):
+        w.ask()
+    w.proc.join(timeout=30)
+    assert w.proc.exitcode is not None and w.proc.exitcode != 0  # killed, not left running
+    w.close()
 
 
 def test_an_unknown_peer_is_one_line_before_any_work(packed, tmp_path, capsys):

@@ -10,14 +10,11 @@ images. A peer that is not installed, or whose worker fails or hangs, is a recor
 """
 from __future__ import annotations
 
-import dataclasses
-import json
+import multiprocessing as mp
 import os
-import select
-import subprocess
-import sys
 from pathlib import Path
 
+from benchmarks.peers import worker
 from benchmarks.peers.loaders import PEERS, Spec, kernel
 from benchmarks.pipelines import image_folder, upscaled_folder
 from benchmarks.runner import Bench, Skip, Stage
@@ -29,49 +26,43 @@ CLASSIC_AT_64 = "at the native 64 px the classic pipeline is the torchvision one
 
 
 class WorkerFailed(Skip):
-    """A worker that died, hung or answered nonsense: its peer becomes a skipped record."""
+    """A worker that died or hung: its peer becomes a skipped record."""
 
 
 class Worker:
-    """One peer's worker process; each question waits for its one-line answer, up to a deadline."""
+    """One peer's loader in a spawned process (it inherits none of this one's state or threads);
+    each question waits for its answer on a pipe, up to a deadline."""
 
     def __init__(self, spec: Spec, site: Path, timeout_s: float):
-        paths = [str(ROOT)] + ([str(site)] if spec.peer.startswith("ffcv-") else [])
-        if os.environ.get("PYTHONPATH"):
-            paths.append(os.environ["PYTHONPATH"])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-        self.peer, self.timeout_s = spec.peer, timeout_s
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers.worker",
-                                      json.dumps(dataclasses.asdict(spec))],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd=ROOT, env=env)
+        ctx = mp.get_context("spawn")
+        self.conn, theirs = ctx.Pipe()
+        self.timeout_s = timeout_s
+        self.proc = ctx.Process(target=worker.serve, args=(spec, str(site), theirs), name=f"peer {spec.peer}")
+        self.proc.start()
+        theirs.close()  # the worker's end lives in the worker only: its exit is this end's EOF
 
-    def ask(self, command: str | None = None) -> dict:
-        """Send `command` (None: just read the greeting) and return the answer."""
+    def ask(self, *command) -> dict:
+        """Send `command` (none: just read the greeting) and return the answer."""
         try:
             if command:
-                self.proc.stdin.write(command.encode() + b"\n")
-        except BrokenPipeError:
-            raise WorkerFailed(f"worker exited with status {self.proc.wait()} (its error is above)") from None
-        if not select.select([self.proc.stdout], [], [], self.timeout_s)[0]:
-            self.proc.kill()
-            raise WorkerFailed(f"no answer to {command or 'start'!r} within {self.timeout_s:.0f} s")
-        line = self.proc.stdout.readline()  # unbuffered: select saw exactly what is left to read
-        if not line.endswith(b"\n"):
-            raise WorkerFailed(f"worker exited with status {self.proc.wait()} (its error is above)")
-        try:
-            return json.loads(line)
-        except ValueError:
-            self.proc.kill()
-            raise WorkerFailed(f"answered {line[:80]!r} to {command or 'start'!r}") from None
+                self.conn.send(command)
+            if self.conn.poll(self.timeout_s):
+                return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join()
+            raise WorkerFailed(f"worker exited with status {self.proc.exitcode} (its error is above)") from None
+        self.proc.kill()
+        raise WorkerFailed(f"no answer to {' '.join(map(str, command)) or 'start'!r} within {self.timeout_s:g} s")
 
     def close(self) -> None:
         try:
-            self.proc.stdin.write(b"quit\n")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
-        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.conn.send(("quit",))
+        except OSError:
+            pass
+        self.proc.join(60)
+        if self.proc.is_alive():
             self.proc.kill()
-            self.proc.wait()
+            self.proc.join()
 
 
 def start(b: Bench, peer: str, res: int, workers: int) -> tuple[Worker, dict]:
@@ -103,7 +94,7 @@ def peer_consumer(b: Bench, res: int, backend: str, workers: int, **_record_fiel
     w, ready = start(b, backend, res, workers)
 
     def mae() -> dict:
-        answer = w.ask(f"mae {b.args.mae_images}")
+        answer = w.ask("mae", b.args.mae_images)
         return {"mae_vs_pil": answer["mae"], "mae_images": answer["images"]}
     return (lambda: w.ask("epoch")["images"]), ready, mae
 

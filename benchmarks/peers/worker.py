@@ -1,7 +1,6 @@
-"""python -m benchmarks.peers.worker SPEC_JSON: one peer's loader in a process of its own.
+"""One peer's loader in a process of its own (benchmarks.peers.stage.Worker spawns it).
 
-The runner drives it with one command a line on stdin; each answer is one JSON line on the
-original stdout (whatever the libraries print is sent to stderr instead):
+The runner sends commands on a pipe; each answer is one dict:
   at start   {"ready": {version, dtype}}, or {"skipped": why} when the peer is not installed
   epoch      one whole epoch (the runner times it): {"images", "shape", "dtype"}
   mae N      {"mae": error, "images": N} on the first N images (see benchmarks.peers.mae)
@@ -10,7 +9,6 @@ original stdout (whatever the libraries print is sent to stderr instead):
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -75,40 +73,28 @@ def stop_children() -> None:
         child.join()
 
 
-def serve(spec: Spec, reply) -> None:
+def serve(spec: Spec, site: str, conn) -> None:
+    """The worker's body: FFCV's folder on the path of its own workers only, the libraries' prints
+    on stderr, --workers threads."""
+    if spec.peer.startswith("ffcv-"):
+        sys.path.insert(0, site)
+    os.dup2(2, 1)
+    torch.set_num_threads(spec.workers)
     why = why_unavailable(spec.peer)
     if why:
-        reply(skipped=why)
+        conn.send({"skipped": why})
         return
     epoch = build(spec)
     half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
-    reply(ready={"version": version(spec.peer), "dtype": half})
-    for line in sys.stdin:
-        cmd, *args = line.split()
+    conn.send({"ready": {"version": version(spec.peer), "dtype": half}})
+    while True:
+        cmd, *args = conn.recv()
         if cmd == "epoch":
-            reply(**one_epoch(epoch, spec))
+            conn.send(one_epoch(epoch, spec))
         elif cmd == "mae":
-            reply(**measure_mae(spec, int(args[0])))
+            conn.send(measure_mae(spec, args[0]))
         elif cmd == "quit":
             stop_children()
             return
         else:
             raise ValueError(f"unknown command {cmd!r}")
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    spec = Spec(**json.loads(argv[0]))
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # stray prints of the libraries go to stderr, never into the answers
-    torch.set_num_threads(spec.workers)
-
-    def reply(**fields):
-        answers.write(json.dumps(fields) + "\n")
-
-    serve(spec, reply)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
