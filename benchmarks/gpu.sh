@@ -1,20 +1,9 @@
 #!/usr/bin/env bash
 # STAGE=A|B|C benchmarks/gpu.sh OUT_DIR: the GPU proof, one stage per call, on a bare CUDA machine
-# that has Python with torch, torchvision, numpy, pillow, rich, matplotlib and OpenCV (no DALI, no
-# network). Each stage fits one call of at most 6 minutes; logs and JSON go to OUT_DIR, and a short
-# table is printed last. BENCHMARKS.md's runbook says how the parts of B and C get there.
-#
-#   A  (no transfer)  synthetic data made here; the DALI-free checks (resident on the device against
-#      resident on the CPU, exact epochs, a falling loss; every DALI check a skip with its reason);
-#      benchmarks.run at res 64 and 224, model-only (fp32/bf16, NCHW/NHWC, both stems), the resident
-#      and pil loaders, the classic pipeline and end to end with the trainer's step; fasttin.train
-#      --recipe fast --epochs 2 --compile (seconds per epoch, time shares, compile time); last, the
-#      compiled model points, in the time that is left.
-#   B  (DALI: SITE, a folder made by shared/gpu/dali-site)  the checks with DALI (mixed decoder and
-#      GPU resize against DALI's CPU mode), and the dali rows of the benchmark at 64 and 224.
-#   C  (real data: DATA, the packed train and val splits)  fast from scratch at res 64 on a 4.5-minute
-#      --budget: val top-1 by epoch against wall-clock, and the time accounting.
-#
+# (Python with torch, torchvision, numpy, pillow, rich, matplotlib and OpenCV; no DALI, no network).
+# A: synthetic data, the DALI-free checks, benchmarks.run, fast --compile; B: DALI (SITE) checks and
+# rows; C: fast on the real data (DATA) for BUDGET_MIN minutes. Logs and JSON go to OUT_DIR, a short
+# table is printed last. What each stage runs, and how its parts get there: BENCHMARKS.md's runbook.
 #   PYTHON (python3), DEVICE (cuda), SITE (~/x/.xfer-src/site), DATA (C: ~/x/.xfer-src/data; A and B
 #   make a synthetic set of SYNTH (100) train images per class here), BUDGET_MIN (C: 4.5), STAGE_S (A, B: 330)
 # Rehearse on a CPU machine, small (REHEARSE=1: tiny sizes, 3x the time limits), with DALI hidden as on the GPU machine:

@@ -3,7 +3,7 @@
 A stage row (`Stage`) says what it measures, what it needs and its parameter grid; the runner
 turns every grid point into one record. A need that is missing, or a `Skip` raised by the stage,
 becomes a record with `skipped` and the reason, so nothing goes silently missing. Every row is
-timed one way (`Bench.alternate`): a warm-up pass, then `repeats` timed passes, the device
+timed one way (`run_group`): a warm-up pass, then `repeats` timed passes, the device
 synchronised, the rows of a group taking turns; the figure is the median pass. A pass that
 yields no images is never recorded as 0 img/s (it is skipped, with the reason).
 """
@@ -129,28 +129,6 @@ class Bench:
             raise NoImages("a repeat yielded no images (the pass ended at once)")
         return n, dt
 
-    def alternate(self, consumers: dict) -> dict:
-        """Time consumers (one pass each -> images) in turn, repeat by repeat, each going first in
-        turn (`rotation`), so that they share the machine's state and none always runs first;
-        returns key -> measured fields, or the Skip that stopped that key."""
-        out, rates = {}, {k: [] for k in consumers}
-        for k, fn in consumers.items():  # warm-up: a whole pass, so workers are started, caches filled
-            try:
-                self.timed(fn)
-            except Skip as e:
-                out[k] = e
-        for r in range(self.args.repeats):
-            for k in rotation(list(consumers), r):
-                if k in out:
-                    continue
-                try:
-                    n, dt = self.timed(consumers[k])
-                except Skip as e:
-                    out[k] = e
-                    continue
-                rates[k].append(n / dt)
-        return {k: out.get(k) or summarise(rates[k]) for k in consumers}
-
     def add(self, stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
         rec = record(stage, name, skipped=skipped, **{"batch_size": self.args.batch_size, "device": self.device.type,
                                                       **fields})
@@ -206,31 +184,39 @@ def _record_fields(stage: Stage, point: dict) -> dict:
 
 
 def run_group(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
-    """Rows timed together, in turn (the loaders and the pipelines they are compared with, the
-    model's configurations, the peers), or one row's point alone; each row's `after` runs once
-    all are timed."""
-    consumers, skipped, extra, after = {}, {}, {}, {}
+    """Rows timed together (the loaders and the pipelines they are compared with, the model's
+    configurations, the peers), or one row's point alone: a warm-up pass each (a whole pass, so
+    workers are started and caches filled), then `repeats` rounds of one timed pass each, each row
+    going first in turn (`rotation`), so that they share the machine's state and none always runs
+    first. A row's `after` runs once all are timed."""
+    why, built, rates = {}, {}, {}
     for i, (stage, point) in enumerate(rows):
-        why = b.missing(stage.needs)
-        if why is None:
+        why[i] = b.missing(stage.needs)
+        if why[i] is None:
             try:
                 got = stage.run(b, **point)
-                consumers[i], extra[i], *rest = got if isinstance(got, tuple) else (got, {})
-                after[i] = rest[0] if rest else dict
+                consumer, extra, *after = got if isinstance(got, tuple) else (got, {})
+                built[i], rates[i] = (consumer, extra, after[0] if after else dict), []
             except Skip as e:
-                why = str(e)
-        if why:
-            skipped[i] = why
-    measured = b.alternate(consumers)
+                why[i] = str(e)
+    for r in range(-1, b.args.repeats):  # round -1: the warm-up
+        for i in rotation(list(built), max(r, 0)):
+            if not why[i]:
+                try:
+                    n, dt = b.timed(built[i][0])
+                except Skip as e:
+                    why[i] = str(e)
+                    continue
+                rates[i] += [n / dt] if r >= 0 else []
     for i, (stage, point) in enumerate(rows):
-        got = measured.get(i)
-        why = skipped.get(i) or (str(got) if isinstance(got, Skip) else None)
-        if not why:
+        fields = {}
+        if not why[i]:
+            _, extra, after = built[i]
             try:
-                got = {**extra[i], **got, **after[i]()}
+                fields = {**extra, **summarise(rates[i]), **after()}
             except Skip as e:
-                why = str(e)
-        b.add(stage.stage, stage.label(point), skipped=why, **_record_fields(stage, point), **({} if why else got))
+                why[i] = str(e)
+        b.add(stage.stage, stage.label(point), skipped=why[i], **_record_fields(stage, point), **fields)
 
 
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:

@@ -2,7 +2,7 @@
 rich tables on the terminal, and the summary with loop.verdict's one line per resolution.
 
 `write_outputs` writes JSON first, then Markdown, then the plot; a writer that fails (a read-only
-folder, a full disk, no matplotlib) costs only its own file and is reported as one line.
+folder, a full disk) costs only its own file and is reported as one line.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.runner import rate
 from fasttin.errors import UserError
-from fasttin.fileio import OutputError, write_atomic, write_json_atomic, write_with
+from fasttin.fileio import write_atomic, write_json_atomic, write_with
 from fasttin.loop import verdict
 
 
@@ -58,10 +58,7 @@ def write_markdown(path: Path, out: dict) -> None:
 
 def write_plot(path: Path, out: dict) -> None:
     """Horizontal bars, log scale, one colour per stage; saved beside `path`, then renamed."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise OutputError(f"cannot write {path}: matplotlib is not installed") from None
+    import matplotlib  # present: benchmarks.run checks it before any work
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     env = out["environment"]

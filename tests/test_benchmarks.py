@@ -3,6 +3,7 @@ writers and the early output checks."""
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from helpers import ROOT, run_cli
 
-from benchmarks import pipelines, stages, writers
+from benchmarks import pipelines, stages, training, writers
 from benchmarks.run import STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
 
@@ -105,6 +106,38 @@ def test_alternation_takes_turns_and_never_records_an_empty_repeat():
     by = {r["name"]: r for r in recs}
     assert by["a"]["repeats"] == 3 and by["c"]["repeats"] == 3 and by["a"]["img_per_s"] > 0
     assert by["b"]["img_per_s"] is None and "no images" in by["b"]["skipped"]
+
+
+def test_mb_per_s_comes_from_a_row_s_bytes_per_image():
+    table = [Stage("read", "bytes", lambda b: ((lambda: 4), {"bytes_per_image": 2e6}), per_res=False),
+             Stage("read", "no bytes", lambda b: (lambda: 4), per_res=False)]
+    recs = run_table(fake_bench(repeats=2), table, {"read"}, [])
+    assert recs[0]["mb_per_s"] == pytest.approx(recs[0]["img_per_s"] * 2) and recs[1]["mb_per_s"] is None
+
+
+def test_the_train_stage_accounts_for_its_timed_passes_only(monkeypatch):
+    """The warm-up pass waits a second for its batch; the timed ones do not: the record's data
+    wait must be the timed passes', not the warm-up's."""
+    passes = []
+
+    class SlowFirstPass:
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            passes.append(1)
+            if len(passes) == 1:
+                time.sleep(1.0)  # the warm-up's workload: a slow loader's first batch
+            yield torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+
+    monkeypatch.setattr(training, "loader_for", lambda b, backend, res: SlowFirstPass())
+    b = fake_bench(repeats=2)
+    b.args = SimpleNamespace(repeats=2, batch_size=2, classic_batch_size=2, steps=1, recipe="seed-64-scratch")
+    b.ds = SimpleNamespace(classes=["a", "b"], payload="raw")
+    table = [Stage("train", "t", training.train_consumer, grid=lambda b, res: [{"res": res, "backend": "pil"}])]
+    (rec,) = run_table(b, table, {"train"}, [16])
+    assert len(passes) == 3 and rec["repeats"] == 2 and rec["steps"] == 1, rec
+    assert rec["data_wait_s"] < 0.5 and rec["compute_s"] > 0, rec
 
 
 def test_a_row_s_after_runs_once_its_group_is_timed_and_what_it_started_ends_with_the_resolution():
