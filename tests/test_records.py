@@ -169,3 +169,23 @@ def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
     tool.main(["archive.zip", "--repeats", "3"])
     assert calls == ["read", "pack", "pack", "read", "read", "pack"]
     assert "ratio" in capsys.readouterr().out
+
+
+def test_benchmarks_before_and_after_tables_are_their_records():
+    """The peers and loader tables of BENCHMARKS.md's 2026-12-04 before/after section, rebuilt from
+    the JSON kept beside it: an edited figure, or a record that is not the one quoted, fails."""
+    folder = ROOT / "benchmarks" / "results" / "cpu-2026-12-04-pipe-and-one-timing-path"
+    recs = {p.stem: {(r["res"], r["backend"]): r for r in json.loads(p.read_text())["records"]}
+            for p in folder.glob("*.json")}
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    runs = ("old", "new", "old2", "new2")
+    for (res, peer), r in recs["peers-old"].items():
+        if r["img_per_s"]:
+            rates = [recs[f"peers-{k}"][res, peer]["img_per_s"] for k in runs]
+            ffcv = [recs[f"peers-{k}"][res, "ffcv-raw"]["img_per_s"] for k in runs]
+            row = (f"| {peer} | {res} | " + " | ".join(f"{x:,.0f}" for x in rates) + " | "
+                   + " | ".join(f"{x / f:.2f}x" for x, f in zip(rates, ffcv)) + f" | {r['mae_vs_pil']:.2f} |")
+            assert row in text and recs["peers-new"][res, peer]["mae_vs_pil"] == r["mae_vs_pil"], row
+    for k in ("old", "new", "new2", "old2"):
+        row = f"| {k} | " + " | ".join(f"{r['img_per_s']:,.0f}" for r in recs[f"loader-{k}"].values()) + " |"
+        assert row in text, row
