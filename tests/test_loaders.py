@@ -436,7 +436,9 @@ def test_every_fork_goes_through_forking():
     from helpers import ROOT
     text = {f: f.read_text() for d in ("fasttin", "benchmarks") for f in (ROOT / d).rglob("*.py")
             if f.name != "forking.py"}
-    assert [f for f, t in text.items() if re.search(r"\.Pool\(|gc\.collect\(|os\.fork\(|get_context\(", t)] == []
+    # a spawned process (the peers' workers) inherits neither memory nor handlers: nothing to guard
+    forks = r"\.Pool\(|gc\.collect\(|os\.fork\(|get_context\((?!\"spawn\")"
+    assert [f for f, t in text.items() if re.search(forks, t)] == []
     loaders = [f for f, t in text.items() if re.search(r"DataLoader\(", t)]
     assert len(loaders) >= 3 and [f for f in loaders if "before_fork()" not in text[f]] == []
     pools = [line for t in text.values() for line in t.splitlines() if re.search(r"fork_pool\(\w", line)]
