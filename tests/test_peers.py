@@ -124,6 +124,17 @@ def test_a_worker_that_fails_to_start_dies_or_hangs_is_a_skip_and_is_stopped(tmp
     w.close()
 
 
+def test_a_worker_whose_runner_is_gone_ends_cleanly(packed, tmp_path):
+    """A runner killed outright leaves its workers a closed pipe: they end as at quit, not with a traceback."""
+    spec = Spec(peer="fasttin-resident", data=str(packed), split="train", res=64, batch_size=10, workers=1,
+                dtype="bfloat16", cache=str(tmp_path), folder="", upscaled=None)
+    w = Worker(spec, tmp_path, timeout_s=300)
+    assert "ready" in w.ask()
+    w.conn.close()
+    w.proc.join(timeout=120)
+    assert w.proc.exitcode == 0
+
+
 def test_an_unknown_peer_is_one_line_before_any_work(packed, tmp_path, capsys):
     assert run_main(["--data", str(packed), "--stages", "peers", "--peers", "ffcv-raw,tensorflow"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err

@@ -88,7 +88,10 @@ def serve(spec: Spec, site: str, conn) -> None:
     half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
     conn.send({"ready": {"version": version(spec.peer), "dtype": half}})
     while True:
-        cmd, *args = conn.recv()
+        try:
+            cmd, *args = conn.recv()
+        except EOFError:  # the runner is gone: end as at quit
+            cmd = "quit"
         if cmd == "epoch":
             conn.send(one_epoch(epoch, spec))
         elif cmd == "mae":
