@@ -3,6 +3,7 @@ writers and the early output checks."""
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -197,6 +198,15 @@ def test_outputs_are_checked_before_any_work(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "file" / "b.json") in lines[0], r.stderr
     assert "Traceback" not in r.stderr and "benchmarks on" not in r.stderr
+
+
+def test_a_plot_without_matplotlib_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    """The only guard: the plot writer trusts it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["--device", "cpu", "--plot", str(tmp_path / "b.png"), "--json", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib is not installed" in err[0] and "b.png" in err[0], err
+    assert list(tmp_path.iterdir()) == []  # no work, nothing written
 
 
 def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch, capsys):
