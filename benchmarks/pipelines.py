@@ -1,10 +1,7 @@
-"""The loaders the loader and train stages measure: fasttin's backends, and the classic pipeline
-(torchvision ImageFolder over the split upscaled on disk with OpenCV, prepared once in --cache);
-and the split written out as files, which the classic pipeline and the peers read.
-
-Loaders are built once per resolution (`Bench.shared`) and shared by the loader and train stages.
-The cached folders hold one file per sample; every name taken from the data (class wnid, sample
-key) must be a bare file name, so nothing is ever written outside the cache folder.
+"""The loaders the loader and train stages measure, built once a resolution (`Bench.shared`):
+fasttin's backends and the classic pipeline (ImageFolder over the split upscaled on disk with
+OpenCV); and the split written out as files in --cache, which the classic pipeline and the peers
+read, every name from the data a bare file name, so nothing is written outside the cache.
 """
 from __future__ import annotations
 
@@ -20,6 +17,7 @@ from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_
 from fasttin.forking import before_fork
 from fasttin.loaders import make_loader
 from fasttin.loop import AMP_DTYPE
+from fasttin.shards import name_problem
 
 
 class UnsafeName(UserError):
@@ -27,11 +25,10 @@ class UnsafeName(UserError):
 
 
 def bare_name(name: str, what: str) -> str:
-    """`name` if it is a plain file name (no separator, not . or .., no control characters)."""
-    bad = (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
-           or any(ord(c) < 32 or ord(c) == 127 for c in name))
-    if bad:
-        raise UnsafeName(f"{what} {name!r} is not a bare file name; refusing to write it into the cache")
+    """`name` if it is a bare file name (shards.name_problem: the pack's own rule)."""
+    why = name_problem(name)
+    if why:
+        raise UnsafeName(f"{what} {name!r} {why}; refusing to write it into the cache")
     return name
 
 
@@ -44,8 +41,7 @@ def split_tag(ds) -> str:
 
 
 def relative_paths(ds) -> list[str]:
-    """`class/file` of every sample in pack order (the ImageFolder layout of every cached folder);
-    each name from the data must be a bare file name, so nothing is written outside the cache."""
+    """`class/file` of every sample in pack order: the ImageFolder layout of every cached folder."""
     out = []
     for key, label in zip(ds.keys, ds.labels.tolist()):
         name = bare_name(key, "sample key")
@@ -113,19 +109,27 @@ def backend_loader(b: Bench, backend: str, res: int):
     return b.shared(("loader", backend, res), build)
 
 
+def folder_loader(root: Path, transforms: list, *, batch_size: int, workers: int, shuffle: bool = True,
+                  drop_last: bool = True, pin_memory: bool = False, files: list[str] | None = None):
+    """torchvision's everyday pipeline, the classic one's and the peers': ImageFolder with per-sample
+    `transforms`, a DataLoader of persistent workers; `files` (relative paths) replaces its listing."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+    folder = ImageFolder(str(root), T.Compose(transforms))
+    if files is not None:
+        folder.samples = folder.imgs = [(str(Path(root) / f), 0) for f in files]
+    before_fork()  # its workers are forked at the first pass
+    return torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=True, drop_last=drop_last)
+
+
 def classic_loader(b: Bench, res: int):
-    """ImageFolder + RandomHorizontalFlip + ToTensor, DataLoader with all cores (the everyday baseline)."""
-    def build():
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-        folder = ImageFolder(str(upscaled_folder(b.ds, Path(b.args.cache), res)),
-                             T.Compose([T.RandomHorizontalFlip(), T.ToTensor()]))
-        before_fork()  # its persistent workers are forked at the first pass
-        return torch.utils.data.DataLoader(folder, batch_size=b.args.classic_batch_size, shuffle=True,
-                                           num_workers=b.args.workers or os.cpu_count(),
-                                           pin_memory=b.device.type == "cuda", persistent_workers=True,
-                                           drop_last=True)
-    return b.shared(("loader", "classic", res), build)
+    """The write-up's pipeline over the split upscaled on disk: flip, ToTensor, all cores."""
+    import torchvision.transforms as T
+    return b.shared(("loader", "classic", res), lambda: folder_loader(
+        upscaled_folder(b.ds, Path(b.args.cache), res), [T.RandomHorizontalFlip(), T.ToTensor()],
+        batch_size=b.args.classic_batch_size, workers=b.args.workers or os.cpu_count(),
+        pin_memory=b.device.type == "cuda"))
 
 
 class OnDevice:
@@ -151,12 +155,12 @@ def loader_for(b: Bench, backend: str, res: int):
     return backend_loader(b, backend, res)
 
 
-def one_pass(b: Bench, loader):
-    """A consumer: the images of one pass, ending on the device. The first pass (the warm-up) is a
-    whole epoch, run to the iterator's end, so workers are started and idle again; the timed ones
-    are whole epochs too unless --batches: a loader left mid-epoch keeps its workers prefetching,
-    stealing the cores from the next loader measured."""
-    passes = []
+def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
+    """The loader stage's consumer: the images of one pass, ending on the device. The first pass
+    (the warm-up) is a whole epoch, run to the iterator's end, so workers are started and idle
+    again; the timed ones are whole epochs too unless --batches: a loader left mid-epoch keeps its
+    workers prefetching, stealing the cores from the next loader measured."""
+    loader, passes = loader_for(b, backend, res), []
 
     def consume() -> int:
         limit = b.args.batches if passes else 0

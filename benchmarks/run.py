@@ -1,13 +1,8 @@
 """python -m benchmarks.run: images per second at every stage of the pipeline, side by side with
 the classic ImageFolder pipeline, in one run on one machine.
 
-Stages (benchmarks/stages.py): read, decode, resize, copy (host -> device), model (the compute
-ceiling of fasttin.loop's step), loader (each backend, and the classic pipeline: ImageFolder over
-files upscaled on disk), train (loader + the trainer's step, with its share of the ceiling), and
-the optional peers, accounting and agreement. Each figure is the median of timed repeats after a
-warm-up, the device synchronised; a stage whose needs are missing is a record with `skipped` and
-the reason.
-Loader-only figures are measured alternately, repeat by repeat, so they share the machine's state.
+The stages are benchmarks/stages.py's table; each figure is the median of timed rounds after a
+warm-up (benchmarks/runner.py), and a stage whose needs are missing is a record with the reason.
 """
 from __future__ import annotations
 
@@ -157,16 +152,6 @@ def resolve_flags(args) -> None:
         args.classic_batch_size = min(args.classic_batch_size, 8)
 
 
-def open_data(args):
-    from fasttin.shards import FormatError, open_split
-    try:
-        return open_split(args.data, args.split)
-    except (FileNotFoundError, FormatError) as e:
-        raise UserError(f"--data {args.data}: {e}") from None
-    except ValueError as e:  # an unknown split
-        raise UserError(f"--split {args.split}: {e}") from None
-
-
 def measure(args, out: dict) -> None:
     """Every selected stage of the table, into out["records"] as they come (so that an interrupted
     run still has what it measured) with the machine's description in out["environment"]."""
@@ -174,12 +159,13 @@ def measure(args, out: dict) -> None:
 
     from benchmarks import stages
     from benchmarks.runner import Bench, run_table
+    from fasttin.shards import open_split
     with tempfile.TemporaryDirectory(prefix="fasttin-bench-") as tmp:
         if args.data is None:
             from fasttin.pack import pack
             args.data, args.cache = tmp, str(Path(tmp) / "cache")
             pack(None, args.data, synthetic=8 if args.quick else 50, classes=20 if args.quick else 200, quiet=True)
-        ds = open_data(args)
+        ds = open_split(args.data, args.split)  # a FormatError names the folder or the split
         torch.manual_seed(0)
         b = Bench(args, torch.device(args.device), ds)
         b.records = out["records"]

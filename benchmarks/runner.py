@@ -1,11 +1,8 @@
-"""The one runner of the benchmark table: needs, warm-up, timed repeats, alternation, records.
+"""The one runner of the benchmark table: needs, warm-up, timed rounds in turn, records.
 
-A stage row (`Stage`) says what it measures, what it needs and its parameter grid; the runner
-turns every grid point into one record. A need that is missing, or a `Skip` raised by the stage,
-becomes a record with `skipped` and the reason, so nothing goes silently missing. Every row is
-timed one way (`run_group`): a warm-up pass, then `repeats` timed passes, the device
-synchronised, the rows of a group taking turns; the figure is the median pass. A pass that
-yields no images is never recorded as 0 img/s (it is skipped, with the reason).
+Every grid point of a `Stage` row becomes one record; a missing need or a `Skip` raised by the row
+becomes a record with `skipped` and the reason, so nothing goes silently missing, and a pass that
+yields no images is skipped, never recorded as 0 img/s.
 """
 from __future__ import annotations
 
@@ -23,10 +20,6 @@ from fasttin.loaders import dali as dali_backend
 
 class Skip(Exception):
     """Raised by a stage that cannot measure this point; the message is the record's reason."""
-
-
-class NoImages(Skip):
-    """A warm-up or timed repeat that produced no images: a loader bug, never a 0 img/s figure."""
 
 
 def _importable(module: str) -> str | None:
@@ -52,16 +45,11 @@ RECORD_KEYS = ("backend", "res", "device", "dtype", "batch_size", "augment", "cl
 
 @dataclass(frozen=True)
 class Stage:
-    """One row of the benchmark table.
-
-    run(bench, **point) returns a consumer (one pass -> images), or (consumer, extra record
-    fields[, after]); after() -> more fields, once the consumer is timed (the peers' MAE, the
-    trainer's time accounting). A row with an `alternate` group is timed in turn with the other
-    rows of its group at the same resolution; a row without one, point by point.
-    An extra field `bytes_per_image` makes the record's mb_per_s.
-    `grid(bench, res)` lists the points (res is None for rows with `per_res=False`); `name` is a format
-    string over a point, or a function of it.
-    """
+    """One row of the benchmark table. run(bench, **point) returns a consumer (one pass -> images),
+    or (consumer, extra record fields[, after]), after() giving more fields once the rounds are
+    timed (the peers' MAE); an extra `bytes_per_image` makes the record's mb_per_s. The rows of an
+    `alternate` group are timed in turn at each resolution; `grid(bench, res)` lists the points
+    (res None where `per_res=False`); `name` formats a point, or is a function of it."""
 
     stage: str
     name: str | Callable[[dict], str]
@@ -126,30 +114,24 @@ class Bench:
         self.sync()
         n, dt = n if isinstance(n, tuple) else (n, time.perf_counter() - t)
         if not n:
-            raise NoImages("a repeat yielded no images (the pass ended at once)")
+            raise Skip("a repeat yielded no images (the pass ended at once)")
         return n, dt
 
     def add(self, stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
-        rec = record(stage, name, skipped=skipped, **{"batch_size": self.args.batch_size, "device": self.device.type,
-                                                      **fields})
+        """One record in the schema of every benchmark record (stage, name, backend, res, batch_size,
+        device, dtype, img_per_s, mb_per_s, repeats) plus the row's fields; a skipped one carries
+        the reason and no figure."""
+        rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": self.args.batch_size,
+               "device": self.device.type, "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
+        rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
+        if rec["img_per_s"] and rec.get("bytes_per_image"):
+            rec["mb_per_s"] = rec["img_per_s"] * rec["bytes_per_image"] / 1e6
+        if skipped:
+            rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
         self.records.append(rec)
         shown = f"skipped: {skipped}" if skipped else f"{rec['img_per_s']:,.0f} img/s"
         print(f"  {stage:8s} {name:42s} res {str(rec['res'] or '-'):>4s}  {shown}", file=sys.stderr, flush=True)
         return rec
-
-
-def record(stage: str, name: str, *, skipped: str | None = None, **fields) -> dict:
-    """One measurement in the schema of every benchmark record: stage, name, backend, res,
-    batch_size, device, dtype, img_per_s, mb_per_s, repeats, and the
-    stage's own fields; a skipped one carries the reason and no figure."""
-    rec = {"stage": stage, "name": name, "backend": None, "res": None, "batch_size": None, "device": None,
-           "dtype": None, "img_per_s": None, "mb_per_s": None, "repeats": 0}
-    rec.update({k: v for k, v in fields.items() if v is not None or k not in rec})
-    if rec["img_per_s"] and rec.get("bytes_per_image"):
-        rec["mb_per_s"] = rec["img_per_s"] * rec["bytes_per_image"] / 1e6
-    if skipped:
-        rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
-    return rec
 
 
 def rate(records: list[dict], **match) -> float | None:
@@ -173,14 +155,6 @@ def rotation(keys: list, round_: int) -> list:
     of every benchmark here."""
     k = round_ % len(keys) if keys else 0
     return keys[k:] + keys[:k]
-
-
-def summarise(rates: list[float]) -> dict:
-    return {"img_per_s": statistics.median(rates), "repeats": len(rates), "runs": rates}
-
-
-def _record_fields(stage: Stage, point: dict) -> dict:
-    return {**stage.fields, **{k: point[k] for k in RECORD_KEYS if k in point}}
 
 
 def run_group(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
@@ -213,10 +187,12 @@ def run_group(b: Bench, rows: list[tuple[Stage, dict]]) -> None:
         if not why[i]:
             _, extra, after = built[i]
             try:
-                fields = {**extra, **summarise(rates[i]), **after()}
+                fields = {**extra, "img_per_s": statistics.median(rates[i]), "repeats": len(rates[i]),
+                          "runs": rates[i], **after()}
             except Skip as e:
                 why[i] = str(e)
-        b.add(stage.stage, stage.label(point), skipped=why[i], **_record_fields(stage, point), **fields)
+        fields.update(stage.fields, **{k: point[k] for k in RECORD_KEYS if k in point})
+        b.add(stage.stage, stage.label(point), skipped=why[i], **fields)
 
 
 def run_table(b: Bench, table: list[Stage], selected: set[str], resolutions: list[int]) -> list[dict]:

@@ -1,12 +1,6 @@
-"""The benchmark table: every stage of the pipeline, what it needs and its parameter grid.
-
-read: shard payloads (warm and cold page cache); decode: pillow on 1 and all cores, DALI CPU and
-mixed (GPU); resize: pillow, DALI, torch; copy: host -> device; model: the compute ceiling per
-configuration; loader: each backend and the classic pipeline, alternated repeat by repeat;
-train: loader + fasttin.loop's step; peers: the loaders users would otherwise choose (optional);
-accounting: what the trainer's time accounting costs its step (optional); agreement: the train
-stage against a real fasttin.train run (optional).
-The DALI decode and resize rows build their graphs with the dali backend's own `build_pipeline`.
+"""The benchmark table: every stage of the pipeline (`table`), what it needs and its grid; the
+read, decode, resize and copy consumers (the model, train, accounting and agreement ones are
+benchmarks/training.py's, the loaders benchmarks/pipelines.py's, the peers benchmarks/peers/'s).
 """
 from __future__ import annotations
 
@@ -75,9 +69,9 @@ def pil_decode_consumer(b: Bench, cores: int):
 
 
 def dali_consumer(b: Bench, gpu: bool, decode: bool, res: int | None = None):
-    """Passes over the dali backend's own graph: decode (JPEG payloads, no resize) or resize
-    (decoded pixels fed as raw payloads), augment none; the graph ends in its normalisation.
-    The feed is a list, which external_source (cycle="raise") iterates anew each pass."""
+    """Passes over the dali backend's own graph (`build_pipeline`, augment none, ending in its
+    normalisation): decode JPEG payloads, or resize decoded pixels fed as raw payloads. The feed is
+    a list, which external_source (cycle="raise") iterates anew each pass."""
     idx = _sample(b)
     bs = min(len(idx), 256)
     idx = idx[: len(idx) // bs * bs]
@@ -141,19 +135,15 @@ def copy_consumer(b: Bench, res: int, pinned: bool):
 LOADER_NEEDS = {"dali": ("dali",), "classic": ("cv2", "torchvision")}
 
 
-def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
-    return pipelines.one_pass(b, pipelines.loader_for(b, backend, res))
-
-
 def _loader_row(backend: str) -> Stage:
     """A loader's row, one point a resolution, timed in turn with the other loaders; the record notes
     the augmentation, batch and dtype the loader hands out."""
     if backend == "classic":  # flip only, float32 from ToTensor, the write-up's batch
-        return Stage("classic", "ImageFolder + OpenCV-upscaled files, loader only", loader_consumer,
+        return Stage("classic", "ImageFolder + OpenCV-upscaled files, loader only", pipelines.loader_consumer,
                      LOADER_NEEDS["classic"], alternate="loaders", grid=lambda b, res: [
                          {"res": res, "backend": backend, "augment": "flip", "dtype": "float32",
                           "batch_size": b.args.classic_batch_size}])
-    return Stage("loader", "{backend}, augment {augment}", loader_consumer, LOADER_NEEDS.get(backend, ()),
+    return Stage("loader", "{backend}, augment {augment}", pipelines.loader_consumer, LOADER_NEEDS.get(backend, ()),
                  alternate="loaders", grid=lambda b, res: [
                      {"res": res, "backend": backend, "augment": b.args.augment,
                       "dtype": str(AMP_DTYPE[b.args.amp]).removeprefix("torch.")}])
@@ -202,10 +192,9 @@ def table(backends=LOADERS) -> list[Stage]:
 
 
 def add_ratios(records: list[dict]) -> None:
-    """vs_classic on the fastest loader, vs_model on each train record (its share of the ceiling),
-    vs_ffcv_raw on each peer, vs_trainer on each agreement's train stage,
-    and the accounting's cost (the ratio of the medians, and the median of the rounds' ratios: the
-    sturdier on a machine whose speed drifts) on its 'with' record."""
+    """vs_classic on the fastest loader, vs_model on each train record, vs_ffcv_raw on each peer,
+    vs_trainer on the agreement's train stage, and the accounting's cost on its 'with' record (the
+    ratio of the medians, and the median of the rounds' ratios: sturdier when the speed drifts)."""
     for res in {r["res"] for r in records if r["res"]}:
         done = [r for r in records if r["res"] == res and r.get("img_per_s")]
         acc = {r["clock"]: r for r in done if r["stage"] == "accounting"}

@@ -1,14 +1,7 @@
-"""The model and train stages: fasttin.loop's training step, built from a recipe's resolved
-settings, so that "end to end" here is exactly what `fasttin.train` does per step (autocast,
-scaler, label smoothing, SGD without decay on norms, the lr schedule, the device-side metrics).
-
-model: the step on one resident random batch, the compute ceiling of each configuration (precision,
-layout, compile, stem, batch, threads), the points timed in turn.
-train: `loop.train_epoch` over a loader for --steps steps, with its share of that ceiling and the
-trainer's own time accounting (StepClock: data wait and compute), which feeds `loop.verdict`.
-accounting: the same step with and without that accounting, timed in turn: what it costs.
-agreement: a real `fasttin.train` run and this command's train stage, each in a process of its own
-as a user runs them, timed in turn: does the train stage measure what the trainer does?
+"""The stages that step fasttin.loop's training step, built from a recipe's resolved settings, so
+"end to end" here is exactly what `fasttin.train` does per step: model (the compute ceiling), train
+(over a loader, with the trainer's time accounting), accounting (what that accounting costs) and
+agreement (does the train stage measure what a real `fasttin.train` run does?).
 """
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""What a benchmark run leaves behind: JSON (the records, the evidence), Markdown, a PNG chart, the
-rich tables on the terminal, and the summary with loop.verdict's one line per resolution.
-
-`write_outputs` writes JSON first, then Markdown, then the plot; a writer that fails (a read-only
-folder, a full disk) costs only its own file and is reported as one line.
+"""What a benchmark run leaves behind: JSON (the records, the evidence), Markdown, a PNG chart, and
+on the terminal the tables and loop.verdict's one line per resolution.
 """
 from __future__ import annotations
 
@@ -52,10 +49,6 @@ def markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: Path, out: dict) -> None:
-    write_atomic(path, markdown(out).encode())
-
-
 def write_plot(path: Path, out: dict) -> None:
     """Horizontal bars, log scale, one colour per stage; saved beside `path`, then renamed."""
     import matplotlib  # present: benchmarks.run checks it before any work
@@ -80,7 +73,8 @@ def write_plot(path: Path, out: dict) -> None:
         plt.close(fig)
 
 
-WRITERS = (("json", write_json_atomic), ("markdown", write_markdown), ("plot", write_plot))  # in this order
+WRITERS = (("json", write_json_atomic), ("markdown", lambda path, out: write_atomic(path, markdown(out).encode())),
+           ("plot", write_plot))  # in this order
 
 
 def write_outputs(paths: dict, out: dict) -> list[str]:

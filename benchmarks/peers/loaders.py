@@ -7,7 +7,6 @@ float32 where the loader can produce it, so the error measured is the kernel's, 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,24 +154,18 @@ def dali_files(spec: Spec):
 
 
 def image_folder(spec: Spec, root: str, resize: bool):
-    """torchvision's everyday pipeline: ImageFolder + DataLoader workers, per-sample transforms."""
-    import torch
+    """torchvision's everyday pipeline (pipelines.folder_loader), normalised, resizing on the fly or not."""
     import torchvision.transforms as T
-    from torchvision.datasets import ImageFolder
 
-    from benchmarks.pipelines import relative_paths
-    from fasttin.forking import before_fork
+    from benchmarks.pipelines import folder_loader, relative_paths
     from fasttin.shards import open_split
     steps = [T.Resize((spec.res, spec.res), interpolation=T.InterpolationMode.BICUBIC)] if resize else []
     steps += [T.RandomHorizontalFlip()] if spec.flip else []
-    folder = ImageFolder(root, T.Compose([*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
-    if spec.limit:  # the first images in pack order, to compare with the reference
-        rel = relative_paths(open_split(spec.data, spec.split))[:spec.limit]
-        folder.samples = folder.imgs = [(os.path.join(root, r), 0) for r in rel]
-    before_fork()  # the workers are forked at the first pass
-    loader = torch.utils.data.DataLoader(folder, batch_size=spec.batch_size, shuffle=spec.shuffle,
-                                         num_workers=spec.workers, persistent_workers=spec.workers > 0,
-                                         drop_last=spec.limit is None)
+    # the MAE's form: the first images in pack order, to compare with the reference
+    files = relative_paths(open_split(spec.data, spec.split))[:spec.limit] if spec.limit else None
+    loader = folder_loader(root, [*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)],
+                           batch_size=spec.batch_size, workers=spec.workers, shuffle=spec.shuffle,
+                           drop_last=spec.limit is None, files=files)
     return lambda: (x for x, _ in loader)
 
 

@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# Installs FFCV 1.0.2 for the `peers` benchmark into its own folder (default .peers-site at the
-# repository root), never into the main venv and never in CI: pip's FFCV with its declared
-# dependencies replaces the headless OpenCV, and numba is needed by nothing else. Only the FFCV
-# worker subprocess of benchmarks.peers puts this folder on its PYTHONPATH; everything else (torch,
-# numpy, opencv, pillow) comes from the Python given in $PYTHON. Idempotent: a second run that
-# finds FFCV importable does nothing.
-#
-#   bash benchmarks/peers/setup-ffcv.sh            # PYTHON defaults to .venv/bin/python
-#   PYTHON=/path/to/venv/bin/python FASTTIN_PEERS_SITE=/some/dir bash benchmarks/peers/setup-ffcv.sh
+# Installs FFCV 1.0.2 for the `peers` benchmark into its own folder (FASTTIN_PEERS_SITE, default
+# .peers-site), never into the main venv and never in CI: FFCV's declared dependencies would replace
+# the headless OpenCV and numpy. Only the FFCV peer's worker puts this folder on its path; the rest
+# comes from $PYTHON (default .venv/bin/python). Idempotent: nothing to do once FFCV imports.
+#   bash benchmarks/peers/setup-ffcv.sh
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

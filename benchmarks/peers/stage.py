@@ -1,21 +1,30 @@
 """The peers rows of the benchmark table: fasttin's loaders beside FFCV, DALI's own idiom,
-torchvision and the classic pipeline, loader only, on the CPU (`--stages peers`).
+torchvision and the classic pipeline, loader only, on the CPU (`--stages peers`), and the worker
+process each peer runs in with --workers threads or workers, so no loader inherits another's state
+or libraries (FFCV's folder is on the path of its own worker only).
 
-Each peer runs in a process of its own (benchmarks.peers.worker) with --workers threads or
-workers, so no loader inherits another's state or another's libraries (FFCV's folder is on the
-path of its own workers only). The runner times the peers like any alternating group: a warm-up
-epoch each, then --repeats rounds of one whole epoch each, the order rotating; the figure is the
-median round. After the rounds, each peer's MAE against PIL bicubic on the first --mae-images
+The runner times the peers like any group: a warm-up epoch each, then --repeats rounds of one epoch
+each in turn; after the rounds, each peer's MAE against PIL bicubic on the first --mae-images
 images. A peer that is not installed, or whose worker fails or hangs, is a record with `skipped`.
+The runner asks on a pipe; the worker answers each with one dict:
+  at start   {"ready": {version, dtype}}, or {"skipped": why} when the peer is not installed
+  epoch      one whole epoch (the runner times it): {"images", "shape", "dtype"}
+  mae N      {"mae": error, "images": N} on the first N images (see benchmarks.peers.mae)
+  quit       exit
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
+import sys
 from pathlib import Path
 
-from benchmarks.peers import worker
-from benchmarks.peers.loaders import PEERS, Spec, kernel
+import numpy as np
+import torch
+
+from benchmarks.peers import mae as mae_mod
+from benchmarks.peers.loaders import PEERS, Spec, build, kernel, version
 from benchmarks.pipelines import image_folder, upscaled_folder
 from benchmarks.runner import Bench, Skip, Stage
 from fasttin.loaders.augment import SIZE
@@ -24,6 +33,94 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SITE = Path(os.environ.get("FASTTIN_PEERS_SITE", ROOT / ".peers-site"))
 CLASSIC_AT_64 = "at the native 64 px the classic pipeline is the torchvision one: nothing to upscale"
 
+
+# ---- the worker's side -----------------------------------------------------------------------------
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def why_unavailable(peer: str) -> str | None:
+    """A reason to skip the peer, found before building it (None: try to build it)."""
+    if peer in ("fasttin-dali", "dali-files"):
+        from fasttin.loaders import dali
+        return dali.available()
+    if peer.startswith("ffcv-"):
+        try:
+            import ffcv  # noqa: F401
+        except ImportError as e:
+            return (f"FFCV is not importable ({type(e).__name__}: {e}); install it with "
+                    "benchmarks/peers/setup-ffcv.sh")
+    return None
+
+
+def one_epoch(epoch, spec: Spec) -> dict:
+    """One whole epoch, each batch brought to a half-precision NCHW view as a trainer would take it."""
+    dtype = getattr(torch, spec.dtype)
+    n, shape, out = 0, None, None
+    for x in epoch():
+        if x.dtype not in HALF:
+            x = x.to(dtype)  # the float32 loaders (torchvision, classic): to the run's half type
+        n += x.shape[0]
+        shape, out = shape or list(x.shape), out or str(x.dtype).removeprefix("torch.")
+    if shape is not None and shape[1:] != [3, spec.res, spec.res]:
+        raise RuntimeError(f"{spec.peer} gave batches of shape {shape}, expected [B, 3, {spec.res}, {spec.res}]")
+    return {"images": n, "shape": shape, "dtype": out}
+
+
+def measure_mae(spec: Spec, n: int) -> dict:
+    """The peer's error against PIL bicubic on the first n images (unflipped, in pack order)."""
+    from fasttin.shards import open_split
+    ds = open_split(spec.data, spec.split)
+    n = min(n, len(ds))
+    epoch = build(dataclasses.replace(spec, flip=False, shuffle=False, dtype="float32", limit=n))
+    got = []
+    for x in epoch():
+        got.append(mae_mod.to_pixels(x))
+        if sum(len(g) for g in got) >= n:
+            break
+    pixels = np.concatenate(got)[:n]
+    return {"mae": mae_mod.mean_abs_error(pixels, mae_mod.reference(ds, n, spec.res)), "images": n}
+
+
+def stop_children() -> None:
+    """End this process's DataLoader workers now: torch's own shutdown waits 5 s for each idle
+    persistent worker (see fasttin.loaders.pil)."""
+    for child in mp.active_children():
+        child.terminate()
+        child.join()
+
+
+def serve(spec: Spec, site: str, conn) -> None:
+    """The worker's body: FFCV's folder on the path of its own workers only, the libraries' prints
+    on stderr, --workers threads."""
+    if spec.peer.startswith("ffcv-"):
+        sys.path.insert(0, site)
+    os.dup2(2, 1)
+    torch.set_num_threads(spec.workers)
+    why = why_unavailable(spec.peer)
+    if why:
+        conn.send({"skipped": why})
+        return
+    epoch = build(spec)
+    half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
+    conn.send({"ready": {"version": version(spec.peer), "dtype": half}})
+    while True:
+        try:
+            cmd, *args = conn.recv()
+        except EOFError:  # the runner is gone: end as at quit
+            cmd = "quit"
+        if cmd == "epoch":
+            conn.send(one_epoch(epoch, spec))
+        elif cmd == "mae":
+            conn.send(measure_mae(spec, args[0]))
+        elif cmd == "quit":
+            stop_children()
+            return
+        else:
+            raise ValueError(f"unknown command {cmd!r}")
+
+
+# ---- the runner's side -----------------------------------------------------------------------------
 
 class WorkerFailed(Skip):
     """A worker that died or hung: its peer becomes a skipped record."""
@@ -37,7 +134,7 @@ class Worker:
         ctx = mp.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
         self.timeout_s = timeout_s
-        self.proc = ctx.Process(target=worker.serve, args=(spec, str(site), theirs), name=f"peer {spec.peer}")
+        self.proc = ctx.Process(target=serve, args=(spec, str(site), theirs), name=f"peer {spec.peer}")
         self.proc.start()
         theirs.close()  # the worker's end lives in the worker only: its exit is this end's EOF
 
