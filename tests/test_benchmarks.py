@@ -263,7 +263,8 @@ class FakeSplit:
         return np.zeros((64, 64, 3), np.uint8)
 
 
-@pytest.mark.parametrize("key", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "..", "x\n.JPEG", ""])
+@pytest.mark.parametrize("key", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "..", "x\n.JPEG", "",
+                                 "x\u2028.JPEG", "x\x85.JPEG"])
 def test_the_cached_upscaled_split_stays_in_its_folder(key, tmp_path):
     """The classic pipeline's files: a hostile name is refused and nothing is written anywhere."""
     cache = tmp_path / "cache"
