@@ -170,6 +170,12 @@ class Position:
         self.best, self.best_weights = top, which
         return which
 
+    def describe(self, budget_min: float) -> str:
+        """Where a resumed run stands, for its log: epochs done, batches into the next, budget spent."""
+        into = f", {self.batch} batch(es) into epoch {self.epoch + 1}" if self.batch else ""
+        spent = f", {self.budget_spent_s:.1f} s of the {budget_min:g}-minute budget spent" if budget_min else ""
+        return f"{self.epoch} epoch(s) done{into}{spent}"
+
     @classmethod
     def of(cls, ckpt: dict) -> Position:
         return cls(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("best_acc1", 0.0), ckpt.get("best_weights", "raw"),
@@ -189,3 +195,19 @@ def best_state(weights: dict, which: str, **run) -> dict:
     """What best.pt holds: the weights that validated best (`which`: "raw" or "ema") as its "model",
     so that eval, predict and --pretrained read the best weights whichever they are."""
     return {"model": weights, "weights": which, **run}
+
+
+def save_run(out: Path, step, pos: Position, cfg: dict, classes: list, words: list, *, epoch: int, batch: int,
+             res: int, budget: dict | None = None, best: str | None = None) -> None:
+    """last.pt in `out` with the position (`epoch` done, `batch` into the next) and the `budget` figures,
+    and best.pt with the `best` weights ("raw" or "ema") when they validated best. Both name the
+    classes and the architecture at the resolution they validate at, for eval and predict. The
+    caller has checked the weights finite."""
+    arch = {"name": "resnet18", "stem": cfg["stem"], "num_classes": len(classes), "res": cfg["eval_res"] or res}
+    common = dict(config=cfg, best_acc1=pos.best, classes=classes, words=words, arch=arch)
+    extra = {"rows": len(pos.rows), "best_weights": pos.best_weights, **({"epoch_res": res} if batch else {})}
+    extra.update(budget or {})
+    save(Path(out) / "last.pt", run_state(step.state_dict(), epoch=epoch, batch=batch, **common, **extra))
+    if best is not None:
+        weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
+        save(Path(out) / "best.pt", best_state(weights, best, epoch=epoch + (batch > 0), **common))

@@ -33,6 +33,11 @@ def resolve_device(name: str | None):
     return device
 
 
+# what a training run says on the CPU of a machine without CUDA
+CPU_HINT = ("no CUDA device: this is a GPU workload and will be slow here; --res 64, a --classes subset at pack "
+            "time (python -m fasttin.pack --classes 10) and fewer --epochs make a CPU run short")
+
+
 def pillow_simd() -> bool:
     """pillow-simd marks its version with '.postN' on top of the Pillow release it forks."""
     import PIL

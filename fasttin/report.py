@@ -14,7 +14,8 @@ from rich.table import Table
 
 from fasttin.errors import UserError
 from fasttin.fileio import write_atomic, write_json_atomic, write_with
-from fasttin.loop import shares, verdict
+from fasttin.loop import Budget, shares, verdict
+from fasttin.recipes import WRITEUP_TOP1
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
 
@@ -54,8 +55,8 @@ def time_row(row: dict, rows: list[dict], t0: float, validated: float) -> None:
 
 
 def summary(rows: list[dict], cfg: dict, *, best: float, best_weights: str, compile_s, backend: str,
-            better_backend, device, world: int, steps_per_epoch: int, budget_spent_s, writeup) -> dict:
-    """summary.json: the run's accuracy, its time and where it went, and the verdict line."""
+            better_backend, device, world: int, steps_per_epoch: int, budget_spent_s) -> dict:
+    """summary.json: the run's accuracy beside the write-up's, its time and where it went, and the verdict line."""
     total = sum(r["epoch_s"] for r in rows)
     times = {k: sum(r.get(k, 0.0) for r in rows) for k in ("data_wait_s", "compute_s", "eval_s", "checkpoint_s")}
     run_shares = {k[:-6]: v for k, v in shares(times, total).items()}
@@ -69,8 +70,20 @@ def summary(rows: list[dict], cfg: dict, *, best: float, best_weights: str, comp
             "final_val_acc5": last.get("val_acc5"), "final_ema_val_acc1": last.get("ema_val_acc1"),
             "train_s": total, "budget_min": cfg["budget"] or None, "budget_spent_s": budget_spent_s,
             "compile_s": compile_s, **times, **shares(times, total), "verdict": line, "pretrained": cfg["pretrained"],
-            "pretrained_reason": cfg.get("pretrained_reason"), "writeup_val_acc1": writeup, "device": str(device),
-            "world_size": world}
+            "pretrained_reason": cfg.get("pretrained_reason"), "writeup_val_acc1": WRITEUP_TOP1.get(cfg["recipe"]),
+            "device": str(device), "world_size": world}
+
+
+def finish_run(out: Path | None, rows: list[dict], cfg: dict, *, budget: Budget | None, **facts) -> dict:
+    """The run's summary (`facts`: summary's), returned on every rank; rank 0 (`out` given) writes it
+    with curves.png, shows the closing table and the verdict, and says if the run overran its `budget`."""
+    s = summary(rows, cfg, budget_spent_s=budget.local_spent() if budget else None, **facts)
+    if out is not None and rows:
+        write_run(out, rows, s, f"fasttin {cfg['recipe']}, {facts['device'].type}")
+    note = budget and budget.overrun_note(s["budget_spent_s"])
+    if note and out is not None:
+        log(note)
+    return s
 
 
 def write_run(out: Path, rows: list[dict], summary: dict, title: str) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from fasttin import checkpoint, ranks, recipes, report, rundir
 from fasttin.errors import EXIT_INTERRUPTED, EXIT_OK, run_command
-from fasttin.info import resolve_device
+from fasttin.info import CPU_HINT, resolve_device
 from fasttin.loaders import better_backend, make_loader
 from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, train_epoch
 from fasttin.model import build_model, check_fits, initial_weights
@@ -26,8 +26,6 @@ from fasttin.ranks import StopRequest
 from fasttin.shards import read_manifest
 
 NAME = "fasttin.train"
-CPU_HINT = ("no CUDA device: this is a GPU workload and will be slow here; --res 64, a --classes subset at pack "
-            "time (python -m fasttin.pack --classes 10) and fewer --epochs make a CPU run short")
 
 
 # --- the run and its folder -----------------------------------------------------------------------
@@ -114,10 +112,7 @@ def restore(run: Run, step, data: Data) -> checkpoint.Position:
     checkpoint.set_rng_state(ckpt["rng"])
     pos = checkpoint.Position.of(ckpt)
     pos.rows = report.metrics_upto(metrics, pos.rows_seen, pos.epoch, rewrite=run.main)
-    run.log(f"resumed from {where}: {pos.epoch} epoch(s) done"
-            + (f", {pos.batch} batch(es) into epoch {pos.epoch + 1}" if pos.batch else "")
-            + (f", {pos.budget_spent_s:.1f} s of the {run.cfg['budget']:g}-minute budget spent" if run.cfg["budget"]
-               else ""))
+    run.log(f"resumed from {where}: {pos.describe(run.cfg['budget'])}")
     return pos
 
 
@@ -155,21 +150,10 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
 
 def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epoch: int, batch: int, res: int,
                     budget: dict | None, best: str | None = None) -> None:
-    """last.pt with the position (`epoch` done, `batch` into the next) and the `budget` figures, and
-    best.pt with the `best` weights ("raw" or "ema") when they validated best. The caller has
-    checked them finite."""
-    if not run.main:
-        return
-    arch = {"name": "resnet18", "stem": run.cfg["stem"], "num_classes": len(data.classes),
-            "res": run.cfg["eval_res"] or res}
-    common = dict(config=run.cfg, best_acc1=pos.best, classes=data.classes, words=data.words, arch=arch)
-    extra = {"rows": len(pos.rows), "best_weights": pos.best_weights, **({"epoch_res": res} if batch else {})}
-    extra.update(budget or {})
-    checkpoint.save(run.out / "last.pt", checkpoint.run_state(step.state_dict(), epoch=epoch, batch=batch,
-                                                               **common, **extra))
-    if best is not None:
-        weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
-        checkpoint.save(run.out / "best.pt", checkpoint.best_state(weights, best, epoch=epoch + (batch > 0), **common))
+    """last.pt, and best.pt when `best` names the weights that validated best (rank 0's: checkpoint.save_run)."""
+    if run.main:
+        checkpoint.save_run(run.out, step, pos, run.cfg, data.classes, data.words, epoch=epoch, batch=batch,
+                            res=res, budget=budget, best=best)
 
 
 def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
@@ -247,19 +231,11 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
 
 
 def finish(run: Run, data: Data, pos: checkpoint.Position, compile_s, budget: Budget | None) -> dict:
-    """summary.json, curves.png, the closing table and the verdict."""
-    cfg = run.cfg
-    summary = report.summary(pos.rows, cfg, best=pos.best, compile_s=compile_s, backend=data.train.backend,
-                             better_backend=better_backend(data.train, recipes.max_res(cfg)),
-                             device=run.device, world=run.world, steps_per_epoch=len(data.train),
-                             budget_spent_s=budget.local_spent() if budget else None, best_weights=pos.best_weights,
-                             writeup=recipes.WRITEUP_TOP1.get(cfg["recipe"]))
-    if run.main and pos.rows:
-        report.write_run(run.out, pos.rows, summary, f"fasttin {cfg['recipe']}, {run.device.type}")
-    note = budget and budget.overrun_note(summary["budget_spent_s"])
-    if note:
-        run.log(note)
-    return summary
+    """The summary on every rank; rank 0 writes summary.json, curves.png, the closing table and the verdict."""
+    return report.finish_run(run.out if run.main else None, pos.rows, run.cfg, budget=budget, best=pos.best,
+                             best_weights=pos.best_weights, compile_s=compile_s, device=run.device, world=run.world,
+                             steps_per_epoch=len(data.train), backend=data.train.backend,
+                             better_backend=better_backend(data.train, recipes.max_res(run.cfg)))
 
 
 # --- the command ----------------------------------------------------------------------------------
