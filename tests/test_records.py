@@ -171,12 +171,15 @@ def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
     assert "ratio" in capsys.readouterr().out
 
 
-def test_benchmarks_before_and_after_tables_are_their_records():
-    """The peers and loader tables of BENCHMARKS.md's 2026-12-04 before/after section, rebuilt from
-    the JSON kept beside it: an edited figure, or a record that is not the one quoted, fails."""
-    folder = ROOT / "benchmarks" / "results" / "cpu-2026-12-04-pipe-and-one-timing-path"
+@pytest.mark.parametrize("folder", ["cpu-2026-12-04-pipe-and-one-timing-path",
+                                    "cpu-2026-12-04-one-classic-builder"])
+def test_benchmarks_before_and_after_tables_are_their_records(folder):
+    """The peers and loader tables of a BENCHMARKS.md before/after section, rebuilt from the JSON
+    kept beside it: an edited figure, or a record that is not the one quoted, fails."""
+    folder = ROOT / "benchmarks" / "results" / folder
     recs = {p.stem: {(r["res"], r["backend"]): r for r in json.loads(p.read_text())["records"]}
             for p in folder.glob("*.json")}
+    assert len(recs) == 8, sorted(recs)
     text = (ROOT / "BENCHMARKS.md").read_text()
     runs = ("old", "new", "old2", "new2")
     for (res, peer), r in recs["peers-old"].items():
