@@ -74,15 +74,28 @@ def _write_each(folder: Path, ds, image) -> None:
 def image_folder(ds, cache: Path) -> Path:
     """The split as an ImageFolder of its 64 px files: the JPEG payloads byte for byte (PNG for
     raw payloads), for torchvision's and DALI's file readers."""
+    if ds.payload != "jpeg":
+        opencv()  # before any file is written
     def image(i: int, suffix: str) -> bytes:
         return ds.encoded(i).tobytes() if ds.payload == "jpeg" else _encode(ds.image(i), suffix)
     return _cached(Path(cache) / f"folder-{split_tag(ds)}", lambda tmp: _write_each(tmp, ds, image))
 
 
+def opencv():
+    """cv2, or a Skip that says how to install it: OpenCV is the benchmarks' optional dependency
+    (the classic pipeline's upscale, PNG files of raw payloads), so every row that needs it is
+    skipped without it, whichever stage it belongs to."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise Skip(f"OpenCV is not importable ({e}): pip install -e '.[bench]'") from None
+    return cv2
+
+
 def upscaled_folder(ds, cache: Path, res: int) -> Path:
     """The split upscaled to res x res on disk with OpenCV INTER_CUBIC, as the write-up did: the
     classic pipeline's input (JPEG at OpenCV's quality 95, or PNG, as the file names say)."""
-    import cv2
+    cv2 = opencv()
 
     def image(i: int, suffix: str) -> bytes:
         return _encode(cv2.resize(ds.image(i), (res, res), interpolation=cv2.INTER_CUBIC), suffix)
@@ -90,7 +103,7 @@ def upscaled_folder(ds, cache: Path, res: int) -> Path:
 
 
 def _encode(rgb, suffix: str) -> bytes:
-    import cv2
+    cv2 = opencv()
     ok, data = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise UserError(f"OpenCV cannot encode an image as {suffix}")
@@ -123,15 +136,6 @@ def folder_loader(root: Path, transforms: list, *, batch_size: int, workers: int
                                        pin_memory=pin_memory, persistent_workers=True, drop_last=drop_last)
 
 
-def classic_loader(b: Bench, res: int):
-    """The write-up's pipeline over the split upscaled on disk: flip, ToTensor, all cores."""
-    import torchvision.transforms as T
-    return b.shared(("loader", "classic", res), lambda: folder_loader(
-        upscaled_folder(b.ds, Path(b.args.cache), res), [T.RandomHorizontalFlip(), T.ToTensor()],
-        batch_size=b.args.classic_batch_size, workers=b.args.workers or os.cpu_count(),
-        pin_memory=b.device.type == "cuda"))
-
-
 class OnDevice:
     """A CPU loader's batches moved to the device in the trainer's layout (what fasttin's loaders
     hand out), so the classic pipeline can feed the same training step."""
@@ -149,10 +153,15 @@ class OnDevice:
 
 
 def loader_for(b: Bench, backend: str, res: int):
-    """The loader a stage measures: `classic` on the device, or a fasttin backend."""
-    if backend == "classic":
-        return OnDevice(classic_loader(b, res), b.device)
-    return backend_loader(b, backend, res)
+    """The loader a stage measures: a fasttin backend, or the write-up's pipeline over the split
+    upscaled on disk (flip, ToTensor, all cores), its batches moved to the device."""
+    if backend != "classic":
+        return backend_loader(b, backend, res)
+    import torchvision.transforms as T
+    return OnDevice(b.shared(("loader", "classic", res), lambda: folder_loader(
+        upscaled_folder(b.ds, Path(b.args.cache), res), [T.RandomHorizontalFlip(), T.ToTensor()],
+        batch_size=b.args.classic_batch_size, workers=b.args.workers or os.cpu_count(),
+        pin_memory=b.device.type == "cuda")), b.device)
 
 
 def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):

@@ -6,7 +6,6 @@ yields no images is skipped, never recorded as 0 img/s.
 """
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
@@ -22,21 +21,11 @@ class Skip(Exception):
     """Raised by a stage that cannot measure this point; the message is the record's reason."""
 
 
-def _importable(module: str) -> str | None:
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a missing parent package
-        found = False
-    return None if found else f"{module} is not installed"
-
-
 # need -> why it is missing on this bench (None: present)
 NEEDS: dict[str, Callable[[Bench], str | None]] = {
     "cuda": lambda b: None if b.device.type == "cuda" else "no CUDA device",
     "dali": lambda b: dali_backend.available(),
     "jpeg": lambda b: None if b.ds.payload == "jpeg" else "raw payload: nothing to decode",
-    "cv2": lambda b: _importable("cv2"),
-    "torchvision": lambda b: _importable("torchvision"),
 }
 
 # the grid keys that are record fields too

@@ -132,7 +132,7 @@ def copy_consumer(b: Bench, res: int, pinned: bool):
 
 # ---- loaders, peers ---------------------------------------------------------------------------------
 
-LOADER_NEEDS = {"dali": ("dali",), "classic": ("cv2", "torchvision")}
+LOADER_NEEDS = {"dali": ("dali",)}  # the classic pipeline's OpenCV: pipelines.opencv
 
 
 def _loader_row(backend: str) -> Stage:
@@ -140,7 +140,7 @@ def _loader_row(backend: str) -> Stage:
     the augmentation, batch and dtype the loader hands out."""
     if backend == "classic":  # flip only, float32 from ToTensor, the write-up's batch
         return Stage("classic", "ImageFolder + OpenCV-upscaled files, loader only", pipelines.loader_consumer,
-                     LOADER_NEEDS["classic"], alternate="loaders", grid=lambda b, res: [
+                     alternate="loaders", grid=lambda b, res: [
                          {"res": res, "backend": backend, "augment": "flip", "dtype": "float32",
                           "batch_size": b.args.classic_batch_size}])
     return Stage("loader", "{backend}, augment {augment}", pipelines.loader_consumer, LOADER_NEEDS.get(backend, ()),

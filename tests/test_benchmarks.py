@@ -16,6 +16,7 @@ from helpers import ROOT, run_cli
 from benchmarks import pipelines, stages, training, writers
 from benchmarks.run import STAGE_NAMES, main
 from benchmarks.runner import Bench, Skip, Stage, run_table
+from fasttin.shards import open_split
 
 
 @pytest.mark.slow
@@ -273,6 +274,24 @@ def test_the_cached_upscaled_split_stays_in_its_folder(key, tmp_path):
     written = {str(Path(d) / f) for d, _, fs in os.walk(tmp_path) for f in fs}
     assert written == {str(tmp_path / "data" / "manifest.json")}
     assert pipelines.bare_name("n01443537_3.JPEG", "key") == "n01443537_3.JPEG"
+
+
+def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp_path, packed, packed_raw,
+                                                                            monkeypatch):
+    """OpenCV is an optional dependency: the classic loader and train rows and the classic peer say so,
+    the other rows are measured, nothing is written to the cache (the raw split's PNG folder neither)."""
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+    path, cache = tmp_path / "b.json", tmp_path / "cache"
+    assert main(["--data", str(packed), "--device", "cpu", "--stages", "loader,train,peers", "--backends",
+                 "resident,classic", "--peers", "classic", "--res", "224", "--batch-size", "8", "--repeats", "1",
+                 "--batches", "1", "--steps", "1", "--cache", str(cache), "--json", str(path)]) == 0
+    records = {(r["stage"], r["backend"]): r for r in json.loads(path.read_text())["records"]}
+    for key in [("classic", "classic"), ("train", "classic"), ("peers", "classic")]:
+        assert "OpenCV is not importable" in records[key]["skipped"] and "[bench]" in records[key]["skipped"], key
+    assert records[("loader", "resident")]["img_per_s"] and records[("train", "resident")]["img_per_s"]
+    with pytest.raises(Skip, match="OpenCV"):
+        pipelines.image_folder(open_split(packed_raw, "val"), cache)
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 
 @pytest.mark.slow
