@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import LOADERS
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
-from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, count, resolve
+from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, Setting, count, flag_type, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
@@ -70,7 +70,8 @@ def parser() -> CommandParser:
     p.add_argument("--augment", help="augmentation of the loader stages (default: the recipe's)")
     p.add_argument("--workers", type=positive, help="loader threads/processes (default: all cores)")
     p.add_argument("--repeats", type=positive, default=5, help="timed repeats per figure (median reported)")
-    p.add_argument("--batches", type=int, default=0, help="batches per loader repeat (default 0: a whole epoch)")
+    p.add_argument("--batches", type=count("batches", positive=False), default=0,
+                   help="batches per loader repeat (default 0: a whole epoch)")
     p.add_argument("--steps", type=positive, default=5, help="training steps per model and train repeat")
     p.add_argument("--decode-images", type=positive, default=4096, help="images per decode/resize repeat")
     p.add_argument("--compiled", choices=("none", "some", "all", "only"), default="some",
@@ -93,7 +94,8 @@ def parser() -> CommandParser:
                    "first N images")
     p.add_argument("--ffcv-site", type=Path, help="the folder benchmarks/peers/setup-ffcv.sh "
                    "installed FFCV into (default .peers-site)")
-    p.add_argument("--peer-timeout", type=float, default=1800, help="seconds a peer's worker may take to answer")
+    p.add_argument("--peer-timeout", type=flag_type(Setting("peer_timeout", None, float, "", positive=True)),
+                   default=1800, help="seconds a peer's worker may take to answer")
     p.add_argument("--trainer-epochs", type=positive, default=2, help="the agreement's fasttin.train epochs a "
                    "round (the last one is timed)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
@@ -121,11 +123,11 @@ def summarize(path: Path) -> int:
     from rich.console import Console
 
     from benchmarks import writers
-    try:
-        records = json.loads(path.read_text())["records"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    try:  # a record without its fields is refused before anything is printed
+        shown = writers.summary_of(json.loads(path.read_text())["records"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--summarize {path}: not a benchmarks.run JSON ({type(e).__name__}: {e})") from None
-    writers.print_summary(records, Console())
+    writers.print_summary(shown, Console())
     return EXIT_OK
 
 
@@ -204,7 +206,7 @@ def report(args, out: dict) -> int:
     failed = writers.write_outputs(paths, with_environment(out))
     console = Console()
     console.print(writers.table(out["records"]))
-    writers.print_summary(out["records"], console)
+    writers.print_summary(writers.summary_of(out["records"]), console)
     for line in failed:
         print(f"benchmarks.run: error: {line}", file=sys.stderr)
     return EXIT_BAD_INPUT if failed else EXIT_OK

@@ -142,9 +142,16 @@ def summary(records: list[dict]):
     return t
 
 
-def print_summary(records: list[dict], console) -> None:
+def summary_of(records: list[dict]):
+    """The summary table (None when only read, decode or peers ran) and the verdicts, built whole
+    before any is printed."""
     t = summary(records)
-    if t.row_count:  # nothing to sum up when only read, decode or peers ran
+    return (t if t.row_count else None), verdicts(records)
+
+
+def print_summary(shown, console) -> None:
+    t, lines = shown
+    if t is not None:
         console.print(t)
-    for line in verdicts(records):
+    for line in lines:
         console.print(line, markup=False, highlight=False)

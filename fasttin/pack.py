@@ -177,8 +177,8 @@ class PackOptions:
         for flag, v in (("--classes", self.classes), ("--per-class", self.per_class), ("--synthetic", self.synthetic)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise PackError(f"{flag} {v}: must be at least 1")
-        if not 0 < self.shard_mb * (1 << 20) < 1 << 32:
-            raise PackError(f"--shard-mb {self.shard_mb}: must be above 0 and below 4096 (u32 offsets)")
+        if not 1 <= self.shard_mb * (1 << 20) < 1 << 32:  # the writer's size is a whole number of bytes
+            raise PackError(f"--shard-mb {self.shard_mb}: must be at least 1 byte (1e-6) and below 4096 (u32 offsets)")
         if self.seed < 0:
             raise PackError(f"--seed {self.seed}: must be 0 or more")
 

@@ -227,11 +227,13 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
     (["--data", "{tmp}/missing", "--stages", "read"], "missing"),
     (["--data", "{packed}", "--split", "nope", "--stages", "read"], "nope"),
     (["--summarize", "{tmp}/none.json"], "none.json"),
+    (["--summarize", "{tmp}/fieldless.json"], "fieldless.json"),  # records without the schema's fields
     (["--markdown", "{tmp}/file/b.md"], "b.md"),
     (["--data", "{packed}", "--augment", "bogus"], "bogus"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
     (tmp_path / "file").write_text("")
+    (tmp_path / "fieldless.json").write_text('{"records": [{"stage": "train", "res": 64, "img_per_s": 5}]}')
     argv = [a.format(tmp=tmp_path, packed=packed) for a in argv]
     assert main([*argv, "--device", "cpu", "--cache", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -239,7 +241,8 @@ def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
 
 
 @pytest.mark.parametrize("flag", [["--res", "abc"], ["--stages", "read,bogus"], ["--repeats", "0"],
-                                  ["--trainer-epochs", "0"]])
+                                  ["--trainer-epochs", "0"], ["--batches", "-3"], ["--peer-timeout", "nan"],
+                                  ["--peer-timeout", "0"]])
 def test_bad_flags_are_refused_by_the_parser(flag, capsys):
     with pytest.raises(SystemExit) as e:
         main([*flag, "--device", "cpu"])

@@ -117,6 +117,14 @@ def test_out_inside_src_refused(synth_src):
     assert not (synth_src / "packed").exists()
 
 
+@pytest.mark.parametrize("mb", [0, -1, float("nan"), 1e-9, 4096])
+def test_a_shard_size_the_writer_cannot_hold_is_refused_by_name(mb, tmp_path):
+    """Under one byte (the writer's size is whole bytes) or past u32 offsets: refused before any work."""
+    with pytest.raises(PackError, match="--shard-mb"):
+        pack(None, tmp_path / "out", synthetic=1, classes=2, shard_mb=mb, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_zip_source_read_in_place(synth_src, packed, tmp_path):
     z = tmp_path / "tiny-imagenet-200.zip"
     with zipfile.ZipFile(z, "w") as zf:
