@@ -1,7 +1,9 @@
 """The run records and what is built from them: the commit they name, the ablation rows and the
 figure of top-1 against minutes, and the README's results table, filled only from the records."""
+import contextlib
 import json
 import re
+import zipfile
 
 import pytest
 from helpers import ROOT
@@ -156,19 +158,37 @@ def test_benchmarks_gpu_goals_are_the_h200_records():
     assert f"**{first['val_acc1']:.1%} after {first['elapsed_s']:.0f} s** of training (epoch {first['epoch']}" in text
 
 
-def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys):
-    """tools/pack_ratio.py times the read loop and the pack each going first in turn (ABBA), as
-    every alternation here does (runner.rotation), not always in one order."""
+def load_tool(name: str):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("pack_ratio", ROOT / "tools" / "pack_ratio.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_the_pack_ratio_tool_takes_turns(monkeypatch, capsys, tmp_path):
+    """tools/pack_ratio.py times the read loop and the pack each going first in turn (ABBA), as
+    every alternation here does (runner.rotation), not always in one order."""
+    tool = load_tool("pack_ratio")
     calls = []
     monkeypatch.setattr(tool, "read_loop", lambda path: calls.append("read"))
     monkeypatch.setattr(tool, "pack", lambda src, out, quiet: calls.append("pack"))
-    tool.main(["archive.zip", "--repeats", "3"])
+    zipfile.ZipFile(tmp_path / "archive.zip", "w").close()
+    assert tool.main([str(tmp_path / "archive.zip"), "--repeats", "3"]) == 0
     assert calls == ["read", "pack", "pack", "read", "read", "pack"]
     assert "ratio" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, argv, culprit", [
+    ("pack_ratio", ["{tmp}/missing.zip"], "missing.zip"), ("pack_ratio", ["{tmp}", "--repeats", "0"], "--repeats"),
+    ("bicubic_mae", ["{tmp}/nopack"], "nopack"), ("bicubic_mae", ["{tmp}", "--res", "8"], "--res"),
+    ("bicubic_mae", ["{tmp}", "--n", "-1"], "--n")])
+def test_the_measuring_tools_refuse_bad_input_in_one_line(name, argv, culprit, tmp_path, capsys):
+    with pytest.raises(SystemExit) if culprit.startswith("--") else contextlib.nullcontext() as stop:
+        rc = load_tool(name).main([a.format(tmp=tmp_path) for a in argv])
+    assert (stop.value.code if stop else rc) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tools.{name}: error: ") and culprit in err[0], err
 
 
 @pytest.mark.parametrize("folder", ["cpu-2026-12-04-pipe-and-one-timing-path",

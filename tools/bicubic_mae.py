@@ -5,24 +5,31 @@ Prints the mean absolute error (0-255 scale) of every kernel against PIL's and O
 of the same decoded 64x64 images, OpenCV's INTER_AREA included (FFCV resizes with it). The error
 is benchmarks.peers.mae's, the one the peers benchmark reports.
 """
-import argparse
+import sys
 
 import cv2
 import numpy as np
 import torch
 
 from benchmarks.peers import mae
+from fasttin.errors import EXIT_OK, CommandParser, run_command
 from fasttin.loaders import make_loader
+from fasttin.recipes import MIN_RES, Setting, count, flag_type
 from fasttin.shards import open_split
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("data")
-    p.add_argument("--res", type=int, default=224)
-    p.add_argument("--n", type=int, default=256)
-    a = p.parse_args()
-    ds = open_split(a.data, "val")
+def main(argv=None) -> int:
+    p = CommandParser("tools.bicubic_mae", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="a packed data set (its val split)")
+    p.add_argument("--res", type=flag_type(Setting("res", None, int, "", minimum=MIN_RES)), default=224)
+    p.add_argument("--n", type=count("n"), default=256, help="images (at most the split's)")
+    a = p.parse_args(argv)
+    return run_command("tools.bicubic_mae", lambda: compare(a))
+
+
+def compare(a) -> int:
+    ds = open_split(a.data, "val")  # a FormatError names the folder: one line
+    a.n = min(a.n, len(ds))
     src, r = ds.images(np.arange(a.n)), a.res
     ref = {"PIL BICUBIC": mae.reference(ds, a.n, r),
            "OpenCV INTER_CUBIC": np.stack([cv2.resize(x, (r, r), interpolation=cv2.INTER_CUBIC) for x in src])}
@@ -40,7 +47,8 @@ def main():
     for name, x in out.items():
         print(f"{name:28s}" + "".join(f"{mae.mean_abs_error(np.asarray(x, np.float64), y):22.3f}"
                                       for y in ref.values()))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

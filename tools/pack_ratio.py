@@ -4,15 +4,17 @@ Usage: python tools/pack_ratio.py ZIP [--repeats 2]
 Runs both in turn in one process on the same machine, each going first in turn (runner.rotation),
 and prints the ratio of the medians (target <= 4).
 """
-import argparse
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import zipfile
 
 from benchmarks.runner import rotation
+from fasttin.errors import EXIT_OK, CommandParser, UserError, run_command
 from fasttin.pack import pack
+from fasttin.recipes import count
 
 
 def read_loop(path):
@@ -24,11 +26,17 @@ def read_loop(path):
     return n
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("zip")
-    p.add_argument("--repeats", type=int, default=2)
+def main(argv=None) -> int:
+    p = CommandParser("tools.pack_ratio", description=__doc__.split("\n\n")[0])
+    p.add_argument("zip", help="the Tiny-ImageNet zip")
+    p.add_argument("--repeats", type=count("repeats"), default=2)
     args = p.parse_args(argv)
+    return run_command("tools.pack_ratio", lambda: measure(args))
+
+
+def measure(args) -> int:
+    if not zipfile.is_zipfile(args.zip):  # False for a missing or unreadable file too
+        raise UserError(f"{args.zip}: not a readable zip file")
     times = {"read": [], "pack": []}
     for i in range(args.repeats):
         for side in rotation(list(times), i):
@@ -44,7 +52,8 @@ def main(argv=None):
     r, k = statistics.median(reads), statistics.median(packs)
     print(f"read loop {r:.2f} s (runs {', '.join(f'{x:.2f}' for x in reads)}); "
           f"pack {k:.2f} s (runs {', '.join(f'{x:.2f}' for x in packs)}); ratio {k / r:.2f} (target <= 4)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
