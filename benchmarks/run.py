@@ -106,10 +106,15 @@ def parser() -> CommandParser:
 
 
 def check_outputs(args) -> None:
-    """Every output writable before any work (a mistyped --json costs a second, not the run)."""
-    for path in (args.json, args.markdown, args.plot):
-        if path:
-            ensure_writable(path)
+    """Every output writable before any work (a mistyped --json costs a second, not the run), and
+    no two the same file (the later would overwrite the earlier: the JSON is the evidence)."""
+    outputs = {flag: path for flag, path in (("--json", args.json), ("--markdown", args.markdown),
+                                             ("--plot", args.plot)) if path}
+    for flag, path in outputs.items():
+        ensure_writable(path)
+        same = [f for f, p in outputs.items() if f != flag and Path(p).resolve() == Path(path).resolve()]
+        if same:
+            raise UserError(f"{same[0]} and {flag} both name {path}: give each output its own file")
     if args.plot:
         try:
             import matplotlib  # noqa: F401

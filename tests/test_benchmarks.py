@@ -229,6 +229,7 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
     (["--summarize", "{tmp}/none.json"], "none.json"),
     (["--summarize", "{tmp}/fieldless.json"], "fieldless.json"),  # records without the schema's fields
     (["--markdown", "{tmp}/file/b.md"], "b.md"),
+    (["--json", "{tmp}/b.json", "--markdown", "{tmp}/./b.json"], "both name"),  # one would overwrite the other
     (["--data", "{packed}", "--augment", "bogus"], "bogus"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
