@@ -25,7 +25,7 @@ positive = count("value")
 
 
 def positives(text: str) -> list[int]:
-    return [positive(t) for t in text.split(",")]
+    return list(dict.fromkeys(positive(t) for t in text.split(",")))  # a repeat would be measured twice
 
 
 def resolutions(text: str) -> list[int]:

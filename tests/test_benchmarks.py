@@ -14,7 +14,7 @@ import torch
 from helpers import ROOT, run_cli
 
 from benchmarks import pipelines, stages, training, writers
-from benchmarks.run import STAGE_NAMES, main
+from benchmarks.run import STAGE_NAMES, main, parser
 from benchmarks.runner import Bench, Skip, Stage, run_table
 from fasttin.shards import open_split
 
@@ -249,6 +249,11 @@ def test_bad_flags_are_refused_by_the_parser(flag, capsys):
         main([*flag, "--device", "cpu"])
     assert e.value.code == 2
     assert flag[0] in capsys.readouterr().err
+
+
+def test_comma_lists_keep_their_order_and_measure_a_repeat_once():
+    args = parser().parse_args(["--res", "224,64,224", "--batch-sizes", "8,8,16", "--threads", "2,1,2"])
+    assert (args.res, args.batch_sizes, args.threads) == ([224, 64], [8, 16], [2, 1])
 
 
 class FakeSplit:
