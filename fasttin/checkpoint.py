@@ -199,15 +199,16 @@ def best_state(weights: dict, which: str, **run) -> dict:
 
 def save_run(out: Path, step, pos: Position, cfg: dict, classes: list, words: list, *, epoch: int, batch: int,
              res: int, budget: dict | None = None, best: str | None = None) -> None:
-    """last.pt in `out` with the position (`epoch` done, `batch` into the next) and the `budget` figures,
-    and best.pt with the `best` weights ("raw" or "ema") when they validated best. Both name the
+    """best.pt with the `best` weights ("raw" or "ema") when they validated best, then last.pt in `out`
+    with the position (`epoch` done, `batch` into the next) and the `budget` figures: last.pt never
+    records a best that best.pt does not hold, whatever the moment of a crash. Both name the
     classes and the architecture at the resolution they validate at, for eval and predict. The
     caller has checked the weights finite."""
     arch = {"name": "resnet18", "stem": cfg["stem"], "num_classes": len(classes), "res": cfg["eval_res"] or res}
     common = dict(config=cfg, best_acc1=pos.best, classes=classes, words=words, arch=arch)
     extra = {"rows": len(pos.rows), "best_weights": pos.best_weights, **({"epoch_res": res} if batch else {})}
     extra.update(budget or {})
-    save(Path(out) / "last.pt", run_state(step.state_dict(), epoch=epoch, batch=batch, **common, **extra))
-    if best is not None:
+    if best is not None:  # first: last.pt commits the epoch, so a crash between the two repeats it
         weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
         save(Path(out) / "best.pt", best_state(weights, best, epoch=epoch + (batch > 0), **common))
+    save(Path(out) / "last.pt", run_state(step.state_dict(), epoch=epoch, batch=batch, **common, **extra))

@@ -143,3 +143,28 @@ def test_a_failed_save_keeps_the_old_checkpoint_and_leaves_no_temporary(tmp_path
     with pytest.raises(OutputError, match=f"cannot write {path}: no space left"):
         checkpoint.save(path, {"epoch": 2})
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_a_crash_between_the_two_saves_never_leaves_last_pt_ahead_of_best_pt(tmp_path, monkeypatch, crash_at):
+    """last.pt commits an epoch: it must never record a best that best.pt does not hold (a resume
+    would then report the new best while best.pt keeps the old weights)."""
+    from fasttin.loop import make_step
+    from fasttin.recipes import resolve
+    step = make_step(build_model(3, "cifar"), resolve("seed-64-scratch"), device="cpu", steps_per_epoch=1)
+    pos, cfg = checkpoint.Position(best=0.5), resolve("seed-64-scratch", eval_res=0)
+    save_run = lambda epoch: checkpoint.save_run(tmp_path, step, pos, cfg, ["a", "b", "c"], ["", "", ""],
+                                                 epoch=epoch, batch=0, res=32, best="raw")
+    save_run(1)
+    pos.best, writes, real_save = 0.7, [], checkpoint.save
+
+    def dies(path, state):
+        writes.append(path.name)
+        if len(writes) == crash_at:
+            raise KeyboardInterrupt  # a kill: nothing after this write happens
+        real_save(path, state)
+    monkeypatch.setattr(checkpoint, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        save_run(2)
+    last, best = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
+    assert last["best_acc1"] <= best["best_acc1"] and last["epoch"] <= best["epoch"], writes
