@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks import LOADERS
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
-from fasttin.recipes import AUGMENTS, MIN_RES, RECIPES, STEMS, Setting, count, flag_type, resolve
+from fasttin.recipes import AUGMENTS, RECIPES, STEMS, Setting, count, flag_type, res_problem, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
 # a mistyped --json fails in well under a second instead of after torch's import.
@@ -30,8 +30,9 @@ def positives(text: str) -> list[int]:
 
 def resolutions(text: str) -> list[int]:
     res = positives(text)
-    if any(r < MIN_RES for r in res):
-        raise argparse.ArgumentTypeError(f"{text}: every resolution must be at least {MIN_RES}")
+    why = next(filter(None, map(res_problem, res)), None)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text}: {why}")
     return res
 
 

@@ -1,6 +1,7 @@
 """Every write and every rename of fasttin: files written atomically (temporary name, fsync,
 rename), folders built beside and swapped in, output paths checked before the work, stale
-temporaries cleaned, OS errors in a few words, and file digests.
+temporaries cleaned, folders claimed by one process at a time, OS errors in a few words, and file
+digests.
 
 Temporary files are named `<final name>.tmp<pid>[.suffix]`, so `clean_stale_tmp` can tell the leftovers of
 a killed process (its pid is gone) from those of a live one.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -129,6 +131,40 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_CLAIMS: dict[Path, int] = {}  # folder -> the open lock file this process holds it by
+
+
+def claim(folder: Path, lock_name: str = ".lock") -> int | None:
+    """Hold `folder` for this process: an exclusive lock on folder/lock_name, kept until
+    `release_claims` or the process's end (a killed holder's lock goes with it: nothing stale to clean). Returns
+    None, or the pid of the live process that holds it. A file system without locks holds nothing."""
+    folder = Path(folder).resolve()
+    if folder in _CLAIMS:
+        return None
+    try:
+        fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"cannot create {folder / lock_name}: {os_reason(e)}") from None
+    try:  # a POSIX lock: the process's own, not inherited by its forked loader workers
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # no locks here (some network file systems)
+            return None
+        return int(holder) if holder.isdigit() else -1
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _CLAIMS[folder] = fd
+    return None
+
+
+def release_claims() -> None:
+    """Let go of every folder this process claimed (closing its descriptor drops the lock)."""
+    while _CLAIMS:
+        os.close(_CLAIMS.popitem()[1])
 
 
 def clean_stale_tmp(folder: Path) -> list[Path]:

@@ -27,7 +27,14 @@ AUGMENTS = ("none", "flip", "crop", "rrc")  # at 64x64, before the upscale (fast
 AMPS = ("bf16", "fp16", "off")  # autocast precisions (fasttin/loop.py maps them to dtypes)
 BACKENDS = ("auto", "dali", "resident", "pil")  # data loaders (fasttin/loaders)
 SCHEDULES = ("step", "cosine", "linear")
-MIN_RES = 16
+MIN_RES, MAX_RES = 16, 512  # the model's smallest useful input; 8x the native 64 px (beyond: memory, no detail)
+
+
+def res_problem(res) -> str | None:
+    """Why `res` is not a resolution fasttin trains, evaluates or benchmarks at (None: it is)."""
+    if not isinstance(res, int) or isinstance(res, bool) or not MIN_RES <= res <= MAX_RES:
+        return f"a resolution is a whole number from {MIN_RES} to {MAX_RES}, not {res!r}"
+    return None
 
 
 class SettingError(UserError):
@@ -48,8 +55,8 @@ def parse_res_schedule(text: str) -> str:
         if not at:
             raise SettingError(f"{text!r}: write RES@EPOCH entries, e.g. 48@1,64@6,80@11")
     for res, epoch in entries:
-        if res < MIN_RES or epoch < 1:
-            raise SettingError(f"{text!r}: each RES at least {MIN_RES}, each EPOCH at least 1")
+        if res_problem(res) or epoch < 1:
+            raise SettingError(f"{text!r}: each RES from {MIN_RES} to {MAX_RES}, each EPOCH at least 1")
     epochs = [e for _, e in entries]
     if epochs != sorted(set(epochs)):
         raise SettingError(f"{text!r}: the epochs must increase")
@@ -115,14 +122,14 @@ class Setting:
 
 def _eval_res(text: str) -> int:
     v = Setting("eval_res", 0, int, "").parse(text)
-    if v != 0 and v < MIN_RES:
-        raise SettingError(f"{text}: 0 (the epoch's training resolution) or at least {MIN_RES}")
+    if v != 0 and res_problem(v):
+        raise SettingError(f"{text}: 0 (the epoch's training resolution) or from {MIN_RES} to {MAX_RES}")
     return v
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("res", 64, int, "side of the square images the model sees (64 = native; more is a bicubic upscale "
-            "on the device)", minimum=MIN_RES),
+            "on the device)", minimum=MIN_RES, below=MAX_RES + 1),
     Setting("res_schedule", "", str, "progressive resizing: RES@EPOCH entries, e.g. 48@1,64@6,80@11 (epochs "
             "before the first entry train at --res); under --budget the epochs are the nominal schedule's",
             check=parse_res_schedule),

@@ -11,10 +11,11 @@ values; "classes" the list of wnids of the data, "epochs" the target). Any refus
 `RunDirError` (a UserError: one line, exit 2) and leaves every file in `out` as it was.
 
 What `prepare` does:
-- checks `out` is a writable folder (creating it) and removes the `*.tmp<pid>` files that killed
-  processes left there;
-- no flag, and `out` holds a run (config.json, metrics.jsonl, last.pt or best.pt): refuses, naming
-  the folder and the three ways out (--resume, --auto-resume, --overwrite, or another --out);
+- checks `out` is a writable folder (creating it), claims it (`fileio.claim`: a lock on out/.lock
+  held until the run ends, so a second trainer there is refused, naming the holder's pid) and
+  removes the `*.tmp<pid>` files that killed processes left there;
+- no flag, and `out` holds any file of a run (RUN_FILES): refuses, naming the folder and the
+  three ways out (--resume, --auto-resume, --overwrite, or another --out);
 - `overwrite`: moves the earlier run's files (RUN_FILES) into `out/replaced-<UTC time>/` (renames in
   the same folder: nothing is deleted) and starts fresh;
 - `resume`: needs out/last.pt and out/config.json. Every setting of `cfg` must equal the run's
@@ -34,11 +35,11 @@ import os
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import clean_stale_tmp, ensure_writable, move_aside, write_json_atomic
+from fasttin.fileio import claim, clean_stale_tmp, ensure_writable, move_aside, write_json_atomic
 from fasttin.info import environment
 
-RUN_MARKERS = ("config.json", "metrics.jsonl", "last.pt", "best.pt")  # their presence means "a run is here"
-RUN_FILES = RUN_MARKERS + ("summary.json", "curves.png", "progress.json")  # what --overwrite moves aside
+# what a run writes: any of them means "a run is here", and --overwrite moves them all aside
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "progress.json")
 RESUME_MAY_DIFFER = frozenset({
     "epochs", "out", "workers", "log_every", "device", "world_size", "environment", "resume", "auto_resume",
     "overwrite", "profile", "compile_s", "fresh_init", "num_classes", "pretrained_reason",
@@ -70,12 +71,15 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
         raise RunDirError("give --resume (which requires last.pt) or --auto-resume (which resumes if it exists), "
                           "not both")
     ensure_writable(out, folder=True)
+    holder = claim(out)
+    if holder:
+        raise RunDirError(f"{out} is in use by another run (pid {holder}): wait for it to end, or give another --out")
     notes = []
     stale = clean_stale_tmp(out)
     if stale:
         notes.append(f"removed {len(stale)} temporary file(s) left by a killed process: "
                      + ", ".join(p.name for p in stale))
-    present = [name for name in RUN_MARKERS if (out / name).exists()]
+    present = [name for name in RUN_FILES if (out / name).exists()]
     if overwrite:
         if present:
             notes.append(_move_aside(out, "--overwrite"))

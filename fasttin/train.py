@@ -17,6 +17,7 @@ import torch
 
 from fasttin import checkpoint, ranks, recipes, report, rundir
 from fasttin.errors import EXIT_INTERRUPTED, EXIT_OK, run_command
+from fasttin.fileio import release_claims
 from fasttin.info import CPU_HINT, resolve_device
 from fasttin.loaders import better_backend, make_loader
 from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, train_epoch
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
             ranks.teardown(together=True)
         finally:
             ranks.teardown()
+            release_claims()  # the run folder (rundir.prepare claimed it)
         return EXIT_INTERRUPTED if summary.get("interrupted") else EXIT_OK
     return run_command(NAME, body)
 

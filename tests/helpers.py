@@ -64,9 +64,11 @@ class Lines:
 
 
 def snapshot(folder) -> dict:
-    """Every file under `folder` (relative path -> bytes): any change shows."""
+    """Every file under `folder` (relative path -> bytes): any change shows. A run folder's .lock is
+    left out: it is the claim of whichever trainer last opened the folder, not the run's content."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 def progress(out) -> dict:

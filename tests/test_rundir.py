@@ -31,7 +31,7 @@ def test_empty_or_missing_folder_starts_fresh(tmp_path):
     assert (tmp_path / "new" / "run").is_dir()
 
 
-@pytest.mark.parametrize("present", ["config.json", "metrics.jsonl", "last.pt", "best.pt"])
+@pytest.mark.parametrize("present", rundir.RUN_FILES)  # a finished run whose checkpoints were archived too
 def test_a_run_is_refused_without_a_flag_and_left_byte_identical(tmp_path, present):
     (tmp_path / present).write_bytes(b"old")
     before = snapshot(tmp_path)
@@ -41,6 +41,23 @@ def test_a_run_is_refused_without_a_flag_and_left_byte_identical(tmp_path, prese
     assert str(tmp_path) in msg and present in msg and "\n" not in msg
     assert all(flag in msg for flag in ("--resume", "--auto-resume", "--overwrite"))
     assert snapshot(tmp_path) == before and issubclass(RunDirError, UserError)
+
+
+def test_a_folder_another_live_run_holds_is_refused_naming_its_pid_and_free_once_it_ends(tmp_path):
+    """Two trainers on one --out would each write over the other's files: the second is refused."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from fasttin.fileio import claim; "
+                               "claim(sys.argv[1]); print('held', flush=True); sys.stdin.read()", str(tmp_path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = fake_run(tmp_path)
+        for flags in ({"resume": True}, {"auto_resume": True}, {"overwrite": True}, {}):
+            with pytest.raises(RunDirError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+                prepare(tmp_path, CFG, **{"resume": False, "auto_resume": False, "overwrite": False, **flags})
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.communicate("")
+    assert prepare(tmp_path, CFG, resume=True, auto_resume=False, overwrite=False)[0] is True
 
 
 def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):

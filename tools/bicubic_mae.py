@@ -14,14 +14,15 @@ import torch
 from benchmarks.peers import mae
 from fasttin.errors import EXIT_OK, CommandParser, run_command
 from fasttin.loaders import make_loader
-from fasttin.recipes import MIN_RES, Setting, count, flag_type
+from fasttin.recipes import MAX_RES, MIN_RES, Setting, count, flag_type
 from fasttin.shards import open_split
 
 
 def main(argv=None) -> int:
     p = CommandParser("tools.bicubic_mae", description=__doc__.split("\n\n")[0])
     p.add_argument("data", help="a packed data set (its val split)")
-    p.add_argument("--res", type=flag_type(Setting("res", None, int, "", minimum=MIN_RES)), default=224)
+    p.add_argument("--res", type=flag_type(Setting("res", None, int, "", minimum=MIN_RES, below=MAX_RES + 1)),
+                   default=224)
     p.add_argument("--n", type=count("n"), default=256, help="images (at most the split's)")
     a = p.parse_args(argv)
     return run_command("tools.bicubic_mae", lambda: compare(a))

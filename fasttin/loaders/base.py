@@ -6,14 +6,15 @@ import torch
 
 from fasttin.loaders.errors import LoaderArgumentError
 from fasttin.loaders.sampler import PAD_LABEL, BatchPlan, EpochSampler
-from fasttin.recipes import MIN_RES
+from fasttin.recipes import res_problem
 from fasttin.shards import SplitDataset
 
 
 def check_res(res) -> None:
     """The one check of a resolution a loader hands out (make_loader's and set_res's)."""
-    if not isinstance(res, int) or isinstance(res, bool) or res < MIN_RES:
-        raise LoaderArgumentError(f"res must be an integer of at least {MIN_RES}, got {res!r}")
+    why = res_problem(res)
+    if why:
+        raise LoaderArgumentError(f"res: {why}")
 
 
 class Loader:
