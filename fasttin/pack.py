@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from fasttin.errors import (
     interrupt_on_sigterm,
     run_command,
 )
-from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
+from fasttin.fileio import alive, ensure_writable, publish, replace_folder, write_json_atomic
 from fasttin.forking import fork_pool, pool_worker_signals
 from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
@@ -138,13 +139,55 @@ def is_complete(out: Path) -> bool:
         return False
 
 
+# What the packer itself writes into a pack's folder, and nothing else: the manifest, the shards
+# (`<split>-NNN.shard`), and their temporaries (`manifest.json.tmp<pid>.json`,
+# `<split>-NNN.shard.tmp<pid>`, see fileio.tmp_name). A user's `notes.tmp123.txt` is not one of them.
+_PACK_FILE = re.compile(r"(?:manifest\.json|(?:train|val|test)-\d{3,}\.shard)")
+_PACK_TMP = re.compile(r"(?:manifest\.json\.tmp(\d+)(?:\.json)?|(?:train|val|test)-\d{3,}\.shard\.tmp(\d+))")
+
+
+def _packers_own(folder: Path) -> bool:
+    """Whether everything in `folder` is what a pack build writes (an empty folder too): only such a
+    folder beside --out may be removed as a killed pack's leftover; anything else is a user's."""
+    try:
+        return all((_PACK_FILE.fullmatch(p.name) or _PACK_TMP.fullmatch(p.name)) and p.is_file()
+                   and not p.is_symlink() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _dead(pid: str) -> bool:
+    return int(pid) != os.getpid() and not alive(int(pid))
+
+
 def clean_leftovers(out: Path) -> list[Path]:
-    """Remove what killed packs into `out` left: their build folders beside it (a swap cut short is
-    repaired first) and `*.tmp<pid>` files inside it. Returns what was removed."""
-    return clean_stale_folders(out, is_complete) + clean_stale_tmp(out)
-
-
-_PACK_FILE = re.compile(r"(manifest\.json|[^/]+\.shard)(\.tmp\d+)?|.*\.tmp\d+")
+    """Remove what killed packs into `out` left, and only that: their build folders beside it
+    (`<out>.tmp<pid>`, `<out>.old.tmp<pid>`, holding nothing but pack files; a swap cut short is
+    repaired first) and the packer's own temporaries inside it (`manifest.json.tmp<pid>.json`,
+    `<split>-NNN.shard.tmp<pid>`), in both cases of a process that no longer runs. A user's file or
+    folder that merely looks like a temporary is never touched. Returns what was removed."""
+    removed: list[Path] = []
+    if out.parent.is_dir():
+        beside = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
+        stale = [p for p in out.parent.iterdir()
+                 if (m := beside.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and _dead(m.group(2))
+                 and _packers_own(p)]
+        if not out.exists():  # died mid-swap: the finished new folder if there is one, else the old one
+            for p in sorted(stale, key=lambda p: ".old." in p.name):
+                if is_complete(p):
+                    publish(p, out)
+                    break
+        for p in stale:
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    if out.is_dir() and not out.is_symlink():
+        for p in out.iterdir():
+            m = _PACK_TMP.fullmatch(p.name)
+            if m and p.is_file() and _dead(m.group(1) or m.group(2)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 def _check_replaceable(out: Path) -> None:
@@ -153,7 +196,8 @@ def _check_replaceable(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise PackError(f"--out {out} is a file, not a folder")
     if out.is_dir():
-        other = sorted(p.name for p in out.iterdir() if not _PACK_FILE.fullmatch(p.name) or p.is_dir())
+        other = sorted(p.name for p in out.iterdir()
+                       if not (_PACK_FILE.fullmatch(p.name) or _PACK_TMP.fullmatch(p.name)) or not p.is_file())
         if other:
             raise PackError(f"--out {out} holds files that are not a packed data set ({shown(other[0])}"
                             f"{' ...' if len(other) > 1 else ''}): choose a new or empty folder")
@@ -193,6 +237,8 @@ def pack(src: str | Path | None, out: str | Path, *, workers: int | None = None,
     opts = PackOptions(**options)
     if workers is not None and workers < 1:
         raise PackError(f"--workers {workers}: must be at least 1")
+    if force or not is_complete(out):  # a refusal must come before anything is touched
+        _check_replaceable(out)
     clean_leftovers(out)
     if is_complete(out) and not force:
         old = read_manifest(out)

@@ -10,7 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from helpers import ROOT, STOP_AT_SHARD, run_cli, snapshot, stopped, wait_for
+from helpers import ROOT, STOP_AT_SHARD, refused, run_cli, snapshot, stopped, wait_for
 from PIL import Image
 
 from fasttin import shards
@@ -434,3 +434,73 @@ def test_every_rename_is_in_fileio():
     assert found == []
     assert renames.search((ROOT / "fasttin" / "fileio.py").read_text())  # the pattern still finds them there
 
+
+
+# ---- only the packer's own leftovers are ever removed ------------------------------------------------
+
+def dead_pid() -> str:
+    """The pid of a process that has exited: what a killed pack's leftovers are named after."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def users_lookalikes(tmp_path, dead):
+    """A user's files and folders named like temporaries of a dead process, in and beside --out."""
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / f"thesis.tmp{dead}.txt").write_text("b")
+    for name in (f"photos.tmp{dead}", f"photos.old.tmp{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "precious.txt").write_text("c")
+    return out
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_refused_out_loses_nothing_even_files_named_like_temporaries(tmp_path, force):
+    """A folder of a user's files is refused, and the refusal touches nothing: neither the files in
+    it nor the folders beside it that only look like a killed pack's (thesis.tmp<N>.txt, photos.tmp<N>/)."""
+    out = users_lookalikes(tmp_path, dead_pid())
+    (out / "thesis.txt").write_text("a")
+    before = snapshot(tmp_path)
+    r = run_cli("fasttin.pack", "--synthetic", "2", "--classes", "3", "--out", out, "--workers", "1",
+                *(["--force"] if force else []))
+    refused(r, 2, str(out), "not a packed data set")
+    assert snapshot(tmp_path) == before
+
+
+def test_force_over_a_pack_holding_a_users_lookalike_file_is_refused(tmp_path):
+    """--force replaces the whole folder: a user's `notes.tmp<N>.txt` in it is not part of the pack."""
+    out = tmp_path / "out"
+    pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
+    (out / f"notes.tmp{dead_pid()}.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    with pytest.raises(PackError, match=r"notes\.tmp\d+\.txt"):
+        pack(None, out, synthetic=2, classes=3, workers=1, quiet=True, force=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_new_pack_keeps_a_users_folders_beside_it(tmp_path):
+    dead = dead_pid()
+    out = users_lookalikes(tmp_path, dead)
+    (out / f"thesis.tmp{dead}.txt").unlink()  # an empty --out: packed into
+    pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
+    assert is_complete(out)
+    for name in (f"photos.tmp{dead}", f"photos.old.tmp{dead}"):
+        assert (tmp_path / name / "precious.txt").read_text() == "c"
+
+
+def test_the_packers_own_leftovers_are_still_removed(tmp_path):
+    dead = dead_pid()
+    out = tmp_path / "out"
+    pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
+    mine = [out / f"manifest.json.tmp{dead}.json", out / f"train-001.shard.tmp{dead}"]
+    for p in mine:
+        p.write_bytes(b"x")
+    empty, half = tmp_path / f"out.tmp{dead}", tmp_path / f"out.old.tmp{dead}"
+    empty.mkdir()
+    half.mkdir()
+    (half / "val-000.shard").write_bytes(b"x")
+    live = out / f"train-002.shard.tmp{os.getpid()}"  # a live process's: kept
+    live.write_bytes(b"x")
+    assert sorted(clean_leftovers(out)) == sorted([empty, half, *mine])
+    assert live.exists() and is_complete(out)
