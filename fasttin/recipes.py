@@ -27,6 +27,7 @@ AUGMENTS = ("none", "flip", "crop", "rrc")  # at 64x64, before the upscale (fast
 AMPS = ("bf16", "fp16", "off")  # autocast precisions (fasttin/loop.py maps them to dtypes)
 BACKENDS = ("auto", "dali", "resident", "pil")  # data loaders (fasttin/loaders)
 SCHEDULES = ("step", "cosine", "linear")
+FLOAT32_MAX = 3.4028234663852886e38  # every float setting reaches the step as a float32
 MIN_RES, MAX_RES = 16, 512  # the model's smallest useful input; 8x the native 64 px (beyond: memory, no detail)
 
 
@@ -109,14 +110,16 @@ class Setting:
             v = self.kind(text)
         except ValueError:
             raise SettingError(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}") from None
-        if not math.isfinite(v):
-            raise SettingError(f"{text}: must be a finite number")
+        if not math.isfinite(v) or (self.kind is float and abs(v) > FLOAT32_MAX):
+            raise SettingError(f"{text}: must be a finite number" + (" within float32's range (3.4e38)"
+                                                                     if math.isfinite(v) else ""))
         if self.positive and v <= 0:
             raise SettingError(f"{text}: must be positive")
         if self.minimum is not None and v < self.minimum:
             raise SettingError(f"{text}: at least {self.minimum:g}")
         if self.below is not None and v >= self.below:
-            raise SettingError(f"{text}: below {self.below:g}")
+            raise SettingError(f"{text}: must be below {self.below:g}" if self.kind is float
+                               else f"{text}: at most {self.below - 1}")
         return v
 
 
@@ -125,6 +128,16 @@ def _eval_res(text: str) -> int:
     if v != 0 and res_problem(v):
         raise SettingError(f"{text}: 0 (the epoch's training resolution) or from {MIN_RES} to {MAX_RES}")
     return v
+
+
+def _compile_mode(text: str) -> str:
+    """A mode torch.compile knows (its documentation points at torch._inductor.list_mode_options):
+    refused here, not by the first step once the run folder is prepared."""
+    import torch
+    modes = list(torch._inductor.list_mode_options())
+    if text not in modes:
+        raise SettingError(f"{text!r}: choose one of {', '.join(modes)}")
+    return text
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -161,7 +174,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tta", False, bool, "also evaluate on mirrored images and average the logits"),
     Setting("amp", "bf16", str, "autocast precision; fp16 adds a gradient scaler", choices=AMPS),
     Setting("channels_last", True, bool, "NHWC activations and inputs (the tensor-core friendly layout)"),
-    Setting("compile", None, str, "torch.compile the model, with an optional mode (e.g. max-autotune)"),
+    Setting("compile", None, str, "torch.compile the model, with an optional mode (e.g. max-autotune)",
+            check=_compile_mode),
     Setting("backend", "auto", str, "data loader backend (auto: resident where the split fits in the "
             "device's memory, else dali on a GPU, else pil)", choices=BACKENDS),
 )
@@ -218,9 +232,6 @@ def check_batch(cfg: dict, world: int, images: int, data) -> None:
         raise SettingError(f"--batch-size {cfg['batch_size']}: more than the {images} training images of {data}")
 
 
-FLOAT32_MAX = 3.4028234663852886e38
-
-
 def _check_lr_range(cfg: dict) -> None:
     """The schedule's largest lr must be a float32: the optimizer cannot even apply a larger one."""
     drops = (cfg["epochs"] - 1) // cfg["step_size"] if cfg["schedule"] == "step" else 0
@@ -243,9 +254,10 @@ def flag_type(s: Setting):
     return parse
 
 
-def count(name: str, positive: bool = True):
-    """An argparse type for a whole number (>= 1, or >= 0 with positive=False), nan and junk refused."""
-    return flag_type(Setting(name, None, int, "", positive=positive, minimum=None if positive else 0))
+def count(name: str, positive: bool = True, below: int | None = None):
+    """An argparse type for a whole number (>= 1, or >= 0 with positive=False; under `below` if
+    given), nan and junk refused."""
+    return flag_type(Setting(name, None, int, "", positive=positive, minimum=None if positive else 0, below=below))
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -254,7 +266,7 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         if s.kind is bool:
             p.add_argument(s.flag, action=argparse.BooleanOptionalAction, default=None, help=s.help)
         elif s.name == "compile":
-            p.add_argument(s.flag, nargs="?", const="default", metavar="MODE", help=s.help)
+            p.add_argument(s.flag, nargs="?", const="default", type=flag_type(s), metavar="MODE", help=s.help)
         else:
             p.add_argument(s.flag, type=flag_type(s), choices=None if s.check else s.choices, help=s.help,
                            metavar=None if s.choices else s.name.upper())
@@ -276,8 +288,8 @@ def train_parser(description: str = "") -> CommandParser:
                      "fresh: the flag for torchrun --max-restarts and re-invoked jobs")
     run.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds a run, "
                      "moving the old files into --out/replaced-<time>/")
-    run.add_argument("--seed", type=count("seed", positive=False), default=0,
-                     help="seed of the model init, data order and augmentation")
+    run.add_argument("--seed", type=count("seed", positive=False, below=2**32), default=0,
+                     help="seed of the model init, data order and augmentation (0 to 2^32-1)")
     run.add_argument("--workers", type=count("workers"), help="loader threads/processes (default: all cores)")
     run.add_argument("--log-every", type=count("log_every"), default=25,
                      help="steps between live-view updates (the only host-device synchronisation in the loop)")

@@ -51,6 +51,10 @@ def train(data, out, *extra, env=None):
     (["--schedule", "poly"], "--schedule"), (["--res-schedule", "48@0"], "--res-schedule"), (["--ema", "1"], "--ema"),
     (["--budget", "-1"], "--budget"), (["--eval-res", "8"], "--eval-res"), (["--batch-size", "500"], "--batch-size"),
     (["--lr", "1e300"], "--lr"), (["--gamma", "1e300", "--step-size", "1", "--epochs", "2"], "--gamma"),
+    # each reached torch before: the first step, torch.manual_seed or the allocator raised a traceback
+    (["--compile", "bogus"], "--compile"), (["--weight-decay", "1e300"], "--weight-decay"),
+    (["--seed", str(2**64)], "--seed"), (["--res", "99999"], "--res"), (["--eval-res", "99999"], "--eval-res"),
+    (["--res-schedule", "4000@2"], "--res-schedule"),
 ])
 def test_bad_flags(tiny, tmp_path, flags, needle):
     r = train(tiny, tmp_path / "run", *flags)
