@@ -119,8 +119,8 @@ def _init_worker(src: Source):
 def _check_one(member: str, payload: str):
     try:
         data = _SRC.read(member)
-    except MemberError as e:  # bad CRC, broken deflate stream, unreadable file: this file only
-        return None, False, str(e).split(": ", 1)[1]
+    except MemberError as e:  # bad CRC, broken deflate stream, unreadable or huge file: this file only
+        return None, False, str(e).removeprefix(f"{shown(member)}: ")  # the name may hold ": " itself
     return check_image(data, payload)
 
 

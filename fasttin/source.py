@@ -25,6 +25,13 @@ SPLITS = ("train", "val", "test")
 # what reading one zip member can raise for a damaged archive (bad CRC, broken deflate stream,
 # truncated data, unsupported compression, encryption) or a folder file (permissions, I/O error)
 READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError)
+# The most one file of the source may hold. A 64x64 image is 12 KiB as raw RGB and a few KiB as a
+# JPEG (the official files are 1-5 KiB); even a 16-bit RGBA PNG of it, uncompressed, is 32 KiB. Far
+# past any sane one, 16 MiB, keeps a hostile member (a 1.6 MB zip member that inflates to 1.5 GiB:
+# a decompression bomb) from being read into memory. Index files are bounded more loosely: the
+# official words.txt is 2.7 MB.
+MAX_IMAGE_BYTES = 16 << 20
+MAX_INDEX_BYTES = 256 << 20
 
 
 class SourceError(UserError):
@@ -130,17 +137,33 @@ class Source:
             self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         return self._zip
 
-    def read(self, member: str) -> bytes:
-        """The bytes of one member; MemberError (naming it) if it cannot be read."""
+    def read(self, member: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+        """The bytes of one member; MemberError (naming it) if it cannot be read or holds more than
+        `limit` bytes (by its declared size, and by what is actually read: at most limit + 1)."""
         why = member_problem(member)
         if why:  # never reached through layout(): a guard for any other caller
             raise MemberError(f"{shown(member)}: the name {why}")
         try:
             if self.kind == "zip":
-                return self._open_zip().read(self.root + member)
-            return (self.root / member).read_bytes()
-        except READ_ERRORS as e:
+                info = self._open_zip().getinfo(self.root + member)
+                self._check_size(member, info.file_size, limit)
+                with self._open_zip().open(info) as f:
+                    data = f.read(limit + 1)
+            else:
+                with open(self.root / member, "rb") as f:
+                    self._check_size(member, os.fstat(f.fileno()).st_size, limit)
+                    data = f.read(limit + 1)
+        except (*READ_ERRORS, KeyError) as e:
             raise MemberError(f"{shown(member)}: cannot be read ({type(e).__name__}: {e})") from None
+        self._check_size(member, len(data), limit, declared=False)  # a header that lies, a file that grew
+        return data
+
+    @staticmethod
+    def _check_size(member: str, size: int, limit: int, declared: bool = True) -> None:
+        if size > limit:
+            what = f"holds {size:,} bytes" if declared else "holds more bytes than it declares"
+            raise MemberError(f"{shown(member)}: {what}, more than the {limit >> 20} MiB any file of a "
+                              "64x64 data set could need (a decompression bomb?): not read")
 
     def exists(self, member: str) -> bool:
         if self.kind == "zip":
@@ -190,7 +213,7 @@ class Source:
         if not self.exists(member):
             raise SourceError(f"{self.path}: missing {member}")
         try:
-            return self.read(member).decode()
+            return self.read(member, MAX_INDEX_BYTES).decode("utf-8-sig")  # a leading BOM is encoding, not text
         except UnicodeDecodeError as e:
             raise SourceError(f"{self.path}: {member} is not UTF-8 text ({e})") from None
         except MemberError as e:
@@ -247,7 +270,10 @@ class _LayoutReader:
         words, first = {}, {}
         if not self.src.exists("words.txt"):
             return words
-        text = self.src.read("words.txt").decode("utf-8", "replace")
+        try:
+            text = self.src.read("words.txt", MAX_INDEX_BYTES).decode("utf-8-sig", "replace")
+        except MemberError as e:
+            raise SourceError(f"{self.src.path}: {e}") from None
         for n, line in enumerate(text.splitlines(), 1):
             wnid, _, desc = line.partition("\t")
             if wnid not in self.label_of:

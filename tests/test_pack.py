@@ -504,3 +504,98 @@ def test_the_packers_own_leftovers_are_still_removed(tmp_path):
     live.write_bytes(b"x")
     assert sorted(clean_leftovers(out)) == sorted([empty, half, *mine])
     assert live.exists() and is_complete(out)
+
+
+# ---- a hostile source: a decompression bomb, invisible characters in names --------------------------
+
+def small_src(tmp_path):
+    return make_layout(tmp_path / "src", n_classes=3, per_class=2, val_per_class=1, test_count=2)
+
+
+def test_a_decompression_bomb_is_refused_by_its_declared_size_and_skippable(tmp_path):
+    """A 17 MiB member in a small zip (a 1.5 GiB one peaked at 3.2 GB): refused unread, by name, a
+    per-file fault --skip-bad skips. Its name holds ': ', which the reason must not be cut at."""
+    src = small_src(tmp_path)
+    bomb = "train/n90000000/images/n90000000_9: big.JPEG"
+    z = tmp_path / "t.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, "tiny-imagenet-200/" + str(p.relative_to(src)))
+        with zf.open("tiny-imagenet-200/" + bomb, "w") as f:
+            for _ in range(17):
+                f.write(bytes(1 << 20))
+    assert z.stat().st_size < 1 << 20
+    r = run_cli("fasttin.pack", "--src", z, "--out", tmp_path / "out", "--workers", "1")
+    refused(r, 2, bomb, "17,825,792 bytes", "16 MiB", "--skip-bad")
+    m = pack(z, tmp_path / "out", skip_bad=True, workers=1, quiet=True)
+    assert m["splits"]["train"]["skipped"] == [{"file": bomb, "reason": (
+        "holds 17,825,792 bytes, more than the 16 MiB any file of a 64x64 data set could need "
+        "(a decompression bomb?): not read")}]
+
+
+def test_a_huge_file_of_a_folder_source_is_refused_by_its_size(tmp_path):
+    src = small_src(tmp_path)
+    huge = src / "train" / "n90000001" / "images" / "n90000001_0.JPEG"
+    os.truncate(huge, 17 << 20)  # sparse: no disk used
+    with pytest.raises(PackError, match=r"n90000001_0\.JPEG: holds 17,825,792 bytes, more than the 16 MiB"):
+        pack(src, tmp_path / "out", workers=1, quiet=True)
+
+
+def test_a_file_holding_more_than_it_declares_is_read_no_further_than_the_bound(tmp_path, monkeypatch):
+    """The declared size (zip header, stat) may lie: what is read is bounded too, at limit + 1 bytes."""
+    from types import SimpleNamespace
+
+    from fasttin import source
+    src = source.Source(small_src(tmp_path))
+    member = "train/n90000000/images/n90000000_0.JPEG"
+    assert len(src.read(member)) > 100
+    monkeypatch.setattr(source.os, "fstat", lambda fd: SimpleNamespace(st_size=10))
+    with pytest.raises(source.MemberError, match="more bytes than it declares"):
+        src.read(member, limit=100)
+
+
+@pytest.mark.parametrize("index", ["wnids.txt", "val/val_annotations.txt"])
+def test_a_byte_order_mark_before_an_index_file_is_an_encoding_not_a_name(tmp_path, index):
+    """Notepad's BOM before wnids.txt made the first wnid '\\ufeffn90000000': its class folder was
+    then 'not in wnids.txt', and with --skip-bad a class of no samples shifted the labels."""
+    src = small_src(tmp_path)
+    plain = pack(src, tmp_path / "plain", workers=1, quiet=True)
+    (src / index).write_bytes(b"\xef\xbb\xbf" + (src / index).read_bytes())
+    m = pack(src, tmp_path / "bom", workers=1, quiet=True)
+    assert m["classes"] == plain["classes"] and [c["wnid"] for c in m["classes"]][0] == "n90000000"
+    for split in ("train", "val"):
+        assert m["splits"][split]["skipped"] == []
+        a, b = open_split(tmp_path / "bom", split), open_split(tmp_path / "plain", split)
+        assert (a.keys, a.labels.tolist()) == (b.keys, b.labels.tolist())
+
+
+@pytest.mark.parametrize("char", ["\ufeff", "\u200d", "\u202e"])
+def test_an_invisible_format_character_in_a_name_is_refused(tmp_path, char):
+    """BOM, zero-width joiner, right-to-left override (Unicode category Cf): two names that look
+    alike are not one. In wnids.txt it is fatal; in a file name, one skippable bad file."""
+    assert "invisible format character" in shards.name_problem(f"n9000{char}0000")
+    assert shards.name_problem("n90000000_0\xa0.JPEG") is None  # a no-break space is visible
+    src = small_src(tmp_path)
+    (src / "wnids.txt").write_text((src / "wnids.txt").read_text() + f"n9{char}9\n")
+    r = run_cli("fasttin.pack", "--src", src, "--out", tmp_path / "out", "--workers", "1", "--skip-bad")
+    refused(r, 2, "wnids.txt line 4", "invisible format character")
+    (src / "wnids.txt").write_text("".join((src / "wnids.txt").read_text().splitlines(True)[:3]))
+    d = src / "train" / "n90000001" / "images"
+    (d / "n90000001_0.JPEG").rename(d / f"n90000001_0{char}.JPEG")
+    (d / "n90000001_1.JPEG").rename(d / "n90000001_1\xa0.JPEG")
+    m = pack(src, tmp_path / "out", workers=1, skip_bad=True, quiet=True)
+    assert [s["file"] for s in m["splits"]["train"]["skipped"]] == [f"train/n90000001/images/n90000001_0{char}.JPEG"]
+    assert "n90000001_1\xa0.JPEG" in open_split(tmp_path / "out", "train").keys
+
+
+def test_a_shard_key_with_a_format_character_is_refused_at_open(packed, tmp_path):
+    shutil.copytree(packed, tmp_path / "c")
+    shard = tmp_path / "c" / "val-000.shard"
+    buf = bytearray(shard.read_bytes())
+    keys_start = shards.HEADER.unpack_from(bytes(buf[:shards.HEADER.size]))[7]
+    buf[keys_start:keys_start + 3] = "\u200b".encode()
+    shard.write_bytes(bytes(buf))
+    with pytest.raises(FormatError, match="val-000.shard: sample 0: name .* invisible format character"):
+        open_split(tmp_path / "c", "val")
+

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import struct
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ PAYLOAD_KINDS = {"jpeg": 0, "raw": 1}
 IMAGE_SHAPE = (64, 64, 3)
 MANIFEST = "manifest.json"
 # Characters no name read from the data may hold: path separators, ASCII/C1 control characters
-# (newline included) and everything str.splitlines() breaks on, so a name is always one line.
+# (newline included) and everything str.splitlines() breaks on, so a name is always one line;
+# `name_problem` also refuses Unicode format characters (category Cf: BOM, zero-width joiners).
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -44,6 +46,10 @@ def name_problem(name: str) -> str | None:
     if bad:
         kind = "a path separator" if bad.group() in "/\\" else "a control character"
         return f"holds {kind} ({bad.group()!r})"
+    if not name.isprintable():  # fast path: names of printable characters hold no format character
+        fmt = next((c for c in name if unicodedata.category(c) == "Cf"), None)
+        if fmt:  # a byte-order mark, zero-width joiner, bidi override: two names that look alike
+            return f"holds an invisible format character ({fmt!r})"
     return None
 
 
@@ -194,9 +200,11 @@ def check_keys(buf: np.ndarray, keys_start: int, n: int) -> list[str]:
     keys = text.split("\n") if n else []
     if len(keys) != n or (not n and text):
         raise ValueError(f"{len(keys)} sample names for {n} samples")
-    if _BAD_CHARS.search(text.replace("\n", "")) or "" in keys or "." in keys or ".." in keys:
-        i = next(i for i, k in enumerate(keys) if name_problem(k))
-        raise ValueError(f"sample {i}: name {keys[i]!r} {name_problem(keys[i])}")
+    flat = text.replace("\n", "")
+    if _BAD_CHARS.search(flat) or not flat.isprintable() or "" in keys or "." in keys or ".." in keys:
+        i = next((i for i, k in enumerate(keys) if name_problem(k)), None)  # none: e.g. a no-break space
+        if i is not None:
+            raise ValueError(f"sample {i}: name {keys[i]!r} {name_problem(keys[i])}")
     return keys
 
 
