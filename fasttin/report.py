@@ -17,7 +17,41 @@ from fasttin.fileio import write_atomic, write_json_atomic, write_with
 from fasttin.loop import Budget, shares, verdict
 from fasttin.recipes import WRITEUP_TOP1
 
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
+
+class LogStream:
+    """stderr for the log, gone quiet once its reader is gone (`| head`, a closed terminal): the run
+    goes on and loses nothing, where a BrokenPipeError would have ended it with no checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self) -> None:
+        """The descriptor onto /dev/null, so the interpreter's own last flush at exit fails neither."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())
+        os.close(devnull)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+console = Console(file=LogStream(sys.stderr), width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
 
 
 def log(message: str) -> None:

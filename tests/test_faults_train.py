@@ -328,3 +328,16 @@ def test_a_fresh_run_with_an_absurd_budget_takes_a_step_and_says_it_ran_over(tin
     rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads((tmp_path / "summary.json").read_text())["epochs"] == 1
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "best.pt").is_file()
+
+
+def test_a_log_reader_that_goes_away_costs_the_run_nothing(tiny, tmp_path):
+    """`fasttin.train ... 2>&1 | head -2`: the pipe closes after the first lines; the run goes on to
+    its end (a BrokenPipeError killed it at its next log line, exit 1, with no checkpoint)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fasttin.train", "--data", str(tiny), "--out", str(tmp_path),
+                             *QUICK, "--backend", "resident", "--epochs", "2"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline()  # the first log line, then the reader is gone
+    proc.stderr.close()
+    assert proc.wait(timeout=CLI_TIMEOUT) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 2
