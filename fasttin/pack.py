@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import os
 import re
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -190,6 +191,11 @@ def clean_leftovers(out: Path) -> list[Path]:
     return removed
 
 
+# a value read from a manifest, bounded for a one-line message (a hand-made one may hold anything)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxstring, _SHORT.maxlong = 2, 12, 6, 60, 40
+
+
 def _check_replaceable(out: Path) -> None:
     """`out` may only be replaced if it is missing, empty, or holds nothing but a pack (complete
     or the leftovers of an interrupted one): never a folder of other files."""
@@ -244,7 +250,7 @@ def pack(src: str | Path | None, out: str | Path, *, workers: int | None = None,
         old = read_manifest(out)
         if old.get("options") != asdict(opts):
             raise PackError(f"{out} already holds a data set packed with other options "
-                            f"({old.get('options')}); use --force to replace it")
+                            f"({_SHORT.repr(old.get('options'))}); use --force to replace it")
         if not quiet:
             print(f"{out} is already packed (manifest.json present); nothing to do (--force repacks)")
         return old
@@ -421,6 +427,8 @@ def main(argv=None) -> int:
 
 
 def _verify_main(folder: Path) -> int:
+    if folder.exists() and not folder.is_dir():  # e.g. DIR/manifest.json given for DIR
+        raise PackError(f"--verify {folder} is a file: --verify takes the pack's folder ({folder.parent})")
     problems = verify(folder)
     if len(problems) == 1:
         print(f"fasttin.pack: {folder} FAILED verification: {problems[0]}", file=sys.stderr)

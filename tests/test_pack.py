@@ -599,3 +599,55 @@ def test_a_shard_key_with_a_format_character_is_refused_at_open(packed, tmp_path
     with pytest.raises(FormatError, match="val-000.shard: sample 0: name .* invisible format character"):
         open_split(tmp_path / "c", "val")
 
+
+# ---- a hostile manifest, a manifest given for its folder ------------------------------------------------
+
+def nested_in(field, depth):
+    """A pack's own manifest with one more field nested `depth` deep (the parser takes under 1000)."""
+    def f(text):
+        i = text.index(f'"{field}": {{') + len(f'"{field}": {{')
+        return text[:i] + '"x": ' + "[" * depth + "]" * depth + ", " + text[i:]
+    return f
+
+
+HOSTILE_MANIFESTS = {
+    "nested past the parser": lambda text: "[" * 100_000 + "]" * 100_000,
+    "an integer of 5001 digits": lambda text: '{"format": "fasttin-shards", "version": ' + "9" * 5001 + "}",
+    "a field nested 900 deep": nested_in("source", 900),  # parsed, then any dump or repr of it may overflow
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MANIFESTS))
+def test_a_hostile_manifest_is_one_line_and_force_replaces_it(packed, tmp_path, case):
+    out = tmp_path / "p"
+    shutil.copytree(packed, out)
+    (out / "manifest.json").write_text(HOSTILE_MANIFESTS[case]((out / "manifest.json").read_text()))
+    with pytest.raises(FormatError, match="manifest.json: not a valid manifest|manifest.json: not valid JSON"):
+        open_split(out, "val")
+    refused(run_cli("fasttin.pack", "--verify", out), 2, str(out / "manifest.json"), "pack --force")
+    if case == "nested past the parser":
+        r = run_cli("fasttin.train", "--data", out, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu")
+        refused(r, 2, str(out / "manifest.json"))
+    r = run_cli("fasttin.pack", "--synthetic", "2", "--classes", "3", "--out", out, "--workers", "1", "--force")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert is_complete(out) and verify(out) == []
+
+
+def test_a_manifest_given_for_its_folder_names_the_folder(packed, tmp_path):
+    manifest = packed / "manifest.json"
+    with pytest.raises(FormatError, match=rf"{manifest} is a file: --data takes the pack's folder \({packed}\)"):
+        shards.read_manifest(manifest)
+    refused(run_cli("fasttin.pack", "--verify", manifest), 2, f"{manifest} is a file: --verify takes", f"({packed})")
+    r = run_cli("fasttin.train", "--data", manifest, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu")
+    refused(r, 2, f"{manifest} is a file", f"folder ({packed})")
+
+
+def test_other_options_of_a_hand_made_manifest_are_shown_in_a_short_line(tmp_path):
+    out = tmp_path / "out"
+    pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
+    m = json.loads((out / "manifest.json").read_text())
+    m["options"]["seed"] = "x" * 100_000
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackError, match="other options") as e:
+        pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
+    assert len(str(e.value)) < 500 and "'payload': 'jpeg'" in str(e.value)

@@ -123,11 +123,31 @@ def _check_split(name: str, entry, path: Path) -> None:
         raise FormatError(f"{path}: field {where}.count is {count}, its shards hold {total}")
 
 
+# A manifest the packer writes nests 5 deep (splits.train.shards[0].file); anything far deeper is
+# hostile, and would break json.dumps or a comparison made later from a deeper call stack.
+_MAX_DEPTH = 64
+
+
+def _depth(obj) -> int:
+    """How deep lists and objects nest in `obj` (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        o, d = todo.pop()
+        if isinstance(o, (list, dict)):
+            deepest = max(deepest, d)
+            if deepest > _MAX_DEPTH:
+                break
+            todo.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     """The manifest of a complete packed data set, its structure checked: a FormatError naming
     the file and the field otherwise (NotPackedError when the folder or manifest is missing)."""
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
+    if data_dir.exists() and not data_dir.is_dir():  # e.g. DIR/manifest.json given for DIR
+        raise NotPackedError(f"{data_dir} is a file: --data takes the pack's folder ({data_dir.parent})")
     if not data_dir.is_dir():
         raise NotPackedError(f"{data_dir}: no such folder (pack it first: python -m fasttin.pack --out {data_dir})")
     if not path.is_file():
@@ -135,8 +155,13 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
                              f"re-run python -m fasttin.pack --out {data_dir})")
     try:
         m = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e}); {repack_hint(data_dir)}") from None
+        if _depth(m) > _MAX_DEPTH:
+            raise RecursionError
+    except RecursionError:  # '[[[[...' past the parser's limit, or deep enough to break a later dump
+        raise FormatError(f"{path}: not a valid manifest (nested too deeply); {repack_hint(data_dir)}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        reason = str(e).split(";")[0]  # not int's advice to call sys.set_int_max_str_digits()
+        raise FormatError(f"{path}: not valid JSON ({reason}); {repack_hint(data_dir)}") from None
     except OSError as e:
         raise FormatError(f"{path}: cannot be read ({os_reason(e)})") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
