@@ -70,6 +70,10 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
     if resume and auto_resume:
         raise RunDirError("give --resume (which requires last.pt) or --auto-resume (which resumes if it exists), "
                           "not both")
+    data = Path(cfg.get("data") or "").resolve()
+    if cfg.get("data") and (out.resolve() == data or data in out.resolve().parents):
+        raise RunDirError(f"--out {out} is inside the packed data set {cfg['data']}: give the run a folder of its "
+                          "own (a pack's folder holds the pack only, and pack --force would refuse to replace it)")
     ensure_writable(out, folder=True)
     holder = claim(out)
     if holder:

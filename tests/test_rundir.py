@@ -60,6 +60,16 @@ def test_a_folder_another_live_run_holds_is_refused_naming_its_pid_and_free_once
     assert prepare(tmp_path, CFG, resume=True, auto_resume=False, overwrite=False)[0] is True
 
 
+@pytest.mark.parametrize("inside", ["", "runs/x"])
+def test_a_run_folder_inside_the_data_set_is_refused_before_anything_is_written(tmp_path, inside):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    with pytest.raises(RunDirError, match="inside the packed data set"):
+        prepare(data / inside, {**CFG, "data": str(data)}, resume=False, auto_resume=False, overwrite=False)
+    assert [p.name for p in data.iterdir()] == ["manifest.json"]
+
+
 def test_overwrite_moves_the_old_run_aside_and_deletes_nothing(tmp_path):
     before = fake_run(tmp_path)
     (tmp_path / "summary.json").write_text("{}")
