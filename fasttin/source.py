@@ -49,7 +49,8 @@ def shown(name: str) -> str:
 
 def member_problem(member: str) -> str | None:
     """Why a relative member path (e.g. 'train/n01/images/x.JPEG') could leave the source's root
-    or break a one-line name: absolute, '..', '.', empty parts, backslashes, control characters."""
+    or break a one-line name: absolute, '..', '.', empty parts, backslashes, control characters,
+    invisible format characters (a BOM, zero-width joiners: see shards.name_problem)."""
     if member.startswith("/"):
         return "is an absolute path"
     for part in member.split("/"):
@@ -87,7 +88,7 @@ class Source:
     """A Tiny-ImageNet-200 zip or folder. Picklable by path: workers reopen it themselves.
 
     Only names that stay inside the root are ever read: a member whose name is absolute, holds
-    '..' or a control character, or (zip) appears twice, or (folder) is a symlink leading out of
+    '..', a control or invisible format character, or (zip) appears twice, or (folder) is a symlink leading out of
     the root, is listed in `bad_members` instead of being listed.
     """
 
