@@ -17,7 +17,8 @@ from torchvision.models import ResNet18_Weights, resnet18
 from fasttin import checkpoint
 from fasttin.checkpoint import CheckpointError
 from fasttin.errors import UserError
-from fasttin.recipes import STEMS
+from fasttin.recipes import STEMS, res_problem
+from fasttin.shards import name_problem
 
 log = logging.getLogger("fasttin.model")
 
@@ -74,7 +75,19 @@ def read_state_dict(path: str | Path) -> dict:
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"--pretrained {path}: holds no state dict")
+    bad = nonfinite(obj)
+    if bad is not None:
+        raise PretrainedError(f"--pretrained {path}: its weights are not finite ({shown(bad)} holds NaN or inf)")
     return _strip(obj)
+
+
+def nonfinite(sd: dict) -> str | None:
+    """The name of the first floating-point tensor of `sd` holding NaN or inf (None: all finite).
+    A damaged or diverged file must not pass for a model: its outputs would be NaN."""
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+            return k
+    return None
 
 
 def load_pretrained(model: nn.Module, sd: dict, name: str = "pretrained") -> list[str]:
@@ -140,6 +153,10 @@ def restore_model(ckpt: dict, device, channels_last: bool = True, where: str = "
     classes, stem = arch.get("num_classes"), arch.get("stem")
     if not isinstance(classes, int) or classes < 1 or stem not in STEMS:
         raise CheckpointError(f"{where}: bad architecture entry (num_classes {classes!r}, stem {stem!r})")
+    bad = nonfinite(ckpt["model"])
+    if bad is not None:
+        raise CheckpointError(f"{where}: its weights are not finite ({shown(bad)} holds NaN or inf): a damaged "
+                              "file or a diverged run")
     model = build_model(classes, stem)
     try:
         model.load_state_dict(ckpt["model"])
@@ -153,21 +170,42 @@ def restore_model(ckpt: dict, device, channels_last: bool = True, where: str = "
 
 def class_names(ckpt: dict, where: str = "checkpoint") -> tuple[list[str], list[str]]:
     """(wnids, words) of the checkpoint's classes, one per output; index names when it has none.
-    The lists come from a file, so their shape is checked before anything indexes them."""
+    The lists come from a file, so their shape is checked before anything indexes them.
+    The class ids must pass the pack's name rule (they are printed, and written into CSVs): one
+    that does not, or a duplicate, is refused. The descriptions ('words') are free text: their
+    control characters (escape sequences, newlines) are shown as repr-escapes, so they can
+    neither colour a terminal nor forge a line of output."""
     n = ckpt["arch"]["num_classes"]
     wnids = ckpt.get("classes") or [str(i) for i in range(n)]
     words = ckpt.get("words") or [""] * n
     for name, values in (("classes", wnids), ("words", words)):
         if not isinstance(values, list) or len(values) != n or not all(isinstance(v, str) for v in values):
             raise CheckpointError(f"{where}: its '{name}' entry is not a list of {n} names")
-    return wnids, words
+    seen = set()
+    for wnid in wnids:
+        why = name_problem(wnid) or ("is there twice" if wnid in seen else None)
+        if why:
+            raise CheckpointError(f"{where}: its class {shown(wnid)} {why}; a class id is a bare, unique name")
+        seen.add(wnid)
+    return wnids, [shown_text(w) for w in words]
+
+
+def shown(name: str) -> str:
+    """A name from a file, safe to print on a terminal (repr-escaped when it holds control characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def shown_text(text: str) -> str:
+    """Free text from a file with each non-printable character (ESC, newline...) as its repr-escape."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def trained_res(ckpt: dict, where: str = "checkpoint") -> int:
     """The resolution the checkpoint was trained at (64 for checkpoints that do not say)."""
     res = ckpt["arch"].get("res", 64)
-    if not isinstance(res, int) or res < 16:
-        raise CheckpointError(f"{where}: bad 'res' entry {res!r} in its architecture")
+    why = res_problem(res)
+    if why:
+        raise CheckpointError(f"{where}: bad 'res' entry in its architecture ({why})")
     return res
 
 

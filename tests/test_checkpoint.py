@@ -168,3 +168,54 @@ def test_a_crash_between_the_two_saves_never_leaves_last_pt_ahead_of_best_pt(tmp
         save_run(2)
     last, best = checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
     assert last["best_acc1"] <= best["best_acc1"] and last["epoch"] <= best["epoch"], writes
+
+
+def _flip_in_largest_tensor(path):
+    """4 bytes flipped in the middle of the largest tensor's data inside the zip (bit rot)."""
+    import struct
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        f.write(b"\xff" * 4)
+    return info.filename
+
+
+def test_a_tensor_damaged_inside_the_zip_is_refused_naming_the_member(tmp_path):
+    """torch.load checks no CRC: flipped bytes in a weight loaded as NaN (eval exited 0 with
+    "loss": NaN). Every read (eval, predict, --resume, --pretrained) now checks the zip's CRCs."""
+    path = tmp_path / "best.pt"
+    checkpoint.save(path, {"model": build_model(3).state_dict()})
+    member = _flip_in_largest_tensor(path)
+    for read in (checkpoint.load, read_state_dict):
+        with pytest.raises(UserError) as e:
+            read(path)
+        assert f"{path} is not a torch checkpoint, or a damaged one (its member {member} fails its CRC" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_in_the_old_non_zip_format_still_loads(tmp_path):
+    """It has no CRCs to check; it is read as before."""
+    torch.save({"epoch": 3, "w": torch.ones(2)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert checkpoint.load(tmp_path / "old.pt")["epoch"] == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_for_pretrained_and_restore(tmp_path, value):
+    sd = build_model(3, "cifar").state_dict()
+    sd["layer2.0.bn1.running_var"][0] = value
+    checkpoint.save(tmp_path / "w.pt", {"model": sd})
+    with pytest.raises(PretrainedError, match=r"w\.pt: its weights are not finite \(layer2\.0\.bn1\.running_var"):
+        read_state_dict(tmp_path / "w.pt")
+    ckpt = {"model": sd, "arch": {"name": "resnet18", "stem": "cifar", "num_classes": 3}}
+    with pytest.raises(CheckpointError, match=r"c\.pt: its weights are not finite \(layer2\.0\.bn1\.running_var"):
+        model_mod.restore_model(ckpt, "cpu", where="c.pt")
+
+
+@pytest.mark.parametrize("res", [8, 4096, "64"])
+def test_a_checkpoints_resolution_follows_the_one_rule(res):
+    with pytest.raises(CheckpointError, match="a resolution is a whole number from 16 to 512"):
+        model_mod.trained_res({"arch": {"res": res}}, "c.pt")
