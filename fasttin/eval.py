@@ -11,14 +11,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fasttin.errors import EXIT_OK, CommandParser, UserError, run_command
+from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
 from fasttin.model import from_checkpoint
-from fasttin.recipes import DEFAULT_DATA, count
+from fasttin.predict import empty_split_check, refuse_output_over_inputs
+from fasttin.recipes import DEFAULT_DATA, count, res_problem
 from fasttin.shards import read_manifest
 
 
@@ -27,8 +28,8 @@ def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, 
     """Top-1/top-5 of the checkpoint at `ckpt_path` on `split` of the packed data set `data`.
     Everything a user can get wrong (a hostile or foreign checkpoint, other classes, a bad device
     or split) is a UserError, raised before the evaluation starts."""
-    if res is not None and (not isinstance(res, int) or res < 16):
-        raise UserError(f"--res {res}: at least 16")
+    if res is not None and res_problem(res):
+        raise UserError(f"--res {res}: {res_problem(res)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: a positive integer")
     if amp not in AMP or backend not in BACKENDS:
@@ -38,6 +39,7 @@ def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, 
     trained = from_checkpoint(ckpt_path, device, classes=[c["wnid"] for c in manifest["classes"]], data=data)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
+    empty_split_check(data, split, manifest)
     res = res or trained.res
     loader = make_loader(data, split, backend=backend, res=res, batch_size=batch_size, device=device, verify=True,
                          shuffle=False, drop_last=False, dtype=AMP[amp], workers=workers)
@@ -68,8 +70,10 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        if args.json:
-            ensure_writable(args.json)  # before the work, not after it
+        if args.json:  # before the work, not after it; never over the checkpoint or into the pack
+            refuse_output_over_inputs("--json", args.json, files=[("the --ckpt", args.ckpt)],
+                                      folders=[("the --data folder", args.data)])
+            ensure_writable(args.json)
         r = evaluate_checkpoint(args.ckpt, args.data, split=args.split, res=args.res, device=args.device,
                                 backend=args.backend, batch_size=args.batch_size, amp=args.amp, tta=args.tta)
         t = Table(title=f"{args.ckpt} on {args.split} at res {r['res']}")
@@ -84,7 +88,8 @@ def main(argv=None) -> int:
             except UserError as e:
                 raise UserError(f"{e} (the result is printed above)") from None
         return EXIT_OK
-    return run_command("fasttin.eval", body)
+    interrupt_on_sigterm()  # kill, timeout, Slurm: "interrupted", exit 130, as Ctrl-C
+    return run_command("fasttin.eval", body, interrupted="no result written")
 
 
 if __name__ == "__main__":

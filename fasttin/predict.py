@@ -1,30 +1,35 @@
 """python -m fasttin.predict: top-5 classes of images with a fasttin checkpoint.
 
-Any image PIL reads, of any size, is converted to RGB and resized bicubically to the
-checkpoint's resolution. `--split test --data DIR --csv OUT` predicts a whole packed split.
+Any image PIL reads, of any size, is converted to 8-bit RGB as the packer converts it (16-bit
+scaled, transparency composited on black, float modes refused; `fasttin.pack.rgb8`) and resized
+bicubically to the checkpoint's resolution. `--split test --data DIR --csv OUT` predicts a whole packed split.
 
 Names that come from the data (a packed split's sample names, file names found in a folder) are
 only written into the CSV or printed (escaped when they hold control characters); they are never
 opened or used as paths to write to. The CSV's folder is checked (and created) before any work,
-and if the CSV cannot be written at the end the predictions go to stdout instead.
+and if the CSV cannot be written at the end the predictions go to stdout instead. The CSV may not
+be the checkpoint, an input image or a file inside --data: it would destroy what it is made from.
 """
 from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fasttin.errors import EXIT_OK, CommandParser, UserError, run_command
+from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
 from fasttin.fileio import ensure_writable, write_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import normalize
 from fasttin.model import from_checkpoint
+from fasttin.pack import rgb8
 from fasttin.recipes import count
 from fasttin.shards import read_manifest
 
@@ -42,32 +47,89 @@ def shown(name: str) -> str:
     return name if name.isprintable() else repr(name)
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same file on disk when both exist (symlinks, hard
+    links, bind mounts), else the same resolved path (one of them is still to be written)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable folder: not provably one file
+        return False
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, its symlinks and `..` resolved, lies in `folder` (or is it)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def refuse_output_over_inputs(flag: str, output: Path, *, files=(), folders=()) -> None:
+    """Before any work: an output that is one of the input `files` (a checkpoint, an image), or lies
+    in (or is) an input folder (a pack), would destroy what the command reads: a UserError naming
+    both. `files` and `folders` are (what, path) pairs: ("the --ckpt", path)."""
+    output = Path(output)
+    for what, f in files:
+        if same_file(output, Path(f)):
+            raise UserError(f"{flag} {shown(str(output))} is {what} {shown(str(f))}: writing it would destroy it "
+                            "(choose another output path)")
+    for what, d in folders:
+        d = Path(d)
+        if any(same_file(p, d) for p in (output, *output.parents)) or inside(output, d):
+            raise UserError(f"{flag} {shown(str(output))} lies inside {what} {shown(str(d))}: writing it would "
+                            "change the data (choose a path outside it)")
+
+
+def convertible(im: Image.Image) -> str | None:
+    """Why `rgb8` refuses images of `im`'s pixel mode (None: it converts them), from the header only."""
+    try:
+        return rgb8(Image.new(im.mode, (1, 1)))[1]
+    except (ValueError, OSError):  # a mode PIL reads but cannot create: rgb8 would not know it either
+        return f"has pixel mode {im.mode}, which has no defined 8-bit RGB conversion"
+
+
 def image_files(paths) -> list[Path]:
     """The image files named, and those under the folders named; each one's header is read now,
-    so a file that is no image fails before any prediction is made."""
+    so a file that is no image, or one whose pixel mode has no 8-bit RGB, fails before any
+    prediction is made, and so does a folder holding no image."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise UserError(f"{shown(str(p))}: no images in this folder (looked for "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
         elif p.is_file():
             files.append(p)
         else:
             raise UserError(f"{shown(str(p))}: no such file or folder")
     for f in files:
         try:
-            with Image.open(f):
-                pass
+            with Image.open(f) as im:
+                why = convertible(im)
         except PIL_ERRORS as e:
             raise ImageError(f"{shown(str(f))}: not an image PIL can read ({e})") from None
+        if why:
+            raise ImageError(f"{shown(str(f))}: {why}")
     return files
 
 
 def load_image(path: Path, res: int) -> np.ndarray:
+    """uint8 [res, res, 3]: the image converted to RGB exactly as the packer converts it (`rgb8`),
+    then resized bicubically, so a prediction sees what training saw."""
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((res, res), Image.BICUBIC))
+        with warnings.catch_warnings(), Image.open(path) as im:
+            warnings.simplefilter("ignore")  # PIL's per-image warnings would break the one-line report
+            im.load()
+            rgb, why = rgb8(im)
     except PIL_ERRORS as e:
         raise ImageError(f"{shown(str(path))}: not an image PIL can read ({e})") from None
+    if why:
+        raise ImageError(f"{shown(str(path))}: {why}")
+    return np.asarray(Image.fromarray(rgb).resize((res, res), Image.BICUBIC))
 
 
 @torch.no_grad()
@@ -98,6 +160,7 @@ def predict_split(model, data: Path, split: str, manifest: dict, *, res, wnids, 
     """(sample name, top-5 wnids, top-1 probability) for every sample of a packed split."""
     if split not in manifest["splits"]:
         raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
+    empty_split_check(data, split, manifest)
     loader = make_loader(data, split, backend="pil" if device.type == "cpu" else "auto", res=res,
                          batch_size=batch_size, device=device, shuffle=False, drop_last=False,
                          dtype=torch.float32, return_index=True, verify=True)
@@ -107,6 +170,12 @@ def predict_split(model, data: Path, split: str, manifest: dict, *, res, wnids, 
         for i, idx, pp in zip(index.tolist(), ix.cpu().numpy(), pr.cpu().numpy()):
             rows.append((loader.ds.keys[i], [wnids[k] for k in idx], float(pp[0])))
     return rows
+
+
+def empty_split_check(data: Path, split: str, manifest: dict) -> None:
+    """A split packed with no samples (count 0) has nothing to predict or score: say so, naming it."""
+    if manifest["splits"][split].get("count") == 0:
+        raise UserError(f"--split {split}: the {split} split of {data} is empty (0 samples)")
 
 
 def csv_text(rows) -> str:
@@ -136,7 +205,10 @@ def predict(args) -> list[tuple]:
         raise UserError("give image files/folders, or --split with --data, not both")
     if args.split and args.data is None:
         raise UserError("--split needs --data")
+    files = [] if args.split else image_files(args.inputs)
     if args.csv:
+        refuse_output_over_inputs("--csv", args.csv, files=[("the --ckpt", args.ckpt)] + [
+            ("the input image", f) for f in files], folders=[("the --data folder", args.data)] if args.split else [])
         ensure_writable(args.csv)
     device = resolve_device(args.device)
     if args.split:
@@ -145,7 +217,7 @@ def predict(args) -> list[tuple]:
         return predict_split(t.model, args.data, args.split, manifest, res=t.res, wnids=t.wnids, device=device,
                              batch_size=args.batch_size)
     t = from_checkpoint(args.ckpt, device)
-    return predict_files(t.model, image_files(args.inputs), res=t.res, wnids=t.wnids, words=t.words, device=device,
+    return predict_files(t.model, files, res=t.res, wnids=t.wnids, words=t.words, device=device,
                          batch_size=args.batch_size, echo=not args.csv)
 
 
@@ -163,7 +235,8 @@ def main(argv=None) -> int:
                 raise UserError(f"{e} (the predictions are printed above)") from None
             print(f"wrote {len(rows)} predictions to {args.csv}")
         return EXIT_OK
-    return run_command("fasttin.predict", body)
+    interrupt_on_sigterm()  # kill, timeout, Slurm: "interrupted", exit 130, as Ctrl-C
+    return run_command("fasttin.predict", body, interrupted="no CSV written")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ import errno
 import io
 import os
 import pickle
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import error_line, run_cli
+from helpers import ROOT, Lines, error_line, refused, run_cli
 from PIL import Image
 
 from fasttin import checkpoint
@@ -51,7 +57,7 @@ def inputs(tmp_path_factory):
     Image.new("RGB", (50, 40), (200, 30, 30)).save(root / "a.png")
     Image.new("RGB", (64, 64), (10, 90, 30)).save(root / "b.jpg", quality=90)
     return {"root": root, "data": root / "data", "wnids": wnids, "good": fasttin_ckpt(root / "good.pt", wnids),
-            "other": fasttin_ckpt(root / "other.pt", [w[:-1] + "x" for w in wnids])}
+            "other": fasttin_ckpt(root / "other.pt", [w + "x" for w in wnids])}
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Case:
     args: list  # {ckpt} {data} {tmp} {img} are filled in
     culprit: str  # in the one error line, after filling in
     rc: int = 2
-    ckpt: str = "good"  # good | other | evil | evil-legacy | cut | foreign
+    ckpt: str = "good"  # good | other | evil | evil-legacy | cut | foreign | rot | nan
     old: dict = field(default_factory=dict)  # outputs that exist before: must stay byte-identical
     absent: str | None = None  # the output a failed command must not leave
     patch: str | None = None  # fsync-full | bomb
@@ -102,6 +108,16 @@ CASES = {
                                     "{tmp}/cut.jpg: not an image", absent="p.csv"),
     "predict-decompression-bomb": Case("predict", PRED, "{img}: not an image", patch="bomb"),
     "predict-missing-input": Case("predict", ["{tmp}/nope.png", "--device", "cpu"], "{tmp}/nope.png: no such file"),
+    # torch.load checks no CRC: 4 bytes flipped in a tensor gave NaN loss, exit 0, and "loss": NaN in the JSON
+    "eval-bit-rot-in-a-tensor": Case("eval", EVAL + ["--json", "{tmp}/e.json"],
+                                     "{ckpt} is not a torch checkpoint, or a damaged one (its member archive/data/",
+                                     ckpt="rot", absent="e.json"),
+    "predict-bit-rot-in-a-tensor": Case("predict", PRED, "fails its CRC check", ckpt="rot"),
+    "eval-non-finite-weights": Case("eval", EVAL, "{ckpt}: its weights are not finite (fc.bias", ckpt="nan"),
+    "predict-non-finite-weights": Case("predict", PRED, "{ckpt}: its weights are not finite (fc.bias", ckpt="nan"),
+    "predict-empty-folder": Case("predict", ["{tmp}/empty", "--device", "cpu", "--csv", "{tmp}/p.csv"],
+                                 "{tmp}/empty: no images", old={"empty/notes.txt": b"no image here"}, absent="p.csv"),
+    "eval-res-above-the-rule": Case("eval", EVAL + ["--res", "600"], "--res 600: a resolution is a whole number"),
 }
 
 
@@ -118,7 +134,25 @@ def make_ckpt(kind, inputs, tmp):
     elif kind == "foreign":
         from torchvision.models import resnet34
         torch.save(resnet34(num_classes=4).state_dict(), path)
+    elif kind == "rot":
+        path.write_bytes(inputs["good"].read_bytes())
+        rot(path)
+    elif kind == "nan":  # intact as a file (its CRCs match) but its weights are not finite
+        state = checkpoint.load(inputs["good"])
+        state["model"]["fc.bias"][1] = float("nan")
+        checkpoint.save(path, state)
     return path
+
+
+def rot(path):
+    """Flip 4 bytes in the middle of the largest tensor's data inside the zip `path` (bit rot)."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))  # the local header's own lengths
+        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
+        f.write(b"\xff" * 4)
 
 
 def tree(folder: Path) -> dict:
@@ -182,3 +216,166 @@ def test_predict_treats_names_from_the_data_as_data(inputs, tmp_path):
     back = list(csv.reader(io.StringIO(text)))
     assert back[1][0] == "../../escape\n.JPEG" and back[2][0] == "/abs/x.JPEG"
     assert predict_cmd.shown("a\nb") == "'a\\nb'"
+
+
+# ---- an output that is also an input ---------------------------------------------------------------
+
+CLOBBER = {  # (command, arguments, the two names the one line must hold); {ckpt} {data} {img} {tmp} filled in
+    "eval-json-over-the-manifest": ("eval", EVAL + ["--json", "{data}/manifest.json"], ["--json", "{data}"]),
+    "eval-json-new-file-in-the-pack": ("eval", EVAL + ["--json", "{tmp}/link/../data/e.json"], ["{data}"]),
+    "eval-json-over-the-checkpoint": ("eval", EVAL + ["--json", "{ckpt}"], ["--json {ckpt}", "the --ckpt"]),
+    "eval-json-hard-link-to-the-checkpoint": ("eval", EVAL + ["--json", "{tmp}/hard.pt"], ["{tmp}/hard.pt", "{ckpt}"]),
+    "predict-csv-over-the-checkpoint": ("predict", PRED + ["--csv", "{ckpt}"], ["--csv {ckpt}", "the --ckpt"]),
+    "predict-csv-over-an-input-image": ("predict", PRED + ["--csv", "{img}"], ["--csv {img}", "input image {img}"]),
+    "predict-csv-symlink-to-an-image-in-a-folder": (
+        "predict", ["{tmp}/imgs", "--device", "cpu", "--csv", "{tmp}/sym.png"], ["{tmp}/sym.png", "{tmp}/imgs/c.png"]),
+    "predict-split-csv-into-the-pack": (
+        "predict", ["--split", "test", "--data", "{data}", "--device", "cpu", "--csv", "{data}/test.csv"],
+        ["{data}/test.csv", "the --data folder {data}"]),
+}
+
+
+@pytest.mark.parametrize("name", list(CLOBBER))
+def test_an_output_that_is_an_input_is_refused_before_any_work(name, inputs, tmp_path, capsys):
+    """`eval --json DATA/manifest.json` replaced the pack's manifest and `predict --csv CKPT` (or an
+    input image) the checkpoint, exit 0. Now: one line naming both, exit 2, every input intact."""
+    command, args, culprits = CLOBBER[name]
+    shutil.copytree(inputs["data"], tmp_path / "data")
+    ckpt = Path(shutil.copy(inputs["good"], tmp_path / "good.pt"))
+    img = Path(shutil.copy(inputs["root"] / "a.png", tmp_path / "a.png"))
+    (tmp_path / "imgs").mkdir()
+    shutil.copy(img, tmp_path / "imgs" / "c.png")
+    (tmp_path / "sym.png").symlink_to(tmp_path / "imgs" / "c.png")
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")
+    os.link(ckpt, tmp_path / "hard.pt")
+    fill = {"ckpt": ckpt, "data": tmp_path / "data", "img": img, "tmp": tmp_path}
+    before = tree(tmp_path)
+    main = eval_cmd.main if command == "eval" else predict_cmd.main
+    rc = main(["--ckpt", str(ckpt)] + [a.format(**fill) for a in args])
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    error_line(err, *(c.format(**fill) for c in culprits), prefix=f"fasttin.{command}: error: ")
+    assert tree(tmp_path) == before and out == ""
+
+
+# ---- what a checkpoint says is data, shown as data -------------------------------------------------------
+
+FORGED = "x\x1b[31m\nfasttin.predict: error: fake"
+
+
+def test_a_class_id_with_control_characters_is_refused(inputs, tmp_path):
+    """Class ids are printed and written into CSVs: one that fails the pack's name rule (here an
+    escape sequence and a newline forging an error line) is refused in one line, never printed raw."""
+    ckpt = fasttin_ckpt(tmp_path / "forged.pt", [inputs["wnids"][0], FORGED, *inputs["wnids"][2:]])
+    r = run_cli("fasttin.predict", "--ckpt", ckpt, inputs["root"] / "a.png", "--device", "cpu")
+    line = refused(r, 2, f"{ckpt}: its class", "control character", prefix="fasttin.predict: error: ")
+    assert "\x1b" not in r.stderr + r.stdout and r.stdout == "" and "fake" in line
+
+
+def test_a_duplicate_class_id_is_refused(inputs, tmp_path, capsys):
+    ckpt = fasttin_ckpt(tmp_path / "twice.pt", [inputs["wnids"][0]] * 2 + inputs["wnids"][2:])
+    assert predict_cmd.main(["--ckpt", str(ckpt), str(inputs["root"] / "a.png"), "--device", "cpu"]) == 2
+    error_line(capsys.readouterr().err, "is there twice", str(ckpt))
+
+
+def test_descriptions_with_control_characters_are_printed_escaped(inputs, tmp_path):
+    """'words' are free text: an escape sequence or a newline in them is shown as its repr-escape,
+    so a checkpoint can neither colour the terminal nor forge an error line."""
+    ckpt = tmp_path / "words.pt"
+    state = checkpoint.load(inputs["good"])
+    state["words"] = [FORGED] * len(inputs["wnids"])
+    checkpoint.save(ckpt, state)
+    r = run_cli("fasttin.predict", "--ckpt", ckpt, inputs["root"] / "a.png", "--device", "cpu")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "\x1b" not in r.stdout and r.stdout.count("\n") == 1, r.stdout
+    assert "x\\x1b[31m\\nfasttin.predict: error: fake" in r.stdout
+
+
+# ---- predict sees an image as the packer stores it -------------------------------------------------------
+
+def test_predict_converts_images_as_the_packer_does(tmp_path):
+    """predict's own `convert("RGB")` clipped 16-bit grey (32896 became 255, the pack stores 128)
+    and showed the hidden colour of transparent pixels (the pack composites them on black)."""
+    Image.new("I;16", (20, 20), 32896).save(tmp_path / "grey16.png")
+    Image.new("RGBA", (20, 20), (250, 10, 10, 0)).save(tmp_path / "clear.png")
+    grey = predict_cmd.load_image(tmp_path / "grey16.png", 32)
+    assert grey.shape == (32, 32, 3) and (grey == 128).all(), grey[0, 0]
+    assert (predict_cmd.load_image(tmp_path / "clear.png", 32) == 0).all()
+
+
+def test_a_float_image_is_refused_by_name_before_any_prediction(inputs, tmp_path, capsys):
+    """A mode-F TIFF (no defined range) became silently black: now refused, naming it and its
+    mode, before any prediction (the good image named first is not predicted either)."""
+    Image.new("F", (20, 20), 0.5).save(tmp_path / "float.tif")
+    rc = predict_cmd.main(["--ckpt", str(inputs["good"]), str(inputs["root"] / "a.png"), str(tmp_path / "float.tif"),
+                           "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    error_line(err, f"{tmp_path}/float.tif", "pixel mode F", prefix="fasttin.predict: error: ")
+
+
+# ---- an empty split --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def empty_test_split(tmp_path_factory):
+    """A pack whose test split holds no sample, and a checkpoint of its classes."""
+    from fasttin.synthetic import make_layout
+    root = tmp_path_factory.mktemp("empty-split")
+    pack(make_layout(root / "src", n_classes=2, per_class=2, val_per_class=1, test_count=0), root / "data",
+         workers=1, quiet=True)
+    assert read_manifest(root / "data")["splits"]["test"]["count"] == 0
+    return root / "data", fasttin_ckpt(root / "c.pt", [c["wnid"] for c in read_manifest(root / "data")["classes"]])
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_an_empty_split_is_named_as_empty(empty_test_split, command, capsys):
+    """It said "0 samples make no batch of 256 ... with drop_last=True", which both never set."""
+    data, ckpt = empty_test_split
+    main = eval_cmd.main if command == "eval" else predict_cmd.main
+    assert main(["--ckpt", str(ckpt), "--data", str(data), "--split", "test", "--device", "cpu"]) == 2
+    line = error_line(capsys.readouterr().err, f"the test split of {data} is empty")
+    assert "drop_last" not in line
+
+
+def test_the_sampler_says_a_split_is_empty_whatever_drop_last_says():
+    from fasttin.loaders.errors import LoaderArgumentError
+    from fasttin.loaders.sampler import EpochSampler
+    for drop_last in (False, True):
+        with pytest.raises(LoaderArgumentError, match="empty") as e:
+            EpochSampler(0, 256, shuffle=False, drop_last=drop_last, seed=0, rank=0, world_size=1, augment="none")
+        assert "drop_last" not in str(e.value)
+
+
+# ---- SIGTERM ---------------------------------------------------------------------------------------------
+
+# `python -c BLOCKED MODULE FUNCTION args...`: the command, with FUNCTION (its work) replaced by one
+# that says "working" and waits for a signal: the test signals it at that point, not at a moment
+BLOCKED = """
+import importlib, signal, sys
+mod = importlib.import_module(sys.argv[1])
+def blocked(*a, **k):
+    print("working", file=sys.stderr, flush=True)
+    while True:
+        signal.pause()
+setattr(mod, sys.argv[2], blocked)
+sys.exit(mod.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_sigterm_stops_eval_and_predict_as_interrupted(inputs, tmp_path, command):
+    """SIGTERM (kill, timeout, Slurm) exited 143 with no word; the exit-code table says 130."""
+    out = tmp_path / "out.json"
+    args = (["fasttin.eval", "evaluate", "--data", inputs["data"], "--json", out] if command == "eval" else
+            ["fasttin.predict", "top5", inputs["root"] / "a.png", "--csv", out])
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED, *map(str, args), "--ckpt", str(inputs["good"]),
+                             "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lines = Lines(proc.stderr)
+    try:
+        lines.wait("working", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        proc.kill()
+    error_line(lines.text().replace("working\n", ""), f"fasttin.{command}: interrupted")
+    assert not out.exists() and not list(tmp_path.iterdir())

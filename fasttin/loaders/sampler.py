@@ -36,9 +36,11 @@ class EpochSampler:
             self.per_rank = n // (world_size * batch_size) * batch_size
         else:
             self.per_rank = -(-n // world_size)  # ceil: the short ranks are padded
+        if n == 0:  # whatever drop_last says: there is nothing to batch
+            raise LoaderArgumentError("the split is empty (0 samples): there is nothing to load from it")
         if self.per_rank == 0:
             raise LoaderArgumentError(f"{n} samples make no batch of {batch_size} over {world_size} rank(s) "
-                             "with drop_last=True: lower batch_size or set drop_last=False")
+                                      "with drop_last=True: lower batch_size or set drop_last=False")
 
     def __len__(self) -> int:
         return -(-self.per_rank // self.batch_size)
