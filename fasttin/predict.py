@@ -2,7 +2,8 @@
 
 Any image PIL reads, of any size, is converted to 8-bit RGB as the packer converts it (16-bit
 scaled, transparency composited on black, float modes refused; `fasttin.pack.rgb8`) and resized
-bicubically to the checkpoint's resolution. `--split test --data DIR --csv OUT` predicts a whole packed split.
+bicubically to the checkpoint's resolution. `--split test --data DIR --csv OUT` predicts a whole packed split
+(without --csv, the CSV goes to stdout).
 
 Names that come from the data (a packed split's sample names, file names found in a folder) are
 only written into the CSV or printed (escaped when they hold control characters); they are never
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
                 sys.stdout.write(text)  # computed predictions are never thrown away
                 raise UserError(f"{e} (the predictions are printed above)") from None
             print(f"wrote {len(rows)} predictions to {args.csv}")
+        elif args.split:  # the split's predictions were computed: without --csv they go to stdout, as CSV
+            sys.stdout.write(csv_text(rows))
         return EXIT_OK
     interrupt_on_sigterm()  # kill, timeout, Slurm: "interrupted", exit 130, as Ctrl-C
     return run_command("fasttin.predict", body, interrupted="no CSV written")

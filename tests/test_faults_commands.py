@@ -379,3 +379,13 @@ def test_sigterm_stops_eval_and_predict_as_interrupted(inputs, tmp_path, command
         proc.kill()
     error_line(lines.text().replace("working\n", ""), f"fasttin.{command}: interrupted")
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_predict_split_without_csv_prints_its_predictions(inputs, capsys):
+    """They were computed and thrown away (exit 0, nothing printed)."""
+    rc = predict_cmd.main(["--ckpt", str(inputs["good"]), "--split", "test", "--data", str(inputs["data"]),
+                           "--device", "cpu"])
+    out, err = capsys.readouterr()
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rc == 0 and err == "" and rows[0][0] == "file"
+    assert len(rows) == 1 + read_manifest(inputs["data"])["splits"]["test"]["count"]
