@@ -40,7 +40,23 @@ def os_reason(e: OSError) -> str:
 
 
 def tmp_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(path.name + f".tmp{os.getpid()}{suffix}")
+    """`<name>.tmp<pid><suffix>` beside `path`, the name cut short where the whole would pass the
+    file system's 255 bytes (a long final name must not fail at its temporary, after the work)."""
+    name, tail = path.name, f".tmp{os.getpid()}{suffix}"
+    while len(os.fsencode(name + tail)) > 255 and len(name) > 1:
+        name = name[:-1]
+    return path.with_name(name + tail)
+
+
+def _regular(path: Path) -> Path:
+    """Where a write of `path` must land: a symlink's target (the link stays a link), never a
+    device, pipe or socket (a rename over /dev/null would replace it for every process)."""
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise OutputError(f"cannot write {path}: it is not a regular file (a device, pipe or socket); "
+                          "give a file path")
+    return path
 
 
 def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) -> None:
@@ -49,7 +65,7 @@ def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) 
     failure (full disk, say, or any exception of `write`) removes the temporary and leaves any
     earlier `path` untouched; an OSError becomes an OutputError that names `path`. `sync=False`
     skips the fsync: for hints, not records."""
-    path = Path(path)
+    path = _regular(Path(path))
     tmp = tmp_name(path, path.suffix)
     try:
         write(tmp)
@@ -102,8 +118,9 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def ensure_writable(path: Path, *, folder: bool = False) -> None:
     """Fail early, before any work, if `path` (a file, or a folder with folder=True) cannot be
-    written: creates missing parent folders and probes with a temporary file it removes again."""
-    path = Path(path)
+    written: creates missing parent folders and probes with a temporary file it removes again,
+    whatever happens."""
+    path = Path(path) if folder else _regular(Path(path))
     where = path if folder else path.parent
     if not folder and path.is_dir():
         raise OutputError(f"cannot write {path}: it is a folder")
@@ -112,14 +129,17 @@ def ensure_writable(path: Path, *, folder: bool = False) -> None:
     existing = next(p for p in (where, *where.parents) if p.exists())
     if not existing.is_dir():
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
+    # the probe is the temporary's own name where there is a file to come (its length is checked too)
+    probe = tmp_name(where / ".fasttin-write-probe") if folder else tmp_name(path, path.suffix)
     try:
         where.mkdir(parents=True, exist_ok=True)
-        probe = tmp_name(where / ".fasttin-write-probe")
         with open(probe, "wb") as f:
             f.write(b"\0")
-        probe.unlink()
     except OSError as e:
         raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+    finally:  # a probe the disk filled up on is removed too
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def alive(pid: int) -> bool:
@@ -167,16 +187,18 @@ def release_claims() -> None:
         os.close(_CLAIMS.popitem()[1])
 
 
-def clean_stale_tmp(folder: Path) -> list[Path]:
-    """Remove the temporary files (`*.tmp<pid>[.ext]`) in `folder` whose process no longer runs:
-    what a killed or failed save left behind. Returns what it removed."""
+def clean_stale_tmp(folder: Path, finals: tuple[str, ...]) -> list[Path]:
+    """Remove the temporaries of the files `finals` in `folder` (`<final>.tmp<pid>[.ext]`) whose
+    process no longer runs: what a killed or failed save left behind. Only those: a user's own
+    `notes.tmp123.txt` is never taken for one. Returns what it removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
         m = _TMP.search(p.name)
-        if m and p.is_file() and int(m.group(1)) != os.getpid() and not alive(int(m.group(1))):
+        if (m and p.name[:m.start()] in finals and p.is_file() and int(m.group(1)) != os.getpid()
+                and not alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

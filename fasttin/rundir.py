@@ -79,7 +79,7 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
     if holder:
         raise RunDirError(f"{out} is in use by another run (pid {holder}): wait for it to end, or give another --out")
     notes = []
-    stale = clean_stale_tmp(out)
+    stale = clean_stale_tmp(out, RUN_FILES)
     if stale:
         notes.append(f"removed {len(stale)} temporary file(s) left by a killed process: "
                      + ", ".join(p.name for p in stale))

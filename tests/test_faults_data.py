@@ -333,3 +333,44 @@ def test_sigterm_during_repack_keeps_the_old_pack_and_leaves_nothing(old_pack, t
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(out) == before and not leftovers(tmp_path)
+
+
+# ---- every output write (fasttin.fileio): links, devices, long names, a full disk -------------------
+
+def test_a_write_through_a_symlink_updates_its_target_and_keeps_the_link(tmp_path):
+    from fasttin.fileio import ensure_writable, write_atomic
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "r.json").write_text("old")
+    (tmp_path / "link.json").symlink_to(tmp_path / "real" / "r.json")
+    ensure_writable(tmp_path / "link.json")
+    write_atomic(tmp_path / "link.json", b"new")
+    assert (tmp_path / "link.json").is_symlink() and (tmp_path / "real" / "r.json").read_text() == "new"
+
+
+def test_a_pipe_or_device_is_never_replaced_by_a_regular_file(tmp_path):
+    from fasttin.fileio import OutputError, ensure_writable, write_atomic
+    os.mkfifo(tmp_path / "fifo")
+    for check in (lambda: ensure_writable(tmp_path / "fifo"), lambda: write_atomic(tmp_path / "fifo", b"x")):
+        with pytest.raises(OutputError, match="not a regular file"):
+            check()
+    assert (tmp_path / "fifo").is_fifo() and os.listdir(tmp_path) == ["fifo"]
+
+
+def test_a_long_output_name_that_the_file_system_takes_is_written(tmp_path):
+    """255 bytes is the limit of the name, not of name + '.tmp<pid>.json': the temporary is cut short."""
+    from fasttin.fileio import ensure_writable, write_atomic
+    path = tmp_path / ("r" * 250 + ".json")
+    ensure_writable(path)
+    write_atomic(path, b"{}")
+    assert path.read_bytes() == b"{}" and os.listdir(tmp_path) == [path.name]
+
+
+def test_the_writability_probe_leaves_nothing_behind_on_a_full_disk(tmp_path):
+    """RLIMIT_FSIZE 0: the probe's one byte fails as on a full disk; the probe file is removed too."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
+            "from fasttin.errors import run_command\nfrom fasttin.fileio import ensure_writable\n"
+            "sys.exit(run_command('probe', lambda: ensure_writable(sys.argv[1]) or 0))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out" / "r.json")], cwd=ROOT,
+                       capture_output=True, text=True)
+    refused(r, 2, "r.json")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []

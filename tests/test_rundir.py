@@ -172,9 +172,10 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
                           text=True).stdout.strip()
     (tmp_path / f"last.pt.tmp{dead}").write_bytes(b"half")
     (tmp_path / f"metrics.jsonl.tmp{os.getppid()}").write_bytes(b"live")  # a live process's: kept
+    (tmp_path / f"notes.tmp{dead}.txt").write_bytes(b"mine")  # a user's file, named alike: kept
     _, notes = prepare(tmp_path, CFG, resume=False, auto_resume=False, overwrite=False)
     assert not (tmp_path / f"last.pt.tmp{dead}").exists() and (tmp_path / f"metrics.jsonl.tmp{os.getppid()}").exists()
-    assert f"last.pt.tmp{dead}" in notes[0]
+    assert f"last.pt.tmp{dead}" in notes[0] and (tmp_path / f"notes.tmp{dead}.txt").read_bytes() == b"mine"
 
 
 def test_an_unwritable_run_folder_is_one_line(tmp_path):
