@@ -179,6 +179,7 @@ class Position:
     rows: list = field(default_factory=list)  # metrics.jsonl's rows up to this point
     rows_seen: int | None = None  # how many rows the checkpoint had seen (None: an earlier fasttin's)
     epoch_res: int | None = None  # the resolution of an epoch stopped midway
+    partial: dict | None = None  # that epoch's metric sums, data wait, compute and wall seconds so far
     budget_spent_s: float = 0.0
     budget_reserve_s: float = 0.0
 
@@ -186,7 +187,7 @@ class Position:
         """Add an epoch's row; returns which weights ("raw" or "ema") best.pt must now hold, if any:
         the better of the two when it is at least as good as the best so far."""
         self.rows.append(row)
-        self.batch = 0
+        self.batch, self.partial = 0, None
         which = "ema" if val.get("ema_acc1", -1.0) > val["acc1"] else "raw"
         top = val["ema_acc1"] if which == "ema" else val["acc1"]
         if top < self.best:
@@ -204,7 +205,8 @@ class Position:
     def of(cls, ckpt: dict) -> Position:
         return cls(ckpt["epoch"], ckpt.get("step", 0), ckpt.get("best_acc1", 0.0), ckpt.get("best_weights", "raw"),
                    rows_seen=ckpt.get("rows") if isinstance(ckpt.get("rows"), int) else None,
-                   epoch_res=ckpt.get("epoch_res"), budget_spent_s=ckpt.get("budget_spent_s", 0.0),
+                   epoch_res=ckpt.get("epoch_res"), partial=ckpt.get("partial"),
+                   budget_spent_s=ckpt.get("budget_spent_s", 0.0),
                    budget_reserve_s=ckpt.get("budget_reserve_s", 0.0))
 
 
@@ -222,15 +224,17 @@ def best_state(weights: dict, which: str, **run) -> dict:
 
 
 def save_run(out: Path, step, pos: Position, cfg: dict, classes: list, words: list, *, epoch: int, batch: int,
-             res: int, budget: dict | None = None, best: str | None = None) -> None:
+             res: int, budget: dict | None = None, best: str | None = None, partial: dict | None = None) -> None:
     """best.pt with the `best` weights ("raw" or "ema") when they validated best, then last.pt in `out`
-    with the position (`epoch` done, `batch` into the next) and the `budget` figures: last.pt never
+    with the position (`epoch` done, `batch` into the next, and within an epoch its `partial` sums
+    and times, so the resumed epoch's row counts all of it) and the `budget` figures: last.pt never
     records a best that best.pt does not hold, whatever the moment of a crash. Both name the
     classes and the architecture at the resolution they validate at, for eval and predict. The
     caller has checked the weights finite."""
     arch = {"name": "resnet18", "stem": cfg["stem"], "num_classes": len(classes), "res": cfg["eval_res"] or res}
     common = dict(config=cfg, best_acc1=pos.best, classes=classes, words=words, arch=arch)
-    extra = {"rows": len(pos.rows), "best_weights": pos.best_weights, **({"epoch_res": res} if batch else {})}
+    extra = {"rows": len(pos.rows), "best_weights": pos.best_weights,
+             **({"epoch_res": res, "partial": partial} if batch else {})}
     extra.update(budget or {})
     if best is not None:  # first: last.pt commits the epoch, so a crash between the two repeats it
         weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()

@@ -49,9 +49,9 @@ class Meter:
         sums = self.sums.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        loss, top1, top5, n = sums.tolist()  # the one host-device synchronisation
+        loss, top1, top5, n = totals = sums.tolist()  # the one host-device synchronisation
         d = max(n, 1)
-        return {"loss": loss / d, "acc1": top1 / d, "acc5": top5 / d, "n": int(n)}
+        return {"loss": loss / d, "acc1": top1 / d, "acc5": top5 / d, "n": int(n), "sums": totals}
 
 
 def autocast(device, amp: str):
@@ -411,11 +411,14 @@ def _check(m: dict, where: str) -> dict:
 
 
 def train_epoch(step: TrainStep, loader, *, clock: StepClock | None = None, log_every: int = 25, on_log=None,
-                should_stop=lambda: False, max_steps=None, on_step=None) -> tuple[dict, int]:
+                should_stop=lambda: False, max_steps=None, on_step=None, carry=None) -> tuple[dict, int]:
     """One pass (or the rest of one, after a mid-epoch resume, or `max_steps`). Returns (metrics,
-    steps done). `on_log(steps, metrics)` runs at the logging steps, `on_step(steps)` after each step."""
+    steps done). `on_log(steps, metrics)` runs at the logging steps, `on_step(steps)` after each step;
+    `carry`, the metrics' "sums" of the part of the epoch done before a resume, counts that part too."""
     step.net.train()
     step.meter = Meter(step.device)
+    if carry is not None:
+        step.meter.sums += torch.tensor(carry, dtype=torch.float64, device=step.device)
     steps, batches = 0, iter(loader)
     if clock is not None:
         clock.start()

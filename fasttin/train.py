@@ -128,14 +128,17 @@ def epoch_res(run: Run, step, epoch: int, pos: checkpoint.Position, budget: Budg
     return recipes.res_at(run.cfg, at)
 
 
-def train(run: Run, step, data: Data, epoch: int, first: int, res: int, *, clock, stop, budget, on_log, profiler):
-    """The epoch's batches at `res` from batch `first` on, until its end, a signal or the budget's end."""
+def train(run: Run, step, data: Data, epoch: int, first: int, res: int, *, clock, stop, budget, on_log, profiler,
+          carry=None):
+    """The epoch's batches at `res` from batch `first` on (the metrics' sums of those before: `carry`),
+    until its end, a signal or the budget's end."""
     def should_stop() -> bool:
         return stop.should_stop() or (budget is not None and budget.exhausted())
     data.train.set_res(res)
     data.train.set_epoch(epoch, first)
     return train_epoch(step, data.train, clock=clock, log_every=run.cfg["log_every"], on_log=on_log,
-                       should_stop=should_stop, on_step=profiler.on_step if profiler else None)
+                       should_stop=should_stop, on_step=profiler.on_step if profiler else None,
+                       carry=carry if run.main else None)  # rank 0's share holds the whole of it
 
 
 def validate(run: Run, step, data: Data, res: int) -> dict:
@@ -150,11 +153,12 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
 
 
 def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epoch: int, batch: int, res: int,
-                    budget: dict | None, best: str | None = None) -> None:
-    """last.pt, and best.pt when `best` names the weights that validated best (rank 0's: checkpoint.save_run)."""
+                    budget: dict | None, best: str | None = None, partial: dict | None = None) -> None:
+    """last.pt (with the `partial` epoch's sums and times at a stop within it), and best.pt when
+    `best` names the weights that validated best (rank 0's: checkpoint.save_run)."""
     if run.main:
         checkpoint.save_run(run.out, step, pos, run.cfg, data.classes, data.words, epoch=epoch, batch=batch,
-                            res=res, budget=budget, best=best)
+                            res=res, budget=budget, best=best, partial=partial)
 
 
 def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
@@ -174,6 +178,9 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                          run.log) as live:
         while not ended:
             res, first, t0 = epoch_res(run, step, epoch, pos, budget), pos.batch, time.perf_counter()
+            carry = pos.partial if first else None  # the part of this epoch a stopped process did
+            if carry:
+                t0, clock.totals = t0 - carry["epoch_s"], {k: carry[k] for k in clock.totals}
             lr = step.lr_at(step.position()) if budget else step.epoch_lr(epoch)
             live.start_epoch(epoch, first)
 
@@ -183,12 +190,13 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
                 if budget:
                     budget.share_clock()
             m, steps = train(run, step, data, epoch, first, res, clock=clock, stop=stop, budget=budget,
-                             on_log=on_log, profiler=profiler)
-            done = first + steps
+                             on_log=on_log, profiler=profiler, carry=carry and carry["sums"])
+            done, counted = first + steps, first + steps if carry else steps  # the steps the sums and times cover
             if stop.should_stop() and done < steps_per_epoch and not (budget and budget.exhausted()):
                 step.ensure_finite(epoch)
                 save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res,
-                                budget=budget.figures() if budget else None)
+                                budget=budget.figures() if budget else None,
+                                partial={"sums": m["sums"], **clock.take(), "epoch_s": time.perf_counter() - t0})
                 run.log(f"{stop.name}: saved {run.out / 'last.pt'} at batch {done} of epoch {epoch + 1}; "
                         "--resume continues from there")
                 return {"interrupted": True}
@@ -200,14 +208,14 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             val = validate(run, step, data, res)
             t2 = time.perf_counter()
             times["eval_s"] = t2 - t1
-            row = report.epoch_row(epoch, m, val, times, lr=lr, res=res, val_res=cfg["eval_res"] or res, steps=steps,
+            row = report.epoch_row(epoch, m, val, times, lr=lr, res=res, val_res=cfg["eval_res"] or res, steps=counted,
                                    batches=done, batch_size=cfg["batch_size"],
                                    compile_s=compile_s if epoch == pos.epoch else None)
             step.ensure_finite(epoch)  # before its row or a checkpoint is written
             best = pos.record(row, val)
             report.time_row(row, pos.rows, t0, t2)  # until the save is timed (a crash before it keeps these)
             # decided once, before the save: last.pt and the row keep the figures it was decided by
-            ended = budget.close_epoch(row, steps) if budget else epoch + 1 >= cfg["epochs"]
+            ended = budget.close_epoch(row, counted) if budget else epoch + 1 >= cfg["epochs"]
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)  # first: a crash now only repeats the epoch
             complete = done == steps_per_epoch

@@ -421,3 +421,8 @@ def test_sigterm_mid_epoch_resume_matches_with_ema_and_a_res_schedule(learnable,
     a, b = checkpoint.load(out / "last.pt"), checkpoint.load(ref / "last.pt")
     assert same_weights(a["model"], b["model"]) and same_weights(a["ema"]["model"], b["ema"]["model"])
     assert [r["res"] for r in rows_of(out)] == [r["res"] for r in rows_of(ref)] == [32, 24, 40]
+    # the stopped epoch's row counts the steps before the signal too (it counted the resumed part only)
+    stopped, whole = rows_of(out)[ck["epoch"]], rows_of(ref)[ck["epoch"]]
+    for key in ("batches", "train_loss", "train_acc"):
+        assert stopped[key] == whole[key], key
+    assert stopped["epoch_s"] >= ck["partial"]["epoch_s"] > 0 and stopped["compute_s"] > ck["partial"]["compute_s"]
