@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import LOADERS
 from fasttin.errors import EXIT_BAD_INPUT, EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
-from fasttin.fileio import ensure_writable, write_json_atomic
+from fasttin.fileio import ensure_writable, refuse_output_over_inputs, write_json_atomic
 from fasttin.recipes import AUGMENTS, RECIPES, STEMS, Setting, count, flag_type, res_problem, resolve
 
 # torch, the stages and the writers are imported only once the flags and the outputs are checked:
@@ -122,6 +122,8 @@ def check_outputs(args) -> None:
         except ImportError:
             raise UserError(f"--plot {args.plot}: matplotlib is not installed") from None
     if args.data is not None:
+        for flag, path in (*outputs.items(), ("--cache", args.cache)):  # the pack's folder holds the pack only
+            refuse_output_over_inputs(flag, path, folders=[("the packed data set --data", args.data)])
         ensure_writable(Path(args.cache), folder=True)
 
 

@@ -20,6 +20,16 @@ EXIT_NONFINITE = 3  # training stopped on a NaN/inf loss or weights; the last go
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: the position was saved (train) or nothing complete-looking left
 
 
+def shown(name: str) -> str:
+    """A name read from a file, safe in a one-line message (repr-quoted when it holds control characters)."""
+    return name if name.isprintable() else repr(name)
+
+
+def shown_text(text: str) -> str:
+    """Free text read from a file with each non-printable character (ESC, newline...) as its repr-escape."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Reported(Exception):
     """A failure that a command reports as one line, `name: <word>: message`, with its exit code."""
 

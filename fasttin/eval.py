@@ -12,13 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
-from fasttin.fileio import ensure_writable, write_json_atomic
+from fasttin.fileio import ensure_writable, refuse_output_over_inputs, write_json_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
 from fasttin.model import from_checkpoint
-from fasttin.predict import empty_split_check, refuse_output_over_inputs
+from fasttin.predict import empty_split_check
 from fasttin.recipes import DEFAULT_DATA, count, res_problem
 from fasttin.shards import read_manifest
 

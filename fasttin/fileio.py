@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fasttin.errors import UserError
+from fasttin.errors import UserError, shown
 
 _TMP = re.compile(r"\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
 
@@ -105,6 +105,41 @@ def move_aside(folder: Path, names: list[str], prefix: str) -> tuple[Path, list[
     for name in moved:
         (folder / name).rename(dest / name)
     return dest, moved
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same file on disk when both exist (symlinks, hard
+    links, bind mounts), else the same resolved path (one of them is still to be written)."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop, an unreadable folder: not provably one file
+        return False
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, its symlinks and `..` resolved, lies in `folder` (or is it)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def refuse_output_over_inputs(flag: str, output: Path, *, files=(), folders=()) -> None:
+    """Before any work: an output that is one of the input `files` (a checkpoint, an image), or lies
+    in (or is) an input folder (a pack), would destroy what the command reads: a UserError naming
+    both. `files` and `folders` are (what, path) pairs: ("the --ckpt", path)."""
+    output = Path(output)
+    for what, f in files:
+        if same_file(output, Path(f)):
+            raise OutputError(f"{flag} {shown(str(output))} is {what} {shown(str(f))}: writing it would destroy it "
+                            "(choose another output path)")
+    for what, d in folders:
+        d = Path(d)
+        if any(same_file(p, d) for p in (output, *output.parents)) or inside(output, d):
+            raise OutputError(f"{flag} {shown(str(output))} lies inside {what} {shown(str(d))}: writing it would "
+                            "change the data (choose a path outside it)")
 
 
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:

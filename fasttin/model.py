@@ -16,7 +16,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from fasttin import checkpoint
 from fasttin.checkpoint import CheckpointError
-from fasttin.errors import UserError
+from fasttin.errors import UserError, shown, shown_text
 from fasttin.recipes import STEMS, res_problem
 from fasttin.shards import name_problem
 
@@ -188,16 +188,6 @@ def class_names(ckpt: dict, where: str = "checkpoint") -> tuple[list[str], list[
             raise CheckpointError(f"{where}: its class {shown(wnid)} {why}; a class id is a bare, unique name")
         seen.add(wnid)
     return wnids, [shown_text(w) for w in words]
-
-
-def shown(name: str) -> str:
-    """A name from a file, safe to print on a terminal (repr-escaped when it holds control characters)."""
-    return name if name.isprintable() else repr(name)
-
-
-def shown_text(text: str) -> str:
-    """Free text from a file with each non-printable character (ESC, newline...) as its repr-escape."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def trained_res(ckpt: dict, where: str = "checkpoint") -> int:

@@ -34,6 +34,7 @@ from fasttin.errors import (
     UserError,
     interrupt_on_sigterm,
     run_command,
+    shown,
 )
 from fasttin.fileio import alive, ensure_writable, publish, replace_folder, write_json_atomic
 from fasttin.forking import fork_pool, pool_worker_signals
@@ -49,7 +50,7 @@ from fasttin.shards import (
     open_split,
     read_manifest,
 )
-from fasttin.source import SPLITS, MemberError, Source, download_official, shown
+from fasttin.source import SPLITS, MemberError, Source, download_official
 from fasttin.synthetic import make_layout
 
 

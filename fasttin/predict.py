@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
-from fasttin.fileio import ensure_writable, write_atomic
+from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command, shown
+from fasttin.fileio import ensure_writable, refuse_output_over_inputs, write_atomic
 from fasttin.info import resolve_device
 from fasttin.loaders import make_loader
 from fasttin.loaders.augment import normalize
@@ -41,46 +40,6 @@ PIL_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.De
 
 class ImageError(UserError):
     """An input image PIL cannot read (or one so large it looks like a decompression bomb)."""
-
-
-def shown(name: str) -> str:
-    """A name from the data, safe to print on a terminal."""
-    return name if name.isprintable() else repr(name)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether `a` and `b` name one file: the same file on disk when both exist (symlinks, hard
-    links, bind mounts), else the same resolved path (one of them is still to be written)."""
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):  # a symlink loop, an unreadable folder: not provably one file
-        return False
-
-
-def inside(path: Path, folder: Path) -> bool:
-    """Whether `path`, its symlinks and `..` resolved, lies in `folder` (or is it)."""
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError):
-        return False
-
-
-def refuse_output_over_inputs(flag: str, output: Path, *, files=(), folders=()) -> None:
-    """Before any work: an output that is one of the input `files` (a checkpoint, an image), or lies
-    in (or is) an input folder (a pack), would destroy what the command reads: a UserError naming
-    both. `files` and `folders` are (what, path) pairs: ("the --ckpt", path)."""
-    output = Path(output)
-    for what, f in files:
-        if same_file(output, Path(f)):
-            raise UserError(f"{flag} {shown(str(output))} is {what} {shown(str(f))}: writing it would destroy it "
-                            "(choose another output path)")
-    for what, d in folders:
-        d = Path(d)
-        if any(same_file(p, d) for p in (output, *output.parents)) or inside(output, d):
-            raise UserError(f"{flag} {shown(str(output))} lies inside {what} {shown(str(d))}: writing it would "
-                            "change the data (choose a path outside it)")
 
 
 def convertible(im: Image.Image) -> str | None:

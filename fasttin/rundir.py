@@ -35,7 +35,14 @@ import os
 from pathlib import Path
 
 from fasttin.errors import UserError
-from fasttin.fileio import claim, clean_stale_tmp, ensure_writable, move_aside, write_json_atomic
+from fasttin.fileio import (
+    claim,
+    clean_stale_tmp,
+    ensure_writable,
+    move_aside,
+    refuse_output_over_inputs,
+    write_json_atomic,
+)
 from fasttin.info import environment
 
 # what a run writes: any of them means "a run is here", and --overwrite moves them all aside
@@ -70,10 +77,8 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
     if resume and auto_resume:
         raise RunDirError("give --resume (which requires last.pt) or --auto-resume (which resumes if it exists), "
                           "not both")
-    data = Path(cfg.get("data") or "").resolve()
-    if cfg.get("data") and (out.resolve() == data or data in out.resolve().parents):
-        raise RunDirError(f"--out {out} is inside the packed data set {cfg['data']}: give the run a folder of its "
-                          "own (a pack's folder holds the pack only, and pack --force would refuse to replace it)")
+    if cfg.get("data"):
+        refuse_output_over_inputs("--out", out, folders=[("the packed data set --data", cfg["data"])])
     ensure_writable(out, folder=True)
     holder = claim(out)
     if holder:

@@ -14,7 +14,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fasttin.errors import UserError
+from fasttin.errors import UserError, shown
 from fasttin.fileio import digest, write_with
 from fasttin.shards import name_problem
 
@@ -40,11 +40,6 @@ class SourceError(UserError):
 
 class MemberError(SourceError):
     """One file of the source cannot be read: a per-file fault that --skip-bad skips."""
-
-
-def shown(name: str) -> str:
-    """A name as it can be printed on one line (quoted when it holds control characters)."""
-    return name if name.isprintable() else repr(name)
 
 
 def member_problem(member: str) -> str | None:

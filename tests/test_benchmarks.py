@@ -230,13 +230,16 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
     (["--summarize", "{tmp}/fieldless.json"], "fieldless.json"),  # records without the schema's fields
     (["--markdown", "{tmp}/file/b.md"], "b.md"),
     (["--json", "{tmp}/b.json", "--markdown", "{tmp}/./b.json"], "both name"),  # one would overwrite the other
+    (["--data", "{packed}", "--stages", "read", "--json", "{packed}/b.json"], "lies inside the packed data set"),
+    (["--data", "{packed}", "--stages", "read", "--cache", "{packed}/cache"], "lies inside the packed data set"),
     (["--data", "{packed}", "--augment", "bogus"], "bogus"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
     (tmp_path / "file").write_text("")
     (tmp_path / "fieldless.json").write_text('{"records": [{"stage": "train", "res": 64, "img_per_s": 5}]}')
     argv = [a.format(tmp=tmp_path, packed=packed) for a in argv]
-    assert main([*argv, "--device", "cpu", "--cache", str(tmp_path / "cache")]) == 2
+    cache = [] if "--cache" in argv else ["--cache", str(tmp_path / "cache")]
+    assert main([*argv, "--device", "cpu", *cache]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("benchmarks.run: error:") and needle in err[0], err
 

@@ -65,7 +65,7 @@ def test_a_run_folder_inside_the_data_set_is_refused_before_anything_is_written(
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text("{}")
-    with pytest.raises(RunDirError, match="inside the packed data set"):
+    with pytest.raises(UserError, match="lies inside the packed data set"):
         prepare(data / inside, {**CFG, "data": str(data)}, resume=False, auto_resume=False, overwrite=False)
     assert [p.name for p in data.iterdir()] == ["manifest.json"]
 
