@@ -497,3 +497,26 @@ def test_decoding_workers_die_on_sigterm_under_the_trainers_stop_handler():
         signal.signal(signal.SIGTERM, old)
         if proc.is_alive():
             proc.kill()
+
+
+def test_pil_workers_that_hand_out_no_batch_are_one_line_not_a_hang(packed, monkeypatch):
+    """A worker that cannot pass its batch on (a full /dev/shm: torch prints the error and drops the
+    batch) left the loader waiting forever; after WORKER_TIMEOUT_S it is a UserError saying why."""
+    from fasttin.loaders import pil
+    from fasttin.loaders.errors import WorkersStalled
+    monkeypatch.setattr(pil, "WORKER_TIMEOUT_S", 1)
+    monkeypatch.setattr(pil._Batches, "batch", lambda self, p: time.sleep(600))  # the forked workers inherit it
+    ld = make_loader(packed, "val", backend="pil", res=64, batch_size=4, device="cpu", workers=1)
+
+    def hung(*_):  # a guard, so that the old behaviour fails instead of hanging the suite
+        raise AssertionError("the loader is still waiting for its workers: no timeout")
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(WorkersStalled, match="no batch for 1 s") as e:
+            next(iter(ld))
+        assert isinstance(e.value, UserError) and "/dev/shm" in str(e.value)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+        ld.close()

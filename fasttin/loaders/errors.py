@@ -1,16 +1,22 @@
 """What the loaders report as one line (UserError): a bad argument to make_loader, a sample that
-does not decode (the format's DataError, naming its shard and sample), a split that does not fit.
+does not decode (the format's DataError, naming its shard and sample), a split that does not fit,
+workers that stopped handing out batches.
 None ends in a traceback in a command's main."""
 from __future__ import annotations
 
 from fasttin.errors import UserError
 from fasttin.shards import DataError
 
-__all__ = ["LoaderArgumentError", "DataError", "DoesNotFit"]
+__all__ = ["LoaderArgumentError", "DataError", "DoesNotFit", "WorkersStalled"]
 
 
 class LoaderArgumentError(UserError, ValueError):
     """A bad make_loader argument (still a ValueError, as it was before UserError existed)."""
+
+
+class WorkersStalled(UserError):
+    """The pil workers handed out no batch for WORKER_TIMEOUT_S: one failed to pass a batch on
+    (torch prints its error and drops the batch, and the loader would wait forever)."""
 
 
 class DoesNotFit(UserError):

@@ -19,7 +19,7 @@ from torch.utils.data._utils import signal_handling
 from fasttin.forking import before_fork
 from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
-from fasttin.loaders.errors import DataError
+from fasttin.loaders.errors import DataError, WorkersStalled
 from fasttin.loaders.sampler import BatchPlan
 
 
@@ -112,6 +112,12 @@ class _Plans:
         return len(self._loader())
 
 
+# seconds without a batch from the workers before the loader gives up: a batch takes them well under
+# a second (a few at most on a loaded machine); a worker that cannot pass one on (a full /dev/shm)
+# prints its error and drops it, and the DataLoader would otherwise wait forever
+WORKER_TIMEOUT_S = 300
+
+
 class PilLoader(Loader):
     backend = "pil"
 
@@ -126,7 +132,7 @@ class PilLoader(Loader):
             _Batches(ds, self.augment), batch_size=None, sampler=self._plans, num_workers=workers,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
             collate_fn=_identity, persistent_workers=workers > 0, worker_init_fn=_ignore_stop_signals,
-            multiprocessing_context="fork" if workers else None)
+            multiprocessing_context="fork" if workers else None, timeout=WORKER_TIMEOUT_S if workers else 0)
         _OPEN.add(self)
 
     def close(self) -> None:
@@ -144,13 +150,28 @@ class PilLoader(Loader):
             before_fork()  # the workers are about to be forked
         with _forking():
             batches = iter(self._loader)  # forks the workers the first time (persistent after)
-        for images, p, failure in batches:
+        for images, p, failure in _stall_checked(batches, self._loader.timeout):
             if failure is not None:
                 raise DataError(failure)
             labels, index = self.host_targets(p)
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
             yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),
                               self.to_device(index))
+
+
+def _stall_checked(batches, timeout: float):
+    """The DataLoader's batches, its timeout (a RuntimeError) reported as one line saying why."""
+    while True:
+        try:
+            yield next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise WorkersStalled(f"the pil loader's workers handed out no batch for {timeout:g} s (a worker's "
+                                 "error above says why; a full /dev/shm is the usual cause: in Docker, raise "
+                                 "--shm-size; or --backend resident)") from None
 
 
 # ---- torch's private DataLoader names: the only ones fasttin uses, all here ---------------------------
