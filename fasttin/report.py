@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fasttin.errors import UserError
-from fasttin.fileio import write_atomic, write_json_atomic, write_with
+from fasttin.fileio import os_reason, write_atomic, write_json_atomic, write_with
 from fasttin.loop import Budget, shares, verdict
 from fasttin.recipes import WRITEUP_TOP1
 
@@ -220,12 +220,16 @@ METRICS_FIX = "restore it, or start the run again with --overwrite"  # a damaged
 
 def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's rows ([] when there is none); a damaged line is one line naming the file and the line."""
-    if not path.is_file():
+    if not path.exists():
         return []
+    if not path.is_file():
+        raise UserError(f"{path} is not a file (a folder?), so the run's metrics cannot be read; {METRICS_FIX}")
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is damaged (not UTF-8: {e}); {METRICS_FIX}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {os_reason(e)}") from None
     rows = []
     for n, line in enumerate(lines, 1):
         if line.strip():

@@ -300,7 +300,7 @@ def test_an_extended_run_leaves_no_stale_summary_and_notes_a_new_target_only_whe
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["torn-line", "not-utf8", "emptied", "deleted"])
+@pytest.mark.parametrize("damage", ["torn-line", "not-utf8", "emptied", "deleted", "a-folder"])
 def test_a_damaged_or_lost_metrics_file_is_refused_on_resume(tiny, done_run, tmp_path, damage):
     """One line naming metrics.jsonl, exit 2, the run untouched (a damaged line was a traceback; a
     lost file resumed silently and its summary left the earlier epochs out)."""
@@ -313,10 +313,14 @@ def test_a_damaged_or_lost_metrics_file_is_refused_on_resume(tiny, done_run, tmp
         metrics.write_bytes(metrics.read_bytes() + b"\xff\xfe\n")
     elif damage == "emptied":
         metrics.write_text("")
+    elif damage == "a-folder":  # it said "0 row(s)... the metrics were lost", the wrong culprit
+        metrics.unlink()
+        metrics.mkdir()
     else:
         metrics.unlink()
     before = snapshot(run)
-    refused(train(tiny, run, "--epochs", "2", "--resume"), 2, "metrics.jsonl", alone=False)
+    last = refused(train(tiny, run, "--epochs", "2", "--resume"), 2, "metrics.jsonl", alone=False)
+    assert ("not a file" in last) == (damage == "a-folder"), last
     assert snapshot(run) == before
 
 
