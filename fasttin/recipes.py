@@ -93,6 +93,7 @@ class Setting:
     positive: bool = False  # numbers: strictly above 0
     check: object = None  # text -> value, for a value with a syntax of its own (raises SettingError)
     below: float | None = None  # numbers: strictly below this
+    float32: bool = True  # floats: within float32's range (gamma is a factor: its product is checked instead)
 
     @property
     def flag(self) -> str:
@@ -110,7 +111,7 @@ class Setting:
             v = self.kind(text)
         except ValueError:
             raise SettingError(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}") from None
-        if not math.isfinite(v) or (self.kind is float and abs(v) > FLOAT32_MAX):
+        if not math.isfinite(v) or (self.kind is float and self.float32 and abs(v) > FLOAT32_MAX):
             raise SettingError(f"{text}: must be a finite number" + (" within float32's range (3.4e38)"
                                                                      if math.isfinite(v) else ""))
         if self.positive and v <= 0:
@@ -161,7 +162,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("schedule", "step", str, "step: StepLR(step_size, gamma) per epoch; cosine: warmup then cosine to "
             "0; linear: warmup then a straight line to 0", choices=SCHEDULES),
     Setting("step_size", 7, int, "epochs between lr drops (schedule step)", positive=True),
-    Setting("gamma", 0.1, float, "lr factor at each drop (schedule step)", positive=True),
+    Setting("gamma", 0.1, float, "lr factor at each drop (schedule step)", positive=True, float32=False),
     Setting("warmup_epochs", 0.0, float, "linear warmup from 0, in epochs (schedules cosine and linear)",
             minimum=0.0),
     Setting("ema", 0.0, float, "keep an exponential moving average of the weights with this decay per step "

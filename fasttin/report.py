@@ -19,11 +19,13 @@ from fasttin.recipes import WRITEUP_TOP1
 
 
 class LogStream:
-    """stderr for the log, gone quiet once its reader is gone (`| head`, a closed terminal): the run
-    goes on and loses nothing, where a BrokenPipeError would have ended it with no checkpoint."""
+    """stderr for the log (whatever sys.stderr is at the time), gone quiet once its reader is gone
+    (`| head`, a closed terminal): the run goes on and loses nothing, where a BrokenPipeError would
+    have ended it with no checkpoint."""
 
-    def __init__(self, stream):
-        self.stream = stream
+    @property
+    def stream(self):
+        return sys.stderr
 
     def write(self, text: str) -> int:
         try:
@@ -51,7 +53,7 @@ class LogStream:
         return self.stream.fileno()
 
 
-console = Console(file=LogStream(sys.stderr), width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
+console = Console(file=LogStream(), width=None if sys.stderr.isatty() else 120)  # logs: no wrapping at 80
 
 
 def log(message: str) -> None:
