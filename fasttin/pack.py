@@ -210,6 +210,20 @@ def _check_replaceable(out: Path) -> None:
                             f"{' ...' if len(other) > 1 else ''}): choose a new or empty folder")
 
 
+def _check_same_source(src, recorded, out: Path) -> None:
+    """A complete pack is reused only for the source it was packed from (path and size, as its
+    manifest records them): another --src, or one that is gone, is said, not silently ignored."""
+    if src is None or not isinstance(recorded, dict):
+        return
+    src = Path(src)
+    if not src.exists():
+        raise PackError(f"--src {src}: no such file or folder ({out} holds a pack of {recorded.get('path')})")
+    size = src.stat().st_size if src.is_file() else None
+    if str(src.resolve()) != recorded.get("path") or (size is not None and recorded.get("bytes") not in (None, size)):
+        raise PackError(f"{out} already holds a data set packed from {shown(str(recorded.get('path')))}, not from "
+                        f"--src {src}; use --force to replace it")
+
+
 @dataclass(frozen=True)
 class PackOptions:
     """How a pack is made: the one value the command, `pack()` and the manifest's "options" share
@@ -252,10 +266,14 @@ def pack(src: str | Path | None, out: str | Path, *, workers: int | None = None,
         if old.get("options") != asdict(opts):
             raise PackError(f"{out} already holds a data set packed with other options "
                             f"({_SHORT.repr(old.get('options'))}); use --force to replace it")
+        _check_same_source(src, old.get("source"), out)
         if not quiet:
             print(f"{out} is already packed (manifest.json present); nothing to do (--force repacks)")
         return old
     _check_replaceable(out)
+    if os.path.ismount(out):  # checked before the work: the swap's renames cannot move a mount point
+        raise PackError(f"--out {out} is a mount point: the pack is built beside it and renamed into place, which "
+                        "a mount point cannot take; give a folder inside it")
     ensure_writable(out.parent, folder=True)
     if opts.synthetic is not None:
         with tempfile.TemporaryDirectory(prefix="fasttin-synth-") as tmp:

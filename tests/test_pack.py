@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,29 @@ def test_rerun_is_noop_unless_force(synth_src, tmp_path):
         pack(synth_src, tmp_path, classes=2, quiet=True)
     pack(synth_src, tmp_path, workers=1, force=True, quiet=True)
     assert (tmp_path / "manifest.json").stat().st_mtime_ns != mtime
+
+
+def test_a_complete_pack_is_reused_only_for_its_own_source(synth_src, tmp_path):
+    """Another --src, or one that is gone, was answered 'already packed, nothing to do' (exit 0)."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    pack(synth_src, out, workers=1, quiet=True)
+    shutil.copytree(synth_src, other)
+    before = snapshot(out)
+    with pytest.raises(PackError, match=f"packed from .*, not from --src {other}"):
+        pack(other, out, quiet=True)
+    with pytest.raises(PackError, match="gone.zip: no such file"):
+        pack(tmp_path / "gone.zip", out, quiet=True)
+    assert pack(synth_src, out, quiet=True) and snapshot(out) == before
+
+
+def test_a_mount_point_as_out_is_refused_before_the_work(synth_src, tmp_path, monkeypatch):
+    """The pack is built beside --out and renamed into place: a mount point failed only at the end."""
+    out = tmp_path / "vol"
+    out.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == out)
+    with pytest.raises(PackError, match="mount point"):
+        pack(synth_src, out, workers=1, quiet=True)
+    assert list(tmp_path.iterdir()) == [out] and list(out.iterdir()) == []
 
 
 def test_out_inside_src_refused(synth_src):
