@@ -138,9 +138,10 @@ class LiveView:
     where its final frame would land after the run's last message."""
 
     def __init__(self, enabled: bool, out: Path, steps_per_epoch: int, batch_size: int, epochs: int,
-                 budget_min: float, log):
+                 budget_min: float, log, spent_before_s: float = 0.0):
         self.enabled, self.out, self.steps_per_epoch, self.batch_size = enabled, out, steps_per_epoch, batch_size
         self.epochs, self.budget_min, self.log, self.rate_said = epochs, budget_min, log, False
+        self.spent_before_s = spent_before_s  # of the budget, by the run's earlier processes
         self.warmup = None  # (epoch, steps, seconds) of the first logging window
         self.progress = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]:>8} img/s  loss {task.fields[loss]}  "
@@ -188,7 +189,9 @@ class LiveView:
         img_s = steps * self.batch_size / max(busy, 1e-9)
         per_epoch = self.steps_per_epoch * self.batch_size / max(img_s, 1e-9)
         if self.budget_min:
-            tail = f"the {self.budget_min:g}-minute budget holds about {self.budget_min * 60 / per_epoch:.1f} epoch(s)"
+            left = self.budget_min * 60 - self.spent_before_s
+            tail = f"the {self.budget_min:g}-minute budget holds about {left / per_epoch:.1f} epoch(s)" + (
+                f" more ({self.spent_before_s:.0f} s of it spent before this resume)" if self.spent_before_s else "")
         else:
             tail = f"{duration(per_epoch * (self.epochs - epoch))} for the {self.epochs - epoch} epoch(s) left"
         self.log(f"measured {img_s:,.0f} img/s after the first {warm_steps} step(s) (they took {warm_s:.1f} s, "

@@ -175,17 +175,18 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
     epoch, compile_s = pos.epoch, None
     ended = False  # run_training returned for a run with nothing left: a fresh --budget run takes a step at least
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
-                         run.log) as live:
+                         run.log, pos.budget_spent_s) as live:
         while not ended:
             res, first, t0 = epoch_res(run, step, epoch, pos, budget), pos.batch, time.perf_counter()
             carry = pos.partial if first else None  # the part of this epoch a stopped process did
+            before = {k: carry[k] if carry else 0.0 for k in clock.totals}  # its data wait and compute
             if carry:
-                t0, clock.totals = t0 - carry["epoch_s"], {k: carry[k] for k in clock.totals}
+                t0, clock.totals = t0 - carry["epoch_s"], dict(before)
             lr = step.lr_at(step.position()) if budget else step.epoch_lr(epoch)
             live.start_epoch(epoch, first)
 
             def on_log(n, m):  # the logging steps (which synchronise anyway): the view, then the ranks agree
-                live.step(epoch, first, n, m["loss"], clock.totals)
+                live.step(epoch, first, n, m["loss"], {k: v - before[k] for k, v in clock.totals.items()})
                 stop.decide()
                 if budget:
                     budget.share_clock()

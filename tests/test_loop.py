@@ -89,7 +89,7 @@ def test_the_rate_estimate_leaves_the_first_logging_window_out(tmp_path):
     from the steps after it, within its epoch or the next."""
     def said(calls, **kw):
         lines = []
-        view = LiveView(True, tmp_path, 100, 10, 4, kw.get("budget", 0), lines.append)
+        view = LiveView(True, tmp_path, 100, 10, 4, kw.get("budget", 0), lines.append, kw.get("spent", 0.0))
         for epoch, steps, busy in calls:
             view.start_epoch(epoch)
             view.step(epoch, 0, steps, 1.0, {"data_wait_s": 0.0, "compute_s": busy})
@@ -103,6 +103,9 @@ def test_the_rate_estimate_leaves_the_first_logging_window_out(tmp_path):
     lines = said([(0, 20, 30.0), (1, 20, 0.4), (1, 40, 0.8)], budget=1)
     assert lines == ["measured 500 img/s after the first 20 step(s) (they took 30.0 s, warm-up included): "
                      "about 2 s of training an epoch, the 1-minute budget holds about 30.0 epoch(s) (validation extra)"]
+    # a resumed budget run: what is left of the budget, not all of it (it said 30 epochs after 40 s spent)
+    lines = said([(0, 20, 30.0), (1, 20, 0.4), (1, 40, 0.8)], budget=1, spent=40.0)
+    assert "the 1-minute budget holds about 10.0 epoch(s) more (40 s of it spent before this resume)" in lines[0]
 
 
 def test_train_epoch_without_a_clock_and_max_steps():
