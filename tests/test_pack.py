@@ -675,3 +675,9 @@ def test_other_options_of_a_hand_made_manifest_are_shown_in_a_short_line(tmp_pat
     with pytest.raises(PackError, match="other options") as e:
         pack(None, out, synthetic=2, classes=3, workers=1, quiet=True)
     assert len(str(e.value)) < 500 and "'payload': 'jpeg'" in str(e.value)
+
+
+def test_a_name_no_file_system_takes_is_refused():
+    """A zip member may be named with 300 bytes; a file may not: a tool writing per-sample files failed."""
+    assert "255 bytes" in shards.name_problem("é" * 128 + ".JPEG")  # 261 bytes in UTF-8
+    assert shards.name_problem("é" * 125 + ".JPEG") is None

@@ -42,6 +42,8 @@ def name_problem(name: str) -> str | None:
         return "is empty"
     if name in (".", ".."):
         return f"is {name!r}"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:  # every tool that writes it as a file would fail
+        return "is longer than 255 bytes, more than a file system takes for a file name"
     bad = _BAD_CHARS.search(name)
     if bad:
         kind = "a path separator" if bad.group() in "/\\" else "a control character"
