@@ -16,6 +16,8 @@ from fasttin.errors import UserError
 from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_folder
 from fasttin.forking import before_fork
 from fasttin.loaders import make_loader
+from fasttin.loaders.errors import WorkersStalled
+from fasttin.loaders.pil import WORKER_TIMEOUT_S
 from fasttin.loop import AMP_DTYPE
 from fasttin.shards import name_problem
 
@@ -133,7 +135,8 @@ def folder_loader(root: Path, transforms: list, *, batch_size: int, workers: int
         folder.samples = folder.imgs = [(str(Path(root) / f), 0) for f in files]
     before_fork()  # its workers are forked at the first pass
     return torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       pin_memory=pin_memory, persistent_workers=True, drop_last=drop_last)
+                                       pin_memory=pin_memory, persistent_workers=True, drop_last=drop_last,
+                                       timeout=WORKER_TIMEOUT_S)  # a worker that drops a batch: no endless wait
 
 
 class OnDevice:
@@ -175,10 +178,18 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
         limit = b.args.batches if passes else 0
         passes.append(1)
         done = batches = 0
-        for x, _ in loader:
-            x = x.to(b.device, non_blocking=True)
-            done, batches = done + len(x), batches + 1
-            if limit and batches >= limit:
-                break
+        try:
+            for x, _ in loader:
+                x = x.to(b.device, non_blocking=True)
+                done, batches = done + len(x), batches + 1
+                if limit and batches >= limit:
+                    break
+        except WorkersStalled as e:  # the pil backend's own word for it
+            raise Skip(str(e)) from None
+        except RuntimeError as e:  # the classic DataLoader's timeout
+            if "timed out" not in str(e):
+                raise
+            raise Skip(f"the {backend} loader's workers handed out no batch for {WORKER_TIMEOUT_S} s (a worker's "
+                       "error above says why; a full /dev/shm is the usual cause)") from None
         return done
     return consume

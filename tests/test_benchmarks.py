@@ -306,6 +306,25 @@ def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp
     assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 
+def test_loader_workers_that_hand_out_no_batch_are_a_skip_not_a_hang(tmp_path, packed, monkeypatch):
+    """A worker that drops its batch (a full /dev/shm) left the loader stage waiting forever."""
+    import torchvision.datasets
+
+    from fasttin.loaders import pil
+    monkeypatch.setattr(pipelines, "WORKER_TIMEOUT_S", 1)
+    monkeypatch.setattr(pil, "WORKER_TIMEOUT_S", 1)
+    hang = lambda *a: time.sleep(600)  # in the forked workers, which inherit it
+    monkeypatch.setattr(pil._Batches, "batch", hang)
+    monkeypatch.setattr(torchvision.datasets.ImageFolder, "__getitem__", hang)
+    path = tmp_path / "b.json"
+    assert main(["--data", str(packed), "--device", "cpu", "--stages", "loader", "--backends", "pil,classic",
+                 "--res", "64", "--batch-size", "4", "--classic-batch-size", "4", "--workers", "1", "--repeats", "1",
+                 "--cache", str(tmp_path / "cache"), "--json", str(path)]) == 0
+    records = {r["backend"]: r for r in json.loads(path.read_text())["records"]}
+    assert set(records) == {"pil", "classic"}
+    assert all("no batch for 1 s" in r["skipped"] for r in records.values()), records
+
+
 @pytest.mark.slow
 def test_the_agreement_times_training_runs_and_the_train_stage_over_one_train_epoch_in_turn(packed, tmp_path):
     out = tmp_path / "a.json"
