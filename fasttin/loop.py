@@ -375,6 +375,12 @@ class StepClock:
             return e
         return time.perf_counter()
 
+    def carry(self, part: dict | None) -> float:
+        """Start an epoch's totals from `part`, the times of its part a stopped process did (a
+        checkpoint's "partial"; None: from zero); returns that part's wall seconds."""
+        self.totals = {k: part[k] if part else 0.0 for k in self.totals}
+        return part["epoch_s"] if part else 0.0
+
     def start(self) -> None:
         self._marks = [("start", self._now())]
 

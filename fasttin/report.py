@@ -155,13 +155,15 @@ class LiveView:
     def __exit__(self, *exc):
         return self.progress.__exit__(*exc)
 
-    def start_epoch(self, epoch: int, first: int = 0):
-        """0-based `epoch`, resumed at batch `first`."""
+    def start_epoch(self, epoch: int, first: int = 0, carried: dict | None = None):
+        """0-based `epoch`, resumed at batch `first` with the clock's totals `carried` from before."""
+        self.carried = dict(carried or {"data_wait_s": 0.0, "compute_s": 0.0})  # the rate leaves them out
         self.task = self.progress.add_task("train", total=self.steps_per_epoch, completed=first, epoch=epoch + 1,
                                           rate="", loss="", wait="")
 
     def step(self, epoch: int, first: int, steps: int, loss: float, totals: dict) -> None:
         """A logging step: `steps` done since batch `first` of 0-based `epoch`; `totals` the clock's."""
+        totals = {k: v - self.carried.get(k, 0.0) for k, v in totals.items()}
         busy = totals["data_wait_s"] + totals["compute_s"]
         img_s = steps * self.batch_size / max(busy, 1e-9)
         self.progress.update(self.task, completed=first + steps, loss=f"{loss:.3f}", rate=f"{img_s:,.0f}",

@@ -177,16 +177,14 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
                          run.log, pos.budget_spent_s) as live:
         while not ended:
-            res, first, t0 = epoch_res(run, step, epoch, pos, budget), pos.batch, time.perf_counter()
+            res, first = epoch_res(run, step, epoch, pos, budget), pos.batch
             carry = pos.partial if first else None  # the part of this epoch a stopped process did
-            before = {k: carry[k] if carry else 0.0 for k in clock.totals}  # its data wait and compute
-            if carry:
-                t0, clock.totals = t0 - carry["epoch_s"], dict(before)
+            t0 = time.perf_counter() - clock.carry(carry)
             lr = step.lr_at(step.position()) if budget else step.epoch_lr(epoch)
-            live.start_epoch(epoch, first)
+            live.start_epoch(epoch, first, carried=clock.totals)
 
             def on_log(n, m):  # the logging steps (which synchronise anyway): the view, then the ranks agree
-                live.step(epoch, first, n, m["loss"], {k: v - before[k] for k, v in clock.totals.items()})
+                live.step(epoch, first, n, m["loss"], clock.totals)
                 stop.decide()
                 if budget:
                     budget.share_clock()
