@@ -236,8 +236,8 @@ def test_resident_memory_check(packed, monkeypatch):
 @pytest.mark.parametrize("kw, msg", [
     ({"backend": "nope"}, "unknown backend 'nope'"),
     ({"augment": "cutmix"}, "unknown augment 'cutmix'"),
-    ({"res": 8}, "res must be .* got 8"),
-    ({"res": 64.0}, "res must be .* got 64.0"),
+    ({"res": 8}, "res: a resolution is .* not 8"),
+    ({"res": 64.0}, "res: a resolution is .* not 64.0"), ({"res": 4096}, "from 16 to 512, not 4096"),
     ({"batch_size": 0}, "batch_size .* got 0"),
     ({"batch_size": True}, "batch_size .* got True"),
     ({"world_size": 0}, "world_size .* got 0"),
