@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttin.errors import UserError
+from fasttin.errors import UserError, shown
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -105,8 +105,7 @@ def _check_crcs(path: Path) -> None:
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, ValueError, RuntimeError) as e:
         raise CheckpointError(_refusal(path, e)) from None
     if bad is not None:
-        name = bad if bad.isprintable() else repr(bad)
-        raise CheckpointError(f"{path} is not a torch checkpoint, or a damaged one (its member {name} fails "
+        raise CheckpointError(f"{path} is not a torch checkpoint, or a damaged one (its member {shown(bad)} fails "
                               "its CRC check: the file changed after it was written)")
 
 
