@@ -192,7 +192,7 @@ def test_the_measuring_tools_refuse_bad_input_in_one_line(name, argv, culprit, t
 
 
 @pytest.mark.parametrize("folder", ["cpu-2026-12-04-pipe-and-one-timing-path",
-                                    "cpu-2026-12-04-one-classic-builder"])
+                                    "cpu-2026-12-04-one-classic-builder", "cpu-2026-12-05-worker-timeout"])
 def test_benchmarks_before_and_after_tables_are_their_records(folder):
     """The peers and loader tables of a BENCHMARKS.md before/after section, rebuilt from the JSON
     kept beside it: an edited figure, or a record that is not the one quoted, fails."""
