@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -147,8 +148,20 @@ def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     write_with(path, lambda tmp: Path(tmp).write_bytes(data), sync=sync)
 
 
+def _finite(obj):
+    """`obj` with every nan or inf float as None: JSON has no such numbers, and a reader (jq,
+    JavaScript, a strict parser) refuses the file Python would write for them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    write_atomic(path, (json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
 def ensure_writable(path: Path, *, folder: bool = False) -> None:

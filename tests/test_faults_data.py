@@ -374,3 +374,14 @@ def test_the_writability_probe_leaves_nothing_behind_on_a_full_disk(tmp_path):
                        capture_output=True, text=True)
     refused(r, 2, "r.json")
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_json_outputs_are_strict_json_whatever_the_numbers(tmp_path):
+    """A nan or inf (an eval's loss that overflowed) was written as NaN/Infinity: not JSON."""
+    from fasttin.fileio import write_json_atomic
+    write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "runs": [1.5, float("inf")], "n": (2, -float("inf"))})
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    back = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert back == {"loss": None, "runs": [1.5, None], "n": [2, None]}
