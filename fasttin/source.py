@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import unicodedata
 import urllib.request
 import zipfile
 import zlib
@@ -339,14 +340,19 @@ class _LayoutReader:
                 self.problems[parts[0]].append((m, why))
 
     def _unique_keys(self, split: str) -> None:
-        """Two samples of a split with one file name (train/a/images/x and train/b/images/x):
-        the later one is a problem, since names key per-sample outputs."""
+        """Two samples of a split with one file name (train/a/images/x and train/b/images/x), or
+        names one file on a case-insensitive or normalising file system (X.JPEG and x.JPEG; an é
+        composed or not, as macOS and Windows take them): the later one is a problem, since names
+        key per-sample outputs."""
         seen, kept = {}, []
         for it in self.items[split]:
-            if it.key in seen:
-                self.problems[split].append((it.member, f"has the same file name as {seen[it.key]}"))
+            same = unicodedata.normalize("NFC", it.key).casefold()
+            if same in seen:
+                first = seen[same]
+                alike = "" if first.rsplit("/", 1)[-1] == it.key else " up to case or Unicode normalisation"
+                self.problems[split].append((it.member, f"has the same file name as {first}{alike}"))
             else:
-                seen[it.key] = it.member
+                seen[same] = it.member
                 kept.append(it)
         self.items[split] = kept
 

@@ -117,6 +117,19 @@ def same_name_twice(root, tmp):
     return root
 
 
+def same_name_but_case(root, tmp):
+    a = root / "train" / W0 / "images" / f"{W0}_1.JPEG"
+    (root / "train" / W1 / "images" / f"{W0}_1.jpeg").write_bytes(a.read_bytes())
+    return root
+
+
+def same_name_but_normalisation(root, tmp):
+    a = root / "train" / W0 / "images" / f"{W0}_1.JPEG"
+    a.rename(a.with_name("caf\u00e9.JPEG"))  # composed
+    (root / "train" / W1 / "images" / "cafe\u0301.JPEG").write_bytes(a.with_name("caf\u00e9.JPEG").read_bytes())
+    return root
+
+
 def words_control(root, tmp):
     with open(root / "words.txt", "a") as fh:
         fh.write(f"{W1}\tbell\x07 ringer\n")
@@ -132,6 +145,8 @@ SKIPPABLE = {  # each skipped with --skip-bad and listed in the manifest
     "file name with escape": (rename_train(f"{W0}_0\x1b[2J.JPEG"), "\\x1b"),
     "symlink out of the source": (symlink_out, "link.JPEG"),
     "one name in two classes": (same_name_twice, f"{W1}/images/{W0}_1.JPEG"),
+    "one name up to case": (same_name_but_case, "up to case"),
+    "one name up to normalisation": (same_name_but_normalisation, "up to case or Unicode normalisation"),
     "zip member with ..": (zip_extra(f"tiny-imagenet-200/train/{W0}/images/../../../evil.JPEG"), "evil.JPEG"),
     "zip member with newline": (zip_extra(f"tiny-imagenet-200/train/{W0}/images/a\nb.JPEG"), "a\\nb.JPEG"),
     "zip member twice": (zip_extra(f"tiny-imagenet-200/train/{W0}/images/{W0}_0.JPEG"), "appears 2 times"),
