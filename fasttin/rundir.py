@@ -64,6 +64,16 @@ def write_config(out: Path, cfg: dict, **where) -> None:
     write_json_atomic(out / "config.json", {**cfg, **where, "environment": environment()})
 
 
+def recorded(out: Path, key: str):
+    """The run's own value of setting `key` (its config.json's), or None where there is none to
+    read: what an omitted flag means on resume (`_check_resume` judges a damaged file)."""
+    try:
+        old = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return old.get(key) if isinstance(old, dict) else None
+
+
 def will_resume(out: Path, *, resume: bool, auto_resume: bool) -> bool:
     """The decision `prepare` takes, without checking or touching anything (for the other ranks)."""
     return resume or (auto_resume and (Path(out) / "last.pt").is_file())

@@ -111,6 +111,15 @@ def test_resume_of_a_finished_run_exits_0(tiny, done_run):
     assert snapshot(done_run) == before
 
 
+def test_a_resume_without_epochs_keeps_the_runs_own_target(tiny, done_run):
+    """--auto-resume of a finished 1-epoch run, --epochs omitted: it is done (it was extended to the
+    recipe's 15 epochs and trained on)."""
+    before = snapshot(done_run)
+    r = train(tiny, done_run, "--auto-resume")
+    assert r.returncode == 0 and "are done" in r.stderr and "new target" not in r.stderr, r.stderr[-2000:]
+    assert snapshot(done_run) == before
+
+
 def test_a_resume_from_a_checkpoint_missing_an_entry_is_one_line_and_changes_nothing(tiny, done_run, tmp_path):
     """A last.pt without its optimizer state (damaged, or written by other settings): refused in one
     line naming the file and the entry, exit 2, every file of the run byte-identical."""
