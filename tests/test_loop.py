@@ -108,6 +108,20 @@ def test_the_rate_estimate_leaves_the_first_logging_window_out(tmp_path):
     assert "the 1-minute budget holds about 10.0 epoch(s) more (40 s of it spent before this resume)" in lines[0]
 
 
+def test_the_rate_after_a_mid_epoch_resume_leaves_the_carried_times_out(tmp_path):
+    """The clock's totals start from the stopped part's (StepClock.carry); the rate is this
+    process's steps over this process's time, not over both."""
+    from fasttin.loop import StepClock
+    lines, clock = [], StepClock()
+    assert clock.carry({"data_wait_s": 50.0, "compute_s": 150.0, "epoch_s": 210.0}) == 210.0
+    view = LiveView(True, tmp_path, 100, 10, 4, 0, lines.append)
+    view.start_epoch(0, 60, carried=clock.totals)  # 60 steps done before the stop
+    for steps, busy in ((10, 30.0), (20, 31.0)):  # a warm-up window, then 10 steps in 1 s
+        view.step(0, 60, steps, 1.0, {"data_wait_s": 50.0, "compute_s": 150.0 + busy})
+    assert lines and lines[0].startswith("measured 100 img/s after the first 10 step(s) (they took 30.0 s")
+    assert clock.carry(None) == 0.0 and clock.totals == {"data_wait_s": 0.0, "compute_s": 0.0}
+
+
 def test_train_epoch_without_a_clock_and_max_steps():
     step = tiny_step()
     m, n = train_epoch(step, batches(5), max_steps=3)
