@@ -18,9 +18,8 @@ from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
 from fasttin.model import from_checkpoint
-from fasttin.predict import empty_split_check
 from fasttin.recipes import DEFAULT_DATA, count, res_problem
-from fasttin.shards import read_manifest
+from fasttin.shards import check_split, read_manifest
 
 
 def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, backend="auto", batch_size=256,
@@ -37,9 +36,7 @@ def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, 
     device = resolve_device(device)
     manifest = read_manifest(data)
     trained = from_checkpoint(ckpt_path, device, classes=[c["wnid"] for c in manifest["classes"]], data=data)
-    if split not in manifest["splits"]:
-        raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
-    empty_split_check(data, split, manifest)
+    check_split(manifest, data, split)
     res = res or trained.res
     loader = make_loader(data, split, backend=backend, res=res, batch_size=batch_size, device=device, verify=True,
                          shuffle=False, drop_last=False, dtype=AMP[amp], workers=workers)

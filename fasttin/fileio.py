@@ -135,12 +135,12 @@ def refuse_output_over_inputs(flag: str, output: Path, *, files=(), folders=()) 
     for what, f in files:
         if same_file(output, Path(f)):
             raise OutputError(f"{flag} {shown(str(output))} is {what} {shown(str(f))}: writing it would destroy it "
-                            "(choose another output path)")
+                              "(choose another output path)")
     for what, d in folders:
         d = Path(d)
         if any(same_file(p, d) for p in (output, *output.parents)) or inside(output, d):
             raise OutputError(f"{flag} {shown(str(output))} lies inside {what} {shown(str(d))}: writing it would "
-                            "change the data (choose a path outside it)")
+                              "change the data (choose a path outside it)")
 
 
 def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
@@ -235,17 +235,17 @@ def release_claims() -> None:
         os.close(_CLAIMS.popitem()[1])
 
 
-def clean_stale_tmp(folder: Path, finals: tuple[str, ...]) -> list[Path]:
-    """Remove the temporaries of the files `finals` in `folder` (`<final>.tmp<pid>[.ext]`) whose
-    process no longer runs: what a killed or failed save left behind. Only those: a user's own
-    `notes.tmp123.txt` is never taken for one. Returns what it removed."""
+def clean_stale_tmp(folder: Path, ours: Callable[[str], object]) -> list[Path]:
+    """Remove the temporaries `<final>.tmp<pid>[.ext]` in `folder` of the files whose final name
+    `ours` accepts, whose process no longer runs: what a killed or failed save left behind. Only
+    those: a user's own `notes.tmp123.txt` is never taken for one. Returns what it removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
         m = _TMP.search(p.name)
-        if (m and p.name[:m.start()] in finals and p.is_file() and int(m.group(1)) != os.getpid()
+        if (m and ours(p.name[:m.start()]) and p.is_file() and int(m.group(1)) != os.getpid()
                 and not alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             removed.append(p)
@@ -270,16 +270,20 @@ def _replaced(out: Path) -> Path:
     return out.with_name(f"{out.name}.old.tmp{os.getpid()}")
 
 
-def clean_stale_folders(out: Path, complete: Callable[[Path], bool]) -> list[Path]:
+def clean_stale_folders(out: Path, complete: Callable[[Path], bool],
+                        ours: Callable[[Path], bool] = lambda p: True) -> list[Path]:
     """Remove what killed `replace_folder` calls for `out` left beside it: their build folders and
     the old folder they were replacing (put back first, or the finished new one, if they died
-    between the two renames of the swap). Returns what was removed."""
+    between the two renames of the swap), where `ours` (the folder holds only what the builder
+    writes) says so: a user's folder that merely looks like one is never touched. Returns what was
+    removed."""
     out = Path(out)
     if not out.parent.is_dir():
         return []
     pattern = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
     stale = [p for p in out.parent.iterdir()
-             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not alive(int(m.group(2)))]
+             if (m := pattern.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not alive(int(m.group(2)))
+             and ours(p)]
     if not out.exists():  # died mid-swap: the finished new folder if there is one, else the old one
         for p in sorted(stale, key=lambda p: ".old." in p.name):
             if complete(p):

@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import re
 import reprlib
-import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from fasttin.errors import (
     run_command,
     shown,
 )
-from fasttin.fileio import alive, ensure_writable, publish, replace_folder, write_json_atomic
+from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
 from fasttin.forking import fork_pool, pool_worker_signals
 from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
@@ -141,9 +140,9 @@ def is_complete(out: Path) -> bool:
         return False
 
 
-# What the packer itself writes into a pack's folder, and nothing else: the manifest, the shards
-# (`<split>-NNN.shard`), and their temporaries (`manifest.json.tmp<pid>.json`,
-# `<split>-NNN.shard.tmp<pid>`, see fileio.tmp_name). A user's `notes.tmp123.txt` is not one of them.
+# What the packer itself writes into a pack's folder, and nothing else: the manifest and the shards
+# (`<split>-NNN.shard`), and their temporaries (`manifest.json.tmp<pid>.json`, `<split>-NNN.shard.tmp<pid>`,
+# see fileio.tmp_name). A user's `notes.tmp123.txt` is not one of them.
 _PACK_FILE = re.compile(r"(?:manifest\.json|(?:train|val|test)-\d{3,}\.shard)")
 _PACK_TMP = re.compile(r"(?:manifest\.json\.tmp(\d+)(?:\.json)?|(?:train|val|test)-\d{3,}\.shard\.tmp(\d+))")
 
@@ -158,38 +157,13 @@ def _packers_own(folder: Path) -> bool:
         return False
 
 
-def _dead(pid: str) -> bool:
-    return int(pid) != os.getpid() and not alive(int(pid))
-
-
 def clean_leftovers(out: Path) -> list[Path]:
     """Remove what killed packs into `out` left, and only that: their build folders beside it
     (`<out>.tmp<pid>`, `<out>.old.tmp<pid>`, holding nothing but pack files; a swap cut short is
-    repaired first) and the packer's own temporaries inside it (`manifest.json.tmp<pid>.json`,
-    `<split>-NNN.shard.tmp<pid>`), in both cases of a process that no longer runs. A user's file or
-    folder that merely looks like a temporary is never touched. Returns what was removed."""
-    removed: list[Path] = []
-    if out.parent.is_dir():
-        beside = re.compile(re.escape(out.name) + r"(\.old)?\.tmp(\d+)")
-        stale = [p for p in out.parent.iterdir()
-                 if (m := beside.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and _dead(m.group(2))
-                 and _packers_own(p)]
-        if not out.exists():  # died mid-swap: the finished new folder if there is one, else the old one
-            for p in sorted(stale, key=lambda p: ".old." in p.name):
-                if is_complete(p):
-                    publish(p, out)
-                    break
-        for p in stale:
-            if p.exists():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    if out.is_dir() and not out.is_symlink():
-        for p in out.iterdir():
-            m = _PACK_TMP.fullmatch(p.name)
-            if m and p.is_file() and _dead(m.group(1) or m.group(2)):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
+    repaired first) and the packer's own temporaries inside it, in both cases of a process that no
+    longer runs. A user's file or folder that merely looks like a temporary is never touched.
+    Returns what was removed."""
+    return clean_stale_folders(out, is_complete, _packers_own) + clean_stale_tmp(out, _PACK_FILE.fullmatch)
 
 
 # a value read from a manifest, bounded for a one-line message (a hand-made one may hold anything)

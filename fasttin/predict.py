@@ -31,7 +31,7 @@ from fasttin.loaders.augment import normalize
 from fasttin.model import from_checkpoint
 from fasttin.pack import rgb8
 from fasttin.recipes import count
-from fasttin.shards import read_manifest
+from fasttin.shards import check_split, read_manifest
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # what PIL raises for a file it cannot read: not an image, cut short, a broken chunk, too many pixels
@@ -118,9 +118,7 @@ def predict_files(model, files, *, res, wnids, words, device, batch_size, echo) 
 @torch.no_grad()
 def predict_split(model, data: Path, split: str, manifest: dict, *, res, wnids, device, batch_size) -> list[tuple]:
     """(sample name, top-5 wnids, top-1 probability) for every sample of a packed split."""
-    if split not in manifest["splits"]:
-        raise UserError(f"--split {split}: {data} holds the splits {', '.join(sorted(manifest['splits']))}")
-    empty_split_check(data, split, manifest)
+    check_split(manifest, data, split)
     loader = make_loader(data, split, backend="pil" if device.type == "cpu" else "auto", res=res,
                          batch_size=batch_size, device=device, shuffle=False, drop_last=False,
                          dtype=torch.float32, return_index=True, verify=True)
@@ -130,12 +128,6 @@ def predict_split(model, data: Path, split: str, manifest: dict, *, res, wnids, 
         for i, idx, pp in zip(index.tolist(), ix.cpu().numpy(), pr.cpu().numpy()):
             rows.append((loader.ds.keys[i], [wnids[k] for k in idx], float(pp[0])))
     return rows
-
-
-def empty_split_check(data: Path, split: str, manifest: dict) -> None:
-    """A split packed with no samples (count 0) has nothing to predict or score: say so, naming it."""
-    if manifest["splits"][split].get("count") == 0:
-        raise UserError(f"--split {split}: the {split} split of {data} is empty (0 samples)")
 
 
 def csv_text(rows) -> str:

@@ -31,7 +31,6 @@ What `prepare` does:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from fasttin.errors import UserError
@@ -41,6 +40,7 @@ from fasttin.fileio import (
     ensure_writable,
     move_aside,
     refuse_output_over_inputs,
+    same_file,
     write_json_atomic,
 )
 from fasttin.info import environment
@@ -64,14 +64,15 @@ def write_config(out: Path, cfg: dict, **where) -> None:
     write_json_atomic(out / "config.json", {**cfg, **where, "environment": environment()})
 
 
-def recorded(out: Path, key: str):
-    """The run's own value of setting `key` (its config.json's), or None where there is none to
-    read: what an omitted flag means on resume (`_check_resume` judges a damaged file)."""
+def recorded(out: Path) -> dict:
+    """The run's own settings (its config.json), {} where there are none to read: what an omitted
+    --epochs or a fallback to no pretrained weights mean on resume (`_check_resume` judges a damaged
+    file)."""
     try:
         old = json.loads((Path(out) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    return old.get(key) if isinstance(old, dict) else None
+        return {}
+    return old if isinstance(old, dict) else {}
 
 
 def will_resume(out: Path, *, resume: bool, auto_resume: bool) -> bool:
@@ -94,7 +95,7 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
     if holder:
         raise RunDirError(f"{out} is in use by another run (pid {holder}): wait for it to end, or give another --out")
     notes = []
-    stale = clean_stale_tmp(out, RUN_FILES)
+    stale = clean_stale_tmp(out, RUN_FILES.__contains__)
     if stale:
         notes.append(f"removed {len(stale)} temporary file(s) left by a killed process: "
                      + ", ".join(p.name for p in stale))
@@ -123,12 +124,7 @@ def _same(old, new) -> bool:
     """Equal settings, or two spellings of one existing path (data/tin and /home/me/data/tin)."""
     if old == new:
         return True
-    if isinstance(old, str) and isinstance(new, str) and old and new:
-        try:
-            return os.path.samefile(old, new)
-        except OSError:
-            return False
-    return False
+    return isinstance(old, str) and isinstance(new, str) and bool(old and new) and same_file(Path(old), Path(new))
 
 
 def _flag(key: str) -> str:
@@ -179,14 +175,10 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
 
 def inherit_fallback(cfg: dict, out: Path, explicit: bool) -> None:
     """A run that fell back from the recipe's ImageNet weights to none keeps that on resume."""
-    old = out / "config.json"
-    if explicit or cfg["pretrained"] != "imagenet" or not old.is_file():
+    if explicit or cfg["pretrained"] != "imagenet":
         return
-    try:
-        was = json.loads(old.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    if isinstance(was, dict) and was.get("pretrained") == "none" and was.get("pretrained_reason"):
+    was = recorded(out)
+    if was.get("pretrained") == "none" and was.get("pretrained_reason"):
         cfg.update(pretrained="none", pretrained_reason=was["pretrained_reason"])
 
 

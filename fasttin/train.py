@@ -291,7 +291,7 @@ def main(argv=None) -> int:
         try:
             cfg = recipes.settings(args)
             if args.epochs is None and (args.resume or args.auto_resume):  # a resume keeps the run's own target
-                cfg["epochs"] = rundir.recorded(cfg["out"], "epochs") or cfg["epochs"]
+                cfg["epochs"] = rundir.recorded(cfg["out"]).get("epochs") or cfg["epochs"]
             rank, world, device = ranks.setup(resolve_device(args.device).type == "cuda")
             run = Run(cfg, device, rank, world, explicit_pretrained=args.pretrained is not None)
             summary = run_training(run, resume=args.resume, auto_resume=args.auto_resume, overwrite=args.overwrite)

@@ -12,6 +12,7 @@ from fasttin.shards.layout import (
     DataError,
     FormatError,
     NotPackedError,
+    check_split,
     decode,
     name_problem,
     read_manifest,
@@ -21,5 +22,5 @@ from fasttin.shards.reader import SplitDataset, open_split
 from fasttin.shards.writer import ShardWriter
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HEADER", "IMAGE_SHAPE", "MAGIC", "MANIFEST", "PAYLOAD_KINDS", "DataError",
-           "FormatError", "NotPackedError", "decode", "name_problem", "read_manifest", "repack_hint", "SplitDataset",
-           "open_split", "ShardWriter"]
+           "FormatError", "NotPackedError", "check_split", "decode", "name_problem", "read_manifest", "repack_hint",
+           "SplitDataset", "open_split", "ShardWriter"]
