@@ -17,7 +17,7 @@ from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_
 from fasttin.forking import before_fork
 from fasttin.loaders import make_loader
 from fasttin.loaders.errors import WorkersStalled
-from fasttin.loaders.pil import WORKER_TIMEOUT_S
+from fasttin.loaders.pil import WORKER_TIMEOUT_S, stall_checked
 from fasttin.loop import AMP_DTYPE
 from fasttin.shards import name_problem
 
@@ -141,7 +141,7 @@ def folder_loader(root: Path, transforms: list, *, batch_size: int, workers: int
 
 class OnDevice:
     """A CPU loader's batches moved to the device in the trainer's layout (what fasttin's loaders
-    hand out), so the classic pipeline can feed the same training step."""
+    hand out), so the classic pipeline can feed the same training step; a stall is WorkersStalled."""
 
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
@@ -150,7 +150,7 @@ class OnDevice:
         return len(self.loader)
 
     def __iter__(self):
-        for x, y in self.loader:
+        for x, y in stall_checked(iter(self.loader), self.loader.timeout, "the classic pipeline's"):
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
                    y.to(self.device, non_blocking=True))
 
@@ -184,12 +184,7 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
                 done, batches = done + len(x), batches + 1
                 if limit and batches >= limit:
                     break
-        except WorkersStalled as e:  # the pil backend's own word for it
+        except WorkersStalled as e:  # the pil backend's, or the classic DataLoader's (OnDevice)
             raise Skip(str(e)) from None
-        except RuntimeError as e:  # the classic DataLoader's timeout
-            if "timed out" not in str(e):
-                raise
-            raise Skip(f"the {backend} loader's workers handed out no batch for {WORKER_TIMEOUT_S} s (a worker's "
-                       "error above says why; a full /dev/shm is the usual cause)") from None
         return done
     return consume

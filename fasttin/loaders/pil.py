@@ -150,7 +150,7 @@ class PilLoader(Loader):
             before_fork()  # the workers are about to be forked
         with _forking():
             batches = iter(self._loader)  # forks the workers the first time (persistent after)
-        for images, p, failure in _stall_checked(batches, self._loader.timeout):
+        for images, p, failure in stall_checked(batches, self._loader.timeout, "the pil loader's"):
             if failure is not None:
                 raise DataError(failure)
             labels, index = self.host_targets(p)
@@ -159,8 +159,8 @@ class PilLoader(Loader):
                               self.to_device(index))
 
 
-def _stall_checked(batches, timeout: float):
-    """The DataLoader's batches, its timeout (a RuntimeError) reported as one line saying why."""
+def stall_checked(batches, timeout: float, whose: str):
+    """A DataLoader's batches, its timeout (a RuntimeError) reported as one line saying why."""
     while True:
         try:
             yield next(batches)
@@ -169,7 +169,7 @@ def _stall_checked(batches, timeout: float):
         except RuntimeError as e:
             if "timed out" not in str(e):
                 raise
-            raise WorkersStalled(f"the pil loader's workers handed out no batch for {timeout:g} s (a worker's "
+            raise WorkersStalled(f"{whose} workers handed out no batch for {timeout:g} s (a worker's "
                                  "error above says why; a full /dev/shm is the usual cause: in Docker, raise "
                                  "--shm-size; or --backend resident)") from None
 

@@ -183,8 +183,6 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
 
 
 
-# ---- a shard's index ---------------------------------------------------------------------------------
-
 def check_split(manifest: dict, data, split: str) -> None:
     """The split a command scores or predicts: one the pack holds, and not empty (a FormatError
     naming the flag, the folder and what it holds)."""
@@ -194,6 +192,8 @@ def check_split(manifest: dict, data, split: str) -> None:
     if splits[split].get("count") == 0:
         raise FormatError(f"--split {split}: the {split} split of {data} is empty (0 samples)")
 
+
+# ---- a shard's index ---------------------------------------------------------------------------------
 
 def check_index(buf: np.ndarray, entry: dict, payload: str, n_classes: int, labelled: bool):
     """(offsets from the file start, labels, keys) of one shard's bytes, every field checked against
