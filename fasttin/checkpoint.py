@@ -222,6 +222,12 @@ def best_state(weights: dict, which: str, **run) -> dict:
     return {"model": weights, "weights": which, **run}
 
 
+def kept(out: Path) -> str:
+    """What a run that failed still holds, for its error line: the last good checkpoint, or none."""
+    last = Path(out) / "last.pt"
+    return f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was saved"
+
+
 def save_run(out: Path, step, pos: Position, cfg: dict, classes: list, words: list, *, epoch: int, batch: int,
              res: int, budget: dict | None = None, best: str | None = None, partial: dict | None = None) -> None:
     """best.pt with the `best` weights ("raw" or "ema") when they validated best, then last.pt in `out`

@@ -40,8 +40,9 @@ class StepProfiler:
         self.folder = Path(folder) / "profile"
         self.count, self.prof, self.done = 0, None, False
 
-    def attach(self, step) -> None:
+    def attach(self, step) -> StepProfiler:
         step.mark = phase_ranges(self.device)
+        return self
 
     def on_step(self, _steps_in_epoch: int = 0) -> None:
         if self.done:

@@ -3,7 +3,7 @@
 The trainer calls, on every rank and before anything is written into `out`:
 
     resume, notes = rundir.prepare_ranks(out, cfg, resume=..., auto_resume=..., overwrite=...,
-                                         explicit_pretrained=..., rank=rank, world=world)
+                                         omitted=..., rank=rank, world=world)
 
 which runs `prepare` on rank 0 only and broadcasts its decision, or its refusal, to the others.
 `cfg` is the new run's resolved settings as they will be written to config.json (plain JSON
@@ -173,24 +173,28 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
     return notes
 
 
-def inherit_fallback(cfg: dict, out: Path, explicit: bool) -> None:
-    """A run that fell back from the recipe's ImageNet weights to none keeps that on resume."""
-    if explicit or cfg["pretrained"] != "imagenet":
-        return
+def inherit(cfg: dict, out: Path, omitted) -> None:
+    """A resume keeps the run's own value of a setting the command line left out (`omitted`): its
+    --epochs target (a finished run is not silently extended to the recipe's default), and its
+    fallback from the recipe's ImageNet weights to none."""
     was = recorded(out)
-    if was.get("pretrained") == "none" and was.get("pretrained_reason"):
+    epochs = was.get("epochs")
+    if "epochs" in omitted and type(epochs) is int and epochs >= 1:  # a damaged value: _check_resume's
+        cfg["epochs"] = epochs
+    if ("pretrained" in omitted and cfg["pretrained"] == "imagenet" and was.get("pretrained") == "none"
+            and was.get("pretrained_reason")):
         cfg.update(pretrained="none", pretrained_reason=was["pretrained_reason"])
 
 
 def prepare_ranks(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite: bool,
-                  explicit_pretrained: bool, rank: int = 0, world: int = 1) -> tuple[bool, list[str]]:
+                  omitted=(), rank: int = 0, world: int = 1) -> tuple[bool, list[str]]:
     """`prepare` on rank 0, its decision (or its refusal) broadcast to every rank under torchrun;
-    a resumed run keeps its fallback from ImageNet weights to none on every rank."""
+    a resumed run keeps its own values of the `omitted` settings (`inherit`) on every rank."""
     import torch.distributed as dist
     result = None
     if rank == 0:
         if resume or auto_resume:
-            inherit_fallback(cfg, out, explicit_pretrained)
+            inherit(cfg, out, omitted)
         try:
             result = prepare(out, cfg, resume=resume, auto_resume=auto_resume, overwrite=overwrite)
         except UserError as e:
@@ -202,5 +206,5 @@ def prepare_ranks(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, over
     if isinstance(result, UserError):
         raise result
     if result[0] and rank != 0:
-        inherit_fallback(cfg, out, explicit_pretrained)
+        inherit(cfg, out, omitted)
     return result

@@ -1,10 +1,9 @@
 """python -m fasttin.train: ResNet18 on packed Tiny-ImageNet, one recipe per command.
 
 Reads top to bottom: flags -> settings -> run folder (fresh, resume or refuse) -> data -> model
--> (resume) -> fit: epochs of train(); validate(); save_checkpoint() -> summary and verdict. Runs
-on one GPU, on several under torchrun (DistributedDataParallel over the loaders' rank split), or
-on the CPU. Exit codes: 0 done, 2 bad input (nothing lost), 3 non-finite loss or weights (the
-last good checkpoint kept), 130 stopped by SIGINT/SIGTERM (position saved).
+-> (resume) -> fit: epochs of train(); validate(); save_checkpoint() -> summary and verdict; on one
+GPU, on several under torchrun (DDP over the loaders' rank split), or on the CPU. Exit codes:
+docs/GUARANTEES.md.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ class Run:
     rank: int = 0
     world: int = 1
     resume: bool = False
-    explicit_pretrained: bool = False
+    omitted: frozenset = frozenset()  # settings left off the command line: a resume keeps the run's
     manifest: dict = field(default_factory=dict)
 
     @property
@@ -50,9 +49,9 @@ class Run:
     def out(self) -> Path:
         return Path(self.cfg["out"])
 
-    def log(self, message: str) -> None:
-        """A log line on rank 0 (one line whatever its length; a path in it is never read as markup)."""
-        if self.main:
+    def log(self, message: str | None) -> None:
+        """A log line on rank 0, if any (one line whatever its length; a path in it is never markup)."""
+        if self.main and message:
             report.log(message)
 
 
@@ -90,11 +89,10 @@ def build(run: Run, data: Data):
     """(TrainStep, the names of the freshly initialised tensors)."""
     torch.manual_seed(run.cfg["seed"])
     model = build_model(len(data.classes), run.cfg["stem"])
-    fresh = [] if run.resume else initial_weights(model, run.cfg, explicit=run.explicit_pretrained, log=run.log)
+    fresh = [] if run.resume else initial_weights(model, run.cfg, log=run.log,
+                                                       explicit="pretrained" not in run.omitted)
     step = make_step(model, run.cfg, device=run.device, steps_per_epoch=len(data.train), world=run.world)
-    note = step.ema and step.ema.inert_note(run.cfg["epochs"] * len(data.train))
-    if note:
-        run.log(note)
+    run.log(step.ema and step.ema.inert_note(run.cfg["epochs"] * len(data.train)))  # an EMA too slow to matter
     return step, fresh
 
 
@@ -120,8 +118,8 @@ def restore(run: Run, step, data: Data) -> checkpoint.Position:
 # --- fit: train(); validate(); save_checkpoint() --------------------------------------------------
 
 def epoch_res(run: Run, step, epoch: int, pos: checkpoint.Position, budget: Budget | None) -> int:
-    """The resolution this epoch trains at: the schedule's for the epoch (under --budget, for the
-    epoch the clock has reached), or, for an epoch resumed midway, the one it started at."""
+    """The schedule's resolution for the epoch (under --budget, the epoch the clock has reached), or
+    for an epoch resumed midway, the one it started at."""
     if pos.epoch_res and epoch == pos.epoch and pos.batch:
         return pos.epoch_res
     at = epoch if budget is None else int(step.position() // step.steps_per_epoch)
@@ -132,12 +130,11 @@ def train(run: Run, step, data: Data, epoch: int, first: int, res: int, *, clock
           carry=None):
     """The epoch's batches at `res` from batch `first` on (the metrics' sums of those before: `carry`),
     until its end, a signal or the budget's end."""
-    def should_stop() -> bool:
-        return stop.should_stop() or (budget is not None and budget.exhausted())
     data.train.set_res(res)
     data.train.set_epoch(epoch, first)
     return train_epoch(step, data.train, clock=clock, log_every=run.cfg["log_every"], on_log=on_log,
-                       should_stop=should_stop, on_step=profiler.on_step if profiler else None,
+                       should_stop=lambda: stop.should_stop() or bool(budget and budget.exhausted()),
+                       on_step=profiler.on_step if profiler else None,
                        carry=carry if run.main else None)  # rank 0's share holds the whole of it
 
 
@@ -169,9 +166,8 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
         budget.start_clock()
         step.position = budget.position
     clock = StepClock(run.device)
-    profiler = StepProfiler(cfg["profile"], run.out, run.device, log=run.log) if cfg["profile"] and run.main else None
-    if profiler:
-        profiler.attach(step)
+    profiler = run.main and cfg["profile"] and StepProfiler(cfg["profile"], run.out, run.device,
+                                                            log=run.log).attach(step)
     epoch, compile_s = pos.epoch, None
     ended = False  # run_training returned for a run with nothing left: a fresh --budget run takes a step at least
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
@@ -253,8 +249,7 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
     run.manifest = read_manifest(run.cfg["data"])
     run.cfg["classes"] = [c["wnid"] for c in run.manifest["classes"]]
     run.resume, notes = rundir.prepare_ranks(run.out, run.cfg, resume=resume, auto_resume=auto_resume,
-                                             overwrite=overwrite, explicit_pretrained=run.explicit_pretrained,
-                                             rank=run.rank, world=run.world)
+                                             overwrite=overwrite, omitted=run.omitted, rank=run.rank, world=run.world)
     if run.device.type == "cpu" and not torch.cuda.is_available():
         run.log(CPU_HINT)
     with StopRequest(run.world, run.device) as stop:  # from here on a signal stops at a step boundary
@@ -279,9 +274,7 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
         try:
             return fit(run, step, data, pos, stop, budget)
         except NonFinite as e:
-            last = run.out / "last.pt"
-            kept = f"the last good checkpoint {last} is intact" if last.is_file() else "no checkpoint was saved"
-            raise NonFinite(f"{e}; {kept}") from None
+            raise NonFinite(f"{e}; {checkpoint.kept(run.out)}") from None
 
 
 def main(argv=None) -> int:
@@ -290,10 +283,9 @@ def main(argv=None) -> int:
     def body() -> int:
         try:
             cfg = recipes.settings(args)
-            if args.epochs is None and (args.resume or args.auto_resume):  # a resume keeps the run's own target
-                cfg["epochs"] = rundir.recorded(cfg["out"]).get("epochs") or cfg["epochs"]
             rank, world, device = ranks.setup(resolve_device(args.device).type == "cuda")
-            run = Run(cfg, device, rank, world, explicit_pretrained=args.pretrained is not None)
+            run = Run(cfg, device, rank, world, omitted=frozenset(k for k in ("epochs", "pretrained")
+                                                                  if getattr(args, k) is None))
             summary = run_training(run, resume=args.resume, auto_resume=args.auto_resume, overwrite=args.overwrite)
             ranks.teardown(together=True)
         finally:

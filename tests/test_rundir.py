@@ -184,3 +184,17 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
         prepare(tmp_path / "afile" / "run", CFG, resume=False, auto_resume=False, overwrite=False)
     assert str(tmp_path / "afile" / "run") in str(e.value) and "\n" not in str(e.value)
     assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("recorded, omitted, want", [
+    (3, {"epochs"}, 3),                      # omitted: the run's own target
+    (3, set(), 10),                          # given: the command line's
+    ("3", {"epochs"}, 10), (0, {"epochs"}, 10), (True, {"epochs"}, 10), (None, {"epochs"}, 10),  # damaged: not taken
+])
+def test_a_resume_inherits_only_omitted_settings_and_only_sound_values(tmp_path, recorded, omitted, want):
+    fake_run(tmp_path, {**CFG, "epochs": recorded, "pretrained": "none", "pretrained_reason": "offline"})
+    cfg = {**CFG, "pretrained": "imagenet"}
+    rundir.inherit(cfg, tmp_path, omitted)
+    assert cfg["epochs"] == want and cfg["pretrained"] == "imagenet"  # --pretrained was given (not omitted)
+    rundir.inherit(cfg, tmp_path, {"pretrained"})
+    assert cfg["pretrained"] == "none" and cfg["pretrained_reason"] == "offline"
