@@ -1,11 +1,12 @@
 """The loaders the loader and train stages measure, built once a resolution (`Bench.shared`):
 fasttin's backends and the classic pipeline (ImageFolder over the split upscaled on disk with
 OpenCV); and the split written out as files in --cache, which the classic pipeline and the peers
-read, every name from the data a bare file name, so nothing is written outside the cache.
+read. The reader has checked every class and sample name a bare one, so nothing lands outside the cache.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -13,26 +14,12 @@ import torch
 
 from benchmarks.runner import Bench, Skip
 from fasttin.errors import UserError
-from fasttin.fileio import OutputError, clean_stale_folders, os_reason, replace_folder
+from fasttin.fileio import clean_stale_folders, replace_folder, write_atomic
 from fasttin.forking import before_fork
 from fasttin.loaders import make_loader
 from fasttin.loaders.errors import WorkersStalled
 from fasttin.loaders.pil import WORKER_TIMEOUT_S, stall_checked
 from fasttin.loop import AMP_DTYPE
-from fasttin.shards import name_problem
-
-
-class UnsafeName(UserError):
-    """A name read from the data that is not a bare file name: it would escape its folder."""
-
-
-def bare_name(name: str, what: str) -> str:
-    """`name` if it is a bare file name (shards.name_problem: the pack's own rule)."""
-    why = name_problem(name)
-    if why:
-        raise UnsafeName(f"{what} {name!r} {why}; refusing to write it into the cache")
-    return name
-
 
 # ---- the split as files: the classic pipeline's input, and the peers' -----------------------------
 
@@ -44,43 +31,8 @@ def split_tag(ds) -> str:
 
 def relative_paths(ds) -> list[str]:
     """`class/file` of every sample in pack order: the ImageFolder layout of every cached folder."""
-    out = []
-    for key, label in zip(ds.keys, ds.labels.tolist()):
-        name = bare_name(key, "sample key")
-        name = name if ds.payload == "jpeg" else Path(name).stem + ".png"
-        out.append(f"{bare_name(ds.classes[label], 'class name') if label >= 0 else 'unlabeled'}/{name}")
-    return out
-
-
-def _cached(root: Path, write) -> Path:
-    """`root`, made once by write(folder) beside it and swapped in when complete (fileio), so an
-    interrupted preparation is never mistaken for a finished one."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_folders(root, lambda p: False)
-    if not root.is_dir():
-        replace_folder(root, write)
-    return root
-
-
-def _write_each(folder: Path, ds, image) -> None:
-    """image(i, suffix) -> the bytes of sample i's file, written at its relative path under `folder`."""
-    for i, rel in enumerate(relative_paths(ds)):
-        path = folder / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.write_bytes(image(i, Path(rel).suffix))
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
-
-
-def image_folder(ds, cache: Path) -> Path:
-    """The split as an ImageFolder of its 64 px files: the JPEG payloads byte for byte (PNG for
-    raw payloads), for torchvision's and DALI's file readers."""
-    if ds.payload != "jpeg":
-        opencv()  # before any file is written
-    def image(i: int, suffix: str) -> bytes:
-        return ds.encoded(i).tobytes() if ds.payload == "jpeg" else _encode(ds.image(i), suffix)
-    return _cached(Path(cache) / f"folder-{split_tag(ds)}", lambda tmp: _write_each(tmp, ds, image))
+    return [f"{ds.classes[label] if label >= 0 else 'unlabeled'}/"
+            f"{key if ds.payload == 'jpeg' else Path(key).stem + '.png'}" for key, label in zip(ds.keys, ds.labels)]
 
 
 def opencv():
@@ -94,14 +46,29 @@ def opencv():
     return cv2
 
 
-def upscaled_folder(ds, cache: Path, res: int) -> Path:
-    """The split upscaled to res x res on disk with OpenCV INTER_CUBIC, as the write-up did: the
-    classic pipeline's input (JPEG at OpenCV's quality 95, or PNG, as the file names say)."""
-    cv2 = opencv()
+def split_files(ds, cache: Path, upscale: int | None = None) -> Path:
+    """The split as an ImageFolder in `cache`, made once (built beside it and swapped in whole, so an
+    interrupted preparation is never taken for a finished one): its 64 px files, the JPEG payloads
+    byte for byte (PNG for raw payloads), for torchvision's and DALI's file readers; or upscaled to
+    `upscale` px on disk with OpenCV INTER_CUBIC, as the write-up did: the classic pipeline's input
+    (JPEG at OpenCV's quality 95, or PNG, as the file names say)."""
+    cv2 = opencv() if upscale or ds.payload != "jpeg" else None  # before any file is written
 
     def image(i: int, suffix: str) -> bytes:
-        return _encode(cv2.resize(ds.image(i), (res, res), interpolation=cv2.INTER_CUBIC), suffix)
-    return _cached(Path(cache) / f"upscaled{res}-{split_tag(ds)}", lambda tmp: _write_each(tmp, ds, image))
+        if upscale:
+            return _encode(cv2.resize(ds.image(i), (upscale, upscale), interpolation=cv2.INTER_CUBIC), suffix)
+        return ds.encoded(i).tobytes() if ds.payload == "jpeg" else _encode(ds.image(i), suffix)
+
+    def write(folder: Path) -> None:
+        for i, rel in enumerate(relative_paths(ds)):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / rel, image(i, Path(rel).suffix), sync=False)  # the folder is swapped in whole
+    root = Path(cache) / f"{f'upscaled{upscale}' if upscale else 'folder'}-{split_tag(ds)}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_folders(root, lambda p: False)
+    if not root.is_dir():
+        replace_folder(root, write)
+    return root
 
 
 def _encode(rgb, suffix: str) -> bytes:
@@ -110,18 +77,6 @@ def _encode(rgb, suffix: str) -> bytes:
     if not ok:
         raise UserError(f"OpenCV cannot encode an image as {suffix}")
     return data.tobytes()
-
-
-def backend_loader(b: Bench, backend: str, res: int):
-    """fasttin's loader for `backend` at `res`, in the recipe's precision, as the trainer builds it."""
-    def build():
-        try:
-            return make_loader(b.args.data, b.args.split, backend=backend, res=res, batch_size=b.args.batch_size,
-                               device=b.device, augment=b.args.augment, dtype=AMP_DTYPE[b.args.amp], drop_last=True,
-                               workers=b.args.workers)
-        except (MemoryError, RuntimeError, UserError) as e:  # e.g. the split does not fit on the device
-            raise Skip(f"backend {backend} cannot be built here: {e}") from None
-    return b.shared(("loader", backend, res), build)
 
 
 def folder_loader(root: Path, transforms: list, *, batch_size: int, workers: int, shuffle: bool = True,
@@ -156,15 +111,24 @@ class OnDevice:
 
 
 def loader_for(b: Bench, backend: str, res: int):
-    """The loader a stage measures: a fasttin backend, or the write-up's pipeline over the split
-    upscaled on disk (flip, ToTensor, all cores), its batches moved to the device."""
-    if backend != "classic":
-        return backend_loader(b, backend, res)
+    """The loader a stage measures, built once a resolution: fasttin's `backend` at `res` in the
+    recipe's precision, as the trainer builds it, or the write-up's pipeline over the split upscaled
+    on disk (flip, ToTensor, all cores), its batches moved to the device."""
     import torchvision.transforms as T
-    return OnDevice(b.shared(("loader", "classic", res), lambda: folder_loader(
-        upscaled_folder(b.ds, Path(b.args.cache), res), [T.RandomHorizontalFlip(), T.ToTensor()],
-        batch_size=b.args.classic_batch_size, workers=b.args.workers or os.cpu_count(),
-        pin_memory=b.device.type == "cuda")), b.device)
+
+    def build():
+        if backend == "classic":
+            return folder_loader(split_files(b.ds, Path(b.args.cache), upscale=res),
+                                 [T.RandomHorizontalFlip(), T.ToTensor()], batch_size=b.args.classic_batch_size,
+                                 workers=b.args.workers or os.cpu_count(), pin_memory=b.device.type == "cuda")
+        try:
+            return make_loader(b.args.data, b.args.split, backend=backend, res=res, batch_size=b.args.batch_size,
+                               device=b.device, augment=b.args.augment, dtype=AMP_DTYPE[b.args.amp], drop_last=True,
+                               workers=b.args.workers)
+        except (MemoryError, RuntimeError, UserError) as e:  # e.g. the split does not fit on the device
+            raise Skip(f"backend {backend} cannot be built here: {e}") from None
+    loader = b.shared(("loader", backend, res), build)
+    return OnDevice(loader, b.device) if backend == "classic" else loader
 
 
 def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
@@ -175,16 +139,10 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
     loader, passes = loader_for(b, backend, res), []
 
     def consume() -> int:
-        limit = b.args.batches if passes else 0
+        limit = (b.args.batches or None) if passes else None
         passes.append(1)
-        done = batches = 0
         try:
-            for x, _ in loader:
-                x = x.to(b.device, non_blocking=True)
-                done, batches = done + len(x), batches + 1
-                if limit and batches >= limit:
-                    break
+            return sum(len(x.to(b.device, non_blocking=True)) for x, _ in itertools.islice(loader, limit))
         except WorkersStalled as e:  # the pil backend's, or the classic DataLoader's (OnDevice)
             raise Skip(str(e)) from None
-        return done
     return consume

@@ -21,6 +21,7 @@ from fasttin.recipes import AUGMENTS, RECIPES, STEMS, Setting, count, flag_type,
 # a mistyped --json fails in well under a second instead of after torch's import.
 STAGE_NAMES = ("read", "decode", "resize", "copy", "model", "loader", "classic", "train", "peers", "accounting",
                "agreement")
+OUTPUTS = ("json", "markdown", "plot")  # written in this order (benchmarks/writers.py)
 positive = count("value")
 
 
@@ -68,7 +69,7 @@ def parser() -> CommandParser:
     p.add_argument("--classic-batch-size", type=positive, default=100, help="the classic pipeline's batch "
                    "(write-up: 100)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    p.add_argument("--augment", help="augmentation of the loader stages (default: the recipe's)")
+    p.add_argument("--augment", choices=AUGMENTS, help="augmentation of the loader stages (default: the recipe's)")
     p.add_argument("--workers", type=positive, help="loader threads/processes (default: all cores)")
     p.add_argument("--repeats", type=positive, default=5, help="timed repeats per figure (median reported)")
     p.add_argument("--batches", type=count("batches", positive=False), default=0,
@@ -100,17 +101,15 @@ def parser() -> CommandParser:
     p.add_argument("--trainer-epochs", type=positive, default=2, help="the agreement's fasttin.train epochs a "
                    "round (the last one is timed)")
     p.add_argument("--quick", action="store_true", help="a tiny synthetic set and few repeats (CI smoke)")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", type=Path)
-    p.add_argument("--plot", type=Path)
+    for output in OUTPUTS:
+        p.add_argument(f"--{output}", type=Path)
     return p
 
 
 def check_outputs(args) -> None:
     """Every output writable before any work (a mistyped --json costs a second, not the run), and
     no two the same file (the later would overwrite the earlier: the JSON is the evidence)."""
-    outputs = {flag: path for flag, path in (("--json", args.json), ("--markdown", args.markdown),
-                                             ("--plot", args.plot)) if path}
+    outputs = {f"--{o}": getattr(args, o) for o in OUTPUTS if getattr(args, o)}
     for flag, path in outputs.items():
         ensure_writable(path)
         same = [f for f, p in outputs.items() if f != flag and Path(p).resolve() == Path(path).resolve()]
@@ -132,10 +131,11 @@ def summarize(path: Path) -> int:
 
     from benchmarks import writers
     try:  # a record without its fields is refused before anything is printed
-        shown = writers.summary_of(json.loads(path.read_text())["records"])
+        shown = writers.summary(json.loads(path.read_text())["records"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"--summarize {path}: not a benchmarks.run JSON ({type(e).__name__}: {e})") from None
-    writers.print_summary(shown, Console())
+    for part in shown:
+        Console().print(part)
     return EXIT_OK
 
 
@@ -145,8 +145,6 @@ def resolve_flags(args) -> None:
     args.device = str(resolve_device(args.device))
     cfg = resolve(args.recipe)
     args.amp, args.augment = cfg["amp"], args.augment or cfg["augment"]
-    if args.augment not in AUGMENTS:
-        raise UserError(f"--augment {args.augment}: choose one of {', '.join(AUGMENTS)}")
     args.res = args.res or ([64] if args.quick else [64, 224])
     if "peers" in args.stages:
         from benchmarks.peers.loaders import PEERS
@@ -177,8 +175,7 @@ def measure(args, out: dict) -> None:
             pack(None, args.data, synthetic=8 if args.quick else 50, classes=20 if args.quick else 200, quiet=True)
         ds = open_split(args.data, args.split)  # a FormatError names the folder or the split
         torch.manual_seed(0)
-        b = Bench(args, torch.device(args.device), ds)
-        b.records = out["records"]
+        b = Bench(args, torch.device(args.device), ds, out["records"], out["environment"])
         env = out["environment"]
         print(f"benchmarks on {b.device} ({env['gpu'] or env['cpu']}), {len(ds):,} {args.split} images from "
               f"{args.data}", file=sys.stderr)
@@ -192,17 +189,10 @@ def keep_partial(args, out: dict, why: str) -> str:
         return ""
     out["incomplete"] = f"{why} after {len(out['records'])} records"
     try:
-        write_json_atomic(args.json, with_environment(out))
+        write_json_atomic(args.json, out)
     except UserError:
         return ""
     return f"the {len(out['records'])} records measured so far are in {args.json}, marked incomplete"
-
-
-def with_environment(out: dict) -> dict:
-    """Each record carries the machine and date too (a record copied alone keeps its evidence)."""
-    for r in out["records"]:
-        r["environment"] = out["environment"]
-    return out
 
 
 def report(args, out: dict) -> int:
@@ -210,11 +200,9 @@ def report(args, out: dict) -> int:
     from rich.console import Console
 
     from benchmarks import writers
-    paths = {"json": args.json, "markdown": args.markdown, "plot": args.plot}
-    failed = writers.write_outputs(paths, with_environment(out))
-    console = Console()
-    console.print(writers.table(out["records"]))
-    writers.print_summary(writers.summary_of(out["records"]), console)
+    failed = writers.write_outputs({o: getattr(args, o) for o in OUTPUTS}, out)
+    for part in (writers.table(out["records"]), *writers.summary(out["records"])):
+        Console().print(part)
     for line in failed:
         print(f"benchmarks.run: error: {line}", file=sys.stderr)
     return EXIT_BAD_INPUT if failed else EXIT_OK

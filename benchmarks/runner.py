@@ -50,21 +50,21 @@ class Stage:
     fields: dict = field(default_factory=dict)  # fixed record fields: backend, device, dtype...
 
     def points(self, b: Bench, res: int | None) -> list[dict]:
-        if self.grid is not None:
-            return self.grid(b, res)
-        return [{"res": res}] if self.per_res else [{}]
+        return self.grid(b, res) if self.grid else [{"res": res} if self.per_res else {}]
 
     def label(self, point: dict) -> str:
         return self.name(point) if callable(self.name) else self.name.format(**point)
 
 
 class Bench:
-    """The shared settings, the data set, the records so far, and a cache of built objects (the
-    loaders, the peers' worker processes) that the stages of one resolution share."""
+    """The shared settings, the data set, the records so far (each carries the machine and date:
+    a record copied alone keeps its evidence), and a cache of built objects (the loaders, the
+    peers' worker processes) that the stages of one resolution share."""
 
-    def __init__(self, args, device: torch.device, ds):
+    def __init__(self, args, device: torch.device, ds, records: list | None = None, environment: dict | None = None):
         self.args, self.device, self.ds = args, device, ds
-        self.records: list[dict] = []
+        self.records: list[dict] = [] if records is None else records
+        self.environment = environment
         self.cache: dict = {}
         self.closers: list = []
 
@@ -117,6 +117,8 @@ class Bench:
             rec["mb_per_s"] = rec["img_per_s"] * rec["bytes_per_image"] / 1e6
         if skipped:
             rec.update(skipped=skipped, img_per_s=None, mb_per_s=None, repeats=0)
+        if self.environment:
+            rec["environment"] = self.environment
         self.records.append(rec)
         shown = f"skipped: {skipped}" if skipped else f"{rec['img_per_s']:,.0f} img/s"
         print(f"  {stage:8s} {name:42s} res {str(rec['res'] or '-'):>4s}  {shown}", file=sys.stderr, flush=True)

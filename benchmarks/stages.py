@@ -74,12 +74,8 @@ def dali_consumer(b: Bench, gpu: bool, decode: bool, res: int | None = None):
     a list, which external_source (cycle="raise") iterates anew each pass."""
     idx = _sample(b)
     bs = min(len(idx), 256)
-    idx = idx[: len(idx) // bs * bs]
-    if decode:
-        batches = [b.ds.encoded_batch(idx[i:i + bs]) for i in range(0, len(idx), bs)]
-    else:
-        flat = b.ds.images(idx).reshape(len(idx), -1)
-        batches = [list(flat[i:i + bs]) for i in range(0, len(idx), bs)]
+    batches = [b.ds.encoded_batch(idx[i:i + bs]) if decode else list(b.ds.images(idx[i:i + bs]).reshape(bs, -1))
+               for i in range(0, len(idx) // bs * bs, bs)]
     pipe = build_pipeline([[x] for x in batches], payload="jpeg" if decode else "raw", gpu=gpu,
                           res=SIZE if decode else res, augment="none", batch_size=bs, threads=CORES,
                           device_id=(b.device.index or 0) if gpu else None, seed=0)

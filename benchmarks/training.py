@@ -62,22 +62,20 @@ def model_grid(b: Bench, res: int) -> list[dict]:
     configuration and shape, so by default only bf16 NHWC is compiled, at --batch-size with all
     threads. The recipe's own configuration there is in every grid but --compiled only: the train
     stage's ceiling."""
-    own, which, cores = settings(b, res), b.args.compiled, torch.get_num_threads()
-    sizes = [(bs, t) for bs in b.args.batch_sizes or [b.args.batch_size] for t in b.args.threads or [cores]]
-    if (b.args.batch_size, cores) not in sizes:
-        sizes.append((b.args.batch_size, cores))
-    mine = {k: own[k] for k in ("stem", "amp", "channels_last", "compile")}
+    own, which, default = settings(b, res), b.args.compiled, (b.args.batch_size, torch.get_num_threads())
+    sizes = list(dict.fromkeys([*itertools.product(b.args.batch_sizes or [default[0]], b.args.threads or [default[1]]),
+                                default]))
     points = []
     configs = itertools.product([s for s in STEMS if s in b.args.stems], ("off", "bf16"), (False, True),
                                 (None, "default"))  # stem, precision, NHWC, compile
     for stem, amp, cl, comp in (() if b.args.quick else configs):  # --quick: the recipe's own configuration only
         some = (amp, cl) == ("bf16", True)
-        wanted = {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]
-        if wanted:
-            points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), bs, t) for bs, t in sizes
-                       if not comp or which == "all" or (bs, t) == (b.args.batch_size, cores)]
-    if which != "only" and (mine, b.args.batch_size, cores) not in points:
-        points.append((mine, b.args.batch_size, cores))
+        if {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]:
+            points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), *size) for size in sizes
+                       if not comp or which == "all" or size == default]
+    mine = ({k: own[k] for k in ("stem", "amp", "channels_last", "compile")}, *default)
+    if which != "only" and mine not in points:
+        points.append(mine)
     return [{**p, "res": res, "batch_size": bs, "threads": t, "dtype": str(AMP_DTYPE[p["amp"]]).removeprefix("torch.")}
             for p, bs, t in points]
 
@@ -105,18 +103,16 @@ def model_consumer(b: Bench, res: int, stem: str, amp: str, channels_last: bool,
     k = b.args.steps
     step = new_step(b, cfg, steps_per_epoch=k * (b.args.repeats + 2))
     x, y = random_batch(b, cfg, res)
-    with _threads(threads):
-        t = time.perf_counter()
-        step(x, y)
-        b.sync()
-        first = time.perf_counter() - t
 
-    def steps() -> int:
+    def steps(n: int = k) -> int:
         with _threads(threads):
-            for _ in range(k):
+            for _ in range(n):
                 step(x, y)
             b.sync()
-        return k * batch_size
+        return n * batch_size
+    t = time.perf_counter()
+    steps(1)
+    first = time.perf_counter() - t
     return steps, {"first_step_s": first, "recipe": b.args.recipe, "threads": threads}
 
 

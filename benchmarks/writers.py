@@ -122,9 +122,12 @@ def verdicts(records: list[dict]) -> list[str]:
     return lines
 
 
-def summary(records: list[dict]):
-    """The headline: loader-only and end-to-end per backend against the step's model-only ceiling."""
+def summary(records: list[dict]) -> list:
+    """The headline, built whole before any of it is printed: loader-only and end-to-end per
+    backend against the step's model-only ceiling (none when only read, decode or peers ran),
+    then the verdicts."""
     from rich.table import Table
+    from rich.text import Text
     t = Table(title="summary (model: the recipe's step on a resident batch)")
     for c in ("res", "model img/s", "backend", "loader img/s", "loader/model", "train img/s", "train/model"):
         t.add_column(c, justify="right")
@@ -139,19 +142,4 @@ def summary(records: list[dict]):
             share = lambda v: "" if v is None or not model else f"{v / model:.2f}"  # noqa: E731
             t.add_row(str(res), _fmt(model), backend, _fmt(loader), share(loader), _fmt(train.get("img_per_s")),
                       share(train.get("img_per_s")))
-    return t
-
-
-def summary_of(records: list[dict]):
-    """The summary table (None when only read, decode or peers ran) and the verdicts, built whole
-    before any is printed."""
-    t = summary(records)
-    return (t if t.row_count else None), verdicts(records)
-
-
-def print_summary(shown, console) -> None:
-    t, lines = shown
-    if t is not None:
-        console.print(t)
-    for line in lines:
-        console.print(line, markup=False, highlight=False)
+    return [t] * bool(t.row_count) + [Text(line) for line in verdicts(records)]  # Text: never read as markup

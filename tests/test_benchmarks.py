@@ -2,13 +2,12 @@
 writers and the early output checks."""
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from helpers import ROOT, run_cli
@@ -16,7 +15,8 @@ from helpers import ROOT, run_cli
 from benchmarks import pipelines, stages, training, writers
 from benchmarks.run import STAGE_NAMES, main, parser
 from benchmarks.runner import Bench, Skip, Stage, run_table
-from fasttin.shards import open_split
+from fasttin.shards import FormatError, open_split
+from fasttin.shards.layout import HEADER
 
 
 @pytest.mark.slow
@@ -232,7 +232,6 @@ def test_an_interrupted_run_keeps_what_it_measured(tmp_path, packed, monkeypatch
     (["--json", "{tmp}/b.json", "--markdown", "{tmp}/./b.json"], "both name"),  # one would overwrite the other
     (["--data", "{packed}", "--stages", "read", "--json", "{packed}/b.json"], "lies inside the packed data set"),
     (["--data", "{packed}", "--stages", "read", "--cache", "{packed}/cache"], "lies inside the packed data set"),
-    (["--data", "{packed}", "--augment", "bogus"], "bogus"),
 ])
 def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
     (tmp_path / "file").write_text("")
@@ -246,7 +245,7 @@ def test_bad_input_is_one_line(argv, needle, tmp_path, packed, capsys):
 
 @pytest.mark.parametrize("flag", [["--res", "abc"], ["--stages", "read,bogus"], ["--repeats", "0"],
                                   ["--trainer-epochs", "0"], ["--batches", "-3"], ["--peer-timeout", "nan"],
-                                  ["--peer-timeout", "0"]])
+                                  ["--peer-timeout", "0"], ["--augment", "bogus"]])
 def test_bad_flags_are_refused_by_the_parser(flag, capsys):
     with pytest.raises(SystemExit) as e:
         main([*flag, "--device", "cpu"])
@@ -259,33 +258,20 @@ def test_comma_lists_keep_their_order_and_measure_a_repeat_once():
     assert (args.res, args.batch_sizes, args.threads) == ([224, 64], [8, 16], [2, 1])
 
 
-class FakeSplit:
-    """A split whose second sample key comes from a hostile annotation file."""
-
-    classes, payload, split = ["n0001"], "jpeg", "val"
-
-    def __init__(self, keys, data_dir: Path):
-        self.keys, self.labels, self.data_dir = keys, np.zeros(len(keys), np.int64), data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "manifest.json").write_text("{}")
-
-    def __len__(self):
-        return len(self.keys)
-
-    def image(self, i):
-        return np.zeros((64, 64, 3), np.uint8)
-
-
-@pytest.mark.parametrize("key", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "..", "x\n.JPEG", "",
-                                 "x\u2028.JPEG", "x\x85.JPEG"])
-def test_the_cached_upscaled_split_stays_in_its_folder(key, tmp_path):
-    """The classic pipeline's files: a hostile name is refused and nothing is written anywhere."""
-    cache = tmp_path / "cache"
-    with pytest.raises(pipelines.UnsafeName, match="sample key"):
-        pipelines.upscaled_folder(FakeSplit(["ok_0.JPEG", key], tmp_path / "data"), cache, 64)
-    written = {str(Path(d) / f) for d, _, fs in os.walk(tmp_path) for f in fs}
-    assert written == {str(tmp_path / "data" / "manifest.json")}
-    assert pipelines.bare_name("n01443537_3.JPEG", "key") == "n01443537_3.JPEG"
+@pytest.mark.parametrize("name", ["../", "/tm", "a/b", "x\n.", "\u2028", "\x85"])
+def test_a_hostile_sample_name_in_a_shard_never_reaches_the_cache(name, packed, tmp_path):
+    """The split written out as files (the classic pipeline's, the peers') takes its names from the
+    reader, which refuses a forged one (a path, a separator, a line break): nothing is written."""
+    data = tmp_path / "data"
+    shutil.copytree(packed, data)
+    shard = data / open_split(data, "val").shard_files[0]
+    buf = bytearray(shard.read_bytes())
+    *_, keys_start, _ = HEADER.unpack_from(buf)
+    buf[keys_start:keys_start + len(name.encode())] = name.encode()  # the first sample's name, forged
+    shard.write_bytes(bytes(buf))
+    with pytest.raises(FormatError, match=shard.name):
+        pipelines.split_files(open_split(data, "val"), tmp_path / "cache", upscale=64)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp_path, packed, packed_raw,
@@ -302,7 +288,7 @@ def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp
         assert "OpenCV is not importable" in records[key]["skipped"] and "[bench]" in records[key]["skipped"], key
     assert records[("loader", "resident")]["img_per_s"] and records[("train", "resident")]["img_per_s"]
     with pytest.raises(Skip, match="OpenCV"):
-        pipelines.image_folder(open_split(packed_raw, "val"), cache)
+        pipelines.split_files(open_split(packed_raw, "val"), cache)
     assert [p for p in cache.rglob("*") if p.is_file()] == []
 
 

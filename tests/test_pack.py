@@ -58,6 +58,8 @@ def test_labels_classes_and_order(packed, synth_src):
     val = open_split(packed, "val")
     assert [val.classes[lab] for lab in val.labels] == [ann[k] for k in val.keys]
     assert (open_split(packed, "test").labels == -1).all()
+    image, label = val[7]  # the indexed-dataset protocol (FFCV's writer reads it)
+    assert label == val.labels[7] and type(label) is int and (image == val.image(7)).all()
     m = json.loads((packed / "manifest.json").read_text())
     assert m["classes"][0]["words"] == "synthetic class 0"
     assert m["splits"]["val"]["shuffle_seed"] == [0, 1]

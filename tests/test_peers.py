@@ -10,7 +10,7 @@ from PIL import Image
 from benchmarks.peers import mae
 from benchmarks.peers.loaders import Spec
 from benchmarks.peers.stage import CLASSIC_AT_64, Worker
-from benchmarks.pipelines import image_folder, relative_paths, upscaled_folder
+from benchmarks.pipelines import relative_paths, split_files
 from benchmarks.run import main as run_main
 from benchmarks.runner import Skip
 from benchmarks.stages import add_ratios
@@ -51,13 +51,13 @@ def test_mae_reference_at_64_is_the_image_itself(packed):
 
 def test_prepared_folders_hold_every_image_once(packed_raw, tmp_path):
     ds = open_split(packed_raw, "train")
-    folder = image_folder(ds, tmp_path)
+    folder = split_files(ds, tmp_path)
     rel = relative_paths(ds)
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png")) == sorted(rel)
     decoded = cv2.cvtColor(cv2.imread(str(folder / rel[5])), cv2.COLOR_BGR2RGB)
     assert np.array_equal(decoded, ds.image(5))  # PNG for raw payloads: lossless
-    assert image_folder(ds, tmp_path) == folder  # made once
-    up = upscaled_folder(ds, tmp_path, RES)
+    assert split_files(ds, tmp_path) == folder  # made once
+    up = split_files(ds, tmp_path, upscale=RES)
     assert cv2.imread(str(up / rel[0])).shape == (RES, RES, 3)
     assert not list(tmp_path.glob("*.tmp*"))
 
@@ -111,7 +111,7 @@ def test_classic_at_64_and_a_split_smaller_than_a_batch_are_skipped_without_a_wo
 
 def test_a_worker_that_fails_to_start_dies_or_hangs_is_a_skip_and_is_stopped(tmp_path):
     spec = Spec(peer="fasttin-resident", data=str(tmp_path / "missing"), split="train", res=64, batch_size=10,
-                workers=1, dtype="bfloat16", cache=str(tmp_path), folder=str(tmp_path), upscaled=None)
+                workers=1, dtype="bfloat16", cache=str(tmp_path), folder=str(tmp_path))
     w = Worker(spec, tmp_path, timeout_s=300)
     with pytest.raises(Skip, match="worker exited with status 1"):  # the split cannot be opened
         w.ask()
@@ -127,7 +127,7 @@ def test_a_worker_that_fails_to_start_dies_or_hangs_is_a_skip_and_is_stopped(tmp
 def test_a_worker_whose_runner_is_gone_ends_cleanly(packed, tmp_path):
     """A runner killed outright leaves its workers a closed pipe: they end as at quit, not with a traceback."""
     spec = Spec(peer="fasttin-resident", data=str(packed), split="train", res=64, batch_size=10, workers=1,
-                dtype="bfloat16", cache=str(tmp_path), folder="", upscaled=None)
+                dtype="bfloat16", cache=str(tmp_path), folder="")
     w = Worker(spec, tmp_path, timeout_s=300)
     assert "ready" in w.ask()
     w.conn.close()

@@ -7,6 +7,7 @@ float32 where the loader can produce it, so the error measured is the kernel's, 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +50,11 @@ class Spec:
     workers: int
     dtype: str  # float16 | bfloat16 | float32
     cache: str
-    folder: str  # ImageFolder of the 64 px files
-    upscaled: str | None  # ImageFolder upscaled to res (classic); None at res 64
+    folder: str  # the ImageFolder it reads: the 64 px files, or (classic) the files upscaled to res
     flip: bool = True
     shuffle: bool = True
     limit: int | None = None  # the first `limit` images in pack order (MAE form)
     seed: int = 0
-
-
-def kernel(peer: str, res: int) -> str:
-    return "none (native 64 px)" if res == SIZE else PEERS[peer].kernel
 
 
 def fasttin(spec: Spec, backend: str):
@@ -72,19 +68,6 @@ def fasttin(spec: Spec, backend: str):
     return lambda: (x for x, _ in loader)
 
 
-class _Samples:
-    """FFCV's writer reads (image, label) by index."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        return self.ds.image(i), int(self.ds.labels[i])
-
-
 def ffcv_beton(ds, cache: Path, mode: str, workers: int) -> Path:
     """The split as an FFCV .beton ('raw' or 'jpg' images), written once under a temporary name."""
     from ffcv.fields import IntField, RGBImageField
@@ -96,8 +79,7 @@ def ffcv_beton(ds, cache: Path, mode: str, workers: int) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         fields = {"image": RGBImageField(write_mode=mode, jpeg_quality=FFCV_JPEG_QUALITY), "label": IntField()}
-        write_with(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-            _Samples(ds)))
+        write_with(path, lambda tmp: DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(ds))
     return path
 
 
@@ -153,8 +135,9 @@ def dali_files(spec: Spec):
     return lambda: (batch[0]["images"].permute(0, 3, 1, 2) for batch in it)
 
 
-def image_folder(spec: Spec, root: str, resize: bool):
-    """torchvision's everyday pipeline (pipelines.folder_loader), normalised, resizing on the fly or not."""
+def image_folder(spec: Spec, resize: bool):
+    """torchvision's everyday pipeline (pipelines.folder_loader) over spec.folder, normalised,
+    resizing on the fly or not."""
     import torchvision.transforms as T
 
     from benchmarks.pipelines import folder_loader, relative_paths
@@ -163,7 +146,7 @@ def image_folder(spec: Spec, root: str, resize: bool):
     steps += [T.RandomHorizontalFlip()] if spec.flip else []
     # the MAE's form: the first images in pack order, to compare with the reference
     files = relative_paths(open_split(spec.data, spec.split))[:spec.limit] if spec.limit else None
-    loader = folder_loader(root, [*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)],
+    loader = folder_loader(spec.folder, [*steps, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)],
                            batch_size=spec.batch_size, workers=spec.workers, shuffle=spec.shuffle,
                            drop_last=spec.limit is None, files=files)
     return lambda: (x for x, _ in loader)
@@ -177,25 +160,17 @@ def build(spec: Spec):
         return ffcv(spec, {"ffcv-raw": "raw", "ffcv-jpeg": "jpg"}[spec.peer])
     if spec.peer == "dali-files":
         return dali_files(spec)
-    if spec.peer == "torchvision":
-        return image_folder(spec, spec.folder, resize=spec.res != SIZE)
-    if spec.peer == "classic":
-        return image_folder(spec, spec.upscaled, resize=False)
+    if spec.peer in ("torchvision", "classic"):  # the classic pipeline's files are upscaled on disk
+        return image_folder(spec, resize=spec.peer == "torchvision" and spec.res != SIZE)
     raise ValueError(f"unknown peer {spec.peer!r}: choose from {', '.join(PEERS)}")
 
 
 def version(peer: str) -> str:
     """The version of the software that does the loading."""
-    if peer.startswith("fasttin"):
-        import fasttin
-        return fasttin.__version__
     if peer.startswith("ffcv"):
         from importlib.metadata import version as dist_version
 
         import numba
         return f"{dist_version('ffcv')} (numba {numba.__version__})"  # ffcv.__version__ says 0.0.3rc1 in 1.0.2
-    if peer.startswith("dali"):
-        import nvidia.dali
-        return nvidia.dali.__version__
-    import torchvision
-    return torchvision.__version__
+    name = {"fasttin": "fasttin", "dali": "nvidia.dali"}.get(peer.split("-")[0], "torchvision")  # classic too
+    return importlib.import_module(name).__version__

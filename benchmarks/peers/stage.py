@@ -14,7 +14,9 @@ The runner asks on a pipe; the worker answers each with one dict:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import multiprocessing as mp
 import os
 import sys
@@ -24,8 +26,8 @@ import numpy as np
 import torch
 
 from benchmarks.peers import mae as mae_mod
-from benchmarks.peers.loaders import PEERS, Spec, build, kernel, version
-from benchmarks.pipelines import image_folder, upscaled_folder
+from benchmarks.peers.loaders import PEERS, Spec, build, version
+from benchmarks.pipelines import split_files
 from benchmarks.runner import Bench, Skip, Stage
 from fasttin.loaders.augment import SIZE
 
@@ -36,9 +38,6 @@ CLASSIC_AT_64 = "at the native 64 px the classic pipeline is the torchvision one
 
 # ---- the worker's side -----------------------------------------------------------------------------
 
-HALF = (torch.float16, torch.bfloat16)
-
-
 def why_unavailable(peer: str) -> str | None:
     """A reason to skip the peer, found before building it (None: try to build it)."""
     if peer in ("fasttin-dali", "dali-files"):
@@ -48,8 +47,7 @@ def why_unavailable(peer: str) -> str | None:
         try:
             import ffcv  # noqa: F401
         except ImportError as e:
-            return (f"FFCV is not importable ({type(e).__name__}: {e}); install it with "
-                    "benchmarks/peers/setup-ffcv.sh")
+            return f"FFCV is not importable ({type(e).__name__}: {e}); install it with benchmarks/peers/setup-ffcv.sh"
     return None
 
 
@@ -58,7 +56,7 @@ def one_epoch(epoch, spec: Spec) -> dict:
     dtype = getattr(torch, spec.dtype)
     n, shape, out = 0, None, None
     for x in epoch():
-        if x.dtype not in HALF:
+        if x.dtype not in (torch.float16, torch.bfloat16):
             x = x.to(dtype)  # the float32 loaders (torchvision, classic): to the run's half type
         n += x.shape[0]
         shape, out = shape or list(x.shape), out or str(x.dtype).removeprefix("torch.")
@@ -73,12 +71,8 @@ def measure_mae(spec: Spec, n: int) -> dict:
     ds = open_split(spec.data, spec.split)
     n = min(n, len(ds))
     epoch = build(dataclasses.replace(spec, flip=False, shuffle=False, dtype="float32", limit=n))
-    got = []
-    for x in epoch():
-        got.append(mae_mod.to_pixels(x))
-        if sum(len(g) for g in got) >= n:
-            break
-    pixels = np.concatenate(got)[:n]
+    batches = itertools.islice(epoch(), -(-n // spec.batch_size))  # fasttin's loaders read on past n
+    pixels = np.concatenate([mae_mod.to_pixels(x) for x in batches])[:n]
     return {"mae": mae_mod.mean_abs_error(pixels, mae_mod.reference(ds, n, spec.res)), "images": n}
 
 
@@ -104,20 +98,15 @@ def serve(spec: Spec, site: str, conn) -> None:
     epoch = build(spec)
     half = spec.dtype if PEERS[spec.peer].half == "any" else PEERS[spec.peer].half
     conn.send({"ready": {"version": version(spec.peer), "dtype": half}})
+    answer = {"epoch": lambda: one_epoch(epoch, spec), "mae": lambda n: measure_mae(spec, n)}
     while True:
         try:
             cmd, *args = conn.recv()
         except EOFError:  # the runner is gone: end as at quit
             cmd = "quit"
-        if cmd == "epoch":
-            conn.send(one_epoch(epoch, spec))
-        elif cmd == "mae":
-            conn.send(measure_mae(spec, args[0]))
-        elif cmd == "quit":
-            stop_children()
-            return
-        else:
-            raise ValueError(f"unknown command {cmd!r}")
+        if cmd == "quit":
+            return stop_children()
+        conn.send(answer[cmd](*args))
 
 
 # ---- the runner's side -----------------------------------------------------------------------------
@@ -152,10 +141,8 @@ class Worker:
         raise WorkerFailed(f"no answer to {' '.join(map(str, command)) or 'start'!r} within {self.timeout_s:g} s")
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(("quit",))
-        except OSError:
-            pass
         self.proc.join(60)
         if self.proc.is_alive():
             self.proc.kill()
@@ -173,8 +160,8 @@ def start(b: Bench, peer: str, res: int, workers: int) -> tuple[Worker, dict]:
     cache = Path(a.cache).resolve() / "peers"
     spec = Spec(peer=peer, data=str(ds.data_dir.resolve()), split=ds.split, res=res, batch_size=a.batch_size,
                 workers=workers, dtype="float16" if a.amp == "fp16" else "bfloat16", cache=str(cache),
-                folder=str(image_folder(ds, cache)) if peer in ("torchvision", "dali-files") else "",
-                upscaled=str(upscaled_folder(ds, cache, res)) if peer == "classic" else None)
+                folder=str(split_files(ds, cache, upscale=res if peer == "classic" else None))
+                if peer in ("torchvision", "dali-files", "classic") else "")
     w = Worker(spec, Path(a.ffcv_site).resolve(), a.peer_timeout)
     b.on_release(w.close)
     try:
@@ -199,8 +186,8 @@ def peer_consumer(b: Bench, res: int, backend: str, workers: int, **_record_fiel
 def stage() -> Stage:
     """The peers row: one point a peer of --peers, each record noting the kernel it resizes with."""
     def grid(b: Bench, res: int) -> list[dict]:
-        return [{"res": res, "backend": p, "kernel": kernel(p, res), "augment": "flip",
-                 "workers": b.args.workers or os.cpu_count() or 1}
-                for p in PEERS if p in b.args.peers]
+        workers = b.args.workers or os.cpu_count() or 1
+        return [{"res": res, "backend": p, "kernel": "none (native 64 px)" if res == SIZE else PEERS[p].kernel,
+                 "augment": "flip", "workers": workers} for p in PEERS if p in b.args.peers]
     return Stage("peers", lambda p: PEERS[p["backend"]].label, peer_consumer, grid=grid, alternate="peers",
                  fields={"device": "cpu"})

@@ -139,6 +139,10 @@ class SplitDataset:
         except ValueError as e:
             raise DataError(f"{self.data_dir}/{self.describe(i)}: {e}; {repack_hint(self.data_dir)}") from None
 
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        """(image, label) of sample i: the indexed-dataset protocol (torch's Dataset, FFCV's writer)."""
+        return self.image(i), int(self.labels[i])
+
     def images(self, idx=None) -> np.ndarray:
         """Many samples decoded on the CPU into one uint8 [N, 64, 64, 3] array."""
         idx = np.arange(len(self)) if idx is None else np.asarray(idx)
