@@ -141,8 +141,12 @@ def loader_consumer(b: Bench, res: int, backend: str, **_record_fields):
     def consume() -> int:
         limit = (b.args.batches or None) if passes else None
         passes.append(1)
+        done = 0  # x keeps each batch alive while the next is made, as a trainer's loop does
         try:
-            return sum(len(x.to(b.device, non_blocking=True)) for x, _ in itertools.islice(loader, limit))
+            for x, _ in itertools.islice(loader, limit):
+                x = x.to(b.device, non_blocking=True)
+                done += len(x)
         except WorkersStalled as e:  # the pil backend's, or the classic DataLoader's (OnDevice)
             raise Skip(str(e)) from None
+        return done
     return consume
