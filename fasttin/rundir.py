@@ -80,8 +80,10 @@ def will_resume(out: Path, *, resume: bool, auto_resume: bool) -> bool:
     return resume or (auto_resume and (Path(out) / "last.pt").is_file())
 
 
-def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite: bool) -> tuple[bool, list[str]]:
-    """(resume?, notes to print); RunDirError when the start would lose or change a run."""
+def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite: bool,
+            omitted=()) -> tuple[bool, list[str]]:
+    """(resume?, notes to print); RunDirError when the start would lose or change a run. A resume
+    takes the run's own values of the `omitted` settings into `cfg` (`inherit`) before comparing."""
     out = Path(out)
     if overwrite and (resume or auto_resume):
         raise RunDirError("--overwrite starts afresh; it cannot go with --resume or --auto-resume")
@@ -105,6 +107,7 @@ def prepare(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, overwrite:
             notes.append(_move_aside(out, "--overwrite"))
         return False, notes
     if will_resume(out, resume=resume, auto_resume=auto_resume):
+        inherit(cfg, out, omitted)
         return True, notes + _check_resume(out, cfg)
     if auto_resume and present:
         notes.append(_move_aside(out, "--auto-resume found no last.pt to resume from, so it starts afresh"))
@@ -193,10 +196,8 @@ def prepare_ranks(out: Path, cfg: dict, *, resume: bool, auto_resume: bool, over
     import torch.distributed as dist
     result = None
     if rank == 0:
-        if resume or auto_resume:
-            inherit(cfg, out, omitted)
         try:
-            result = prepare(out, cfg, resume=resume, auto_resume=auto_resume, overwrite=overwrite)
+            result = prepare(out, cfg, resume=resume, auto_resume=auto_resume, overwrite=overwrite, omitted=omitted)
         except UserError as e:
             result = e
     if world > 1:

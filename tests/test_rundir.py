@@ -198,3 +198,15 @@ def test_a_resume_inherits_only_omitted_settings_and_only_sound_values(tmp_path,
     assert cfg["epochs"] == want and cfg["pretrained"] == "imagenet"  # --pretrained was given (not omitted)
     rundir.inherit(cfg, tmp_path, {"pretrained"})
     assert cfg["pretrained"] == "none" and cfg["pretrained_reason"] == "offline"
+
+
+def test_a_fresh_start_inherits_nothing_from_the_files_it_moves_aside(tmp_path):
+    """--auto-resume without last.pt starts afresh: the leftover config.json's target is not taken."""
+    fake_run(tmp_path, {**CFG, "epochs": 3}, last=False)
+    cfg = dict(CFG)
+    assert prepare(tmp_path, cfg, resume=False, auto_resume=True, overwrite=False, omitted={"epochs"})[0] is False
+    assert cfg["epochs"] == 10
+    fake_run(tmp_path / "again", {**CFG, "epochs": 3})  # with last.pt it resumes, keeping the run's own
+    assert prepare(tmp_path / "again", cfg, resume=False, auto_resume=True, overwrite=False, omitted={"epochs"}) == (
+        True, [])
+    assert cfg["epochs"] == 3
