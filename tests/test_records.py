@@ -192,7 +192,8 @@ def test_the_measuring_tools_refuse_bad_input_in_one_line(name, argv, culprit, t
 
 
 @pytest.mark.parametrize("folder", ["cpu-2026-12-04-pipe-and-one-timing-path",
-                                    "cpu-2026-12-04-one-classic-builder", "cpu-2026-12-05-worker-timeout"])
+                                    "cpu-2026-12-04-one-classic-builder", "cpu-2026-12-05-worker-timeout",
+                                    "cpu-2026-12-05-trim"])
 def test_benchmarks_before_and_after_tables_are_their_records(folder):
     """The peers and loader tables of a BENCHMARKS.md before/after section, rebuilt from the JSON
     kept beside it: an edited figure, or a record that is not the one quoted, fails."""
@@ -212,3 +213,19 @@ def test_benchmarks_before_and_after_tables_are_their_records(folder):
     for k in ("old", "new", "new2", "old2"):
         row = f"| {k} | " + " | ".join(f"{r['img_per_s']:,.0f}" for r in recs[f"loader-{k}"].values()) + " |"
         assert row in text, row
+
+
+def test_the_trim_sections_side_runs_are_their_records():
+    """The first loader comparison's table and the six DALI runs quoted in the trim section."""
+    folder = ROOT / "benchmarks" / "results" / "cpu-2026-12-05-trim"
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    for k in ("old", "new", "new2", "old2"):
+        recs = json.loads((folder / "first-loader-run" / f"loader-{k}.json").read_text())["records"]
+        assert f"| {k} | " + " | ".join(f"{r['img_per_s']:,.0f}" for r in recs) + " |" in text, k
+    dali = {p.stem: next(r["img_per_s"] for r in json.loads(p.read_text())["records"] if r["backend"] == "dali")
+            for p in (folder / "dali64").glob("*.json")}
+    assert len(dali) == 6
+    for side, name in (("o", "old"), ("n", "new")):
+        runs = [dali[f"d64-{side}{i}"] for i in (1, 2, 3)]
+        assert f"{name} " + " / ".join(f"{x:,.0f}" for x in runs) in text.replace("\n", " ")
+        assert f"{sum(runs) / 3:,.0f}" in text
