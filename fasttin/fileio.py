@@ -66,7 +66,12 @@ def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) 
     failure (full disk, say, or any exception of `write`) removes the temporary and leaves any
     earlier `path` untouched; an OSError becomes an OutputError that names `path`. `sync=False`
     skips the fsync: for hints, not records."""
-    path = _regular(Path(path))
+    try:
+        path = _regular(Path(path))
+    except OutputError:
+        raise
+    except OSError as e:  # e.g. a name longer than the file system takes
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
     tmp = tmp_name(path, path.suffix)
     try:
         write(tmp)

@@ -182,7 +182,10 @@ def inherit(cfg: dict, out: Path, omitted) -> None:
     fallback from the recipe's ImageNet weights to none."""
     was = recorded(out)
     epochs = was.get("epochs")
-    if "epochs" in omitted and type(epochs) is int and epochs >= 1:  # a damaged value: _check_resume's
+    if "epochs" in omitted and was:  # an unreadable config.json: _check_resume names it
+        if type(epochs) is not int or epochs < 1:  # never the recipe's default instead: it may extend a finished run
+            raise RunDirError(f"{Path(out) / 'config.json'}: its epochs is {repr(epochs)[:40]}, not a number of "
+                              "epochs; give --epochs N to resume")
         cfg["epochs"] = epochs
     if ("pretrained" in omitted and cfg["pretrained"] == "imagenet" and was.get("pretrained") == "none"
             and was.get("pretrained_reason")):

@@ -1,5 +1,6 @@
 """benchmarks.run: every stage reports, nothing silently missing; the stage table's runner, the
 writers and the early output checks."""
+import hashlib
 import json
 import os
 import shutil
@@ -258,20 +259,36 @@ def test_comma_lists_keep_their_order_and_measure_a_repeat_once():
     assert (args.res, args.batch_sizes, args.threads) == ([224, 64], [8, 16], [2, 1])
 
 
-@pytest.mark.parametrize("name", ["../", "/tm", "a/b", "x\n.", "\u2028", "\x85"])
+@pytest.mark.parametrize("name", ["../escape.JPEG", "/tmp/abs.JPEG", "a/b.JPEG", "x\n.JPEG", "x\u2028.JPEG",
+                                  "x\x85.JPEG", "", "..", "x" * 252 + ".JPEG"])
 def test_a_hostile_sample_name_in_a_shard_never_reaches_the_cache(name, packed, tmp_path):
     """The split written out as files (the classic pipeline's, the peers') takes its names from the
-    reader, which refuses a forged one (a path, a separator, a line break): nothing is written."""
+    reader, which refuses a forged one (a path, a separator, a line break, over 255 bytes), even in
+    a shard whose size and hash agree with its manifest: nothing is written."""
     data = tmp_path / "data"
     shutil.copytree(packed, data)
-    shard = data / open_split(data, "val").shard_files[0]
-    buf = bytearray(shard.read_bytes())
-    *_, keys_start, _ = HEADER.unpack_from(buf)
-    buf[keys_start:keys_start + len(name.encode())] = name.encode()  # the first sample's name, forged
-    shard.write_bytes(bytes(buf))
+    manifest = json.loads((data / "manifest.json").read_text())
+    entry = manifest["splits"]["val"]["shards"][0]
+    shard = data / entry["file"]
+    buf = shard.read_bytes()
+    fields = list(HEADER.unpack_from(buf))
+    keys = buf[fields[7]:].decode().split("\n")
+    forged = buf[:fields[7]] + "\n".join([name, *keys[1:]]).encode()  # the first sample's name
+    fields[8] = len(forged)  # the header's end of file, then the manifest's size and hash agree
+    forged = HEADER.pack(*fields) + forged[HEADER.size:]
+    shard.write_bytes(forged)
+    entry.update(bytes=len(forged), sha256=hashlib.sha256(forged).hexdigest())
+    (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(FormatError, match=shard.name):
-        pipelines.split_files(open_split(data, "val"), tmp_path / "cache", upscale=64)
+        pipelines.split_files(open_split(data, "val", verify=True), tmp_path / "cache", upscale=64)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_file_name_the_file_system_refuses_is_one_line(tmp_path):
+    from fasttin.fileio import OutputError, write_atomic
+    with pytest.raises(OutputError, match="cannot write .*: .*too long"):
+        write_atomic(tmp_path / ("x" * 300), b"data")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp_path, packed, packed_raw,

@@ -60,6 +60,9 @@ def test_labels_classes_and_order(packed, synth_src):
     assert (open_split(packed, "test").labels == -1).all()
     image, label = val[7]  # the indexed-dataset protocol (FFCV's writer reads it)
     assert label == val.labels[7] and type(label) is int and (image == val.image(7)).all()
+    assert (val[-1][0] == val.image(len(val) - 1)).all()
+    with pytest.raises(IndexError):
+        val[len(val)]
     m = json.loads((packed / "manifest.json").read_text())
     assert m["classes"][0]["words"] == "synthetic class 0"
     assert m["splits"]["val"]["shuffle_seed"] == [0, 1]

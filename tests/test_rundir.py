@@ -189,11 +189,18 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
 @pytest.mark.parametrize("recorded, omitted, want", [
     (3, {"epochs"}, 3),                      # omitted: the run's own target
     (3, set(), 10),                          # given: the command line's
-    ("3", {"epochs"}, 10), (0, {"epochs"}, 10), (True, {"epochs"}, 10), (None, {"epochs"}, 10),  # damaged: not taken
+    ("3", {"epochs"}, None), (0, {"epochs"}, None), (True, {"epochs"}, None), (2.0, {"epochs"}, None),
+    (None, {"epochs"}, None),                # damaged: refused, never replaced by the recipe's default
+    ("3", set(), 10),                        # damaged but given: the command line's
 ])
 def test_a_resume_inherits_only_omitted_settings_and_only_sound_values(tmp_path, recorded, omitted, want):
-    fake_run(tmp_path, {**CFG, "epochs": recorded, "pretrained": "none", "pretrained_reason": "offline"})
+    before = fake_run(tmp_path, {**CFG, "epochs": recorded, "pretrained": "none", "pretrained_reason": "offline"})
     cfg = {**CFG, "pretrained": "imagenet"}
+    if want is None:
+        with pytest.raises(RunDirError, match=r"config.json: its epochs is .*give --epochs N"):
+            prepare(tmp_path, cfg, resume=True, auto_resume=False, overwrite=False, omitted=omitted)
+        assert snapshot(tmp_path) == before
+        return
     rundir.inherit(cfg, tmp_path, omitted)
     assert cfg["epochs"] == want and cfg["pretrained"] == "imagenet"  # --pretrained was given (not omitted)
     rundir.inherit(cfg, tmp_path, {"pretrained"})

@@ -238,7 +238,8 @@ def check_keys(buf: np.ndarray, keys_start: int, n: int) -> list[str]:
     if len(keys) != n or (not n and text):
         raise ValueError(f"{len(keys)} sample names for {n} samples")
     flat = text.replace("\n", "")
-    if _BAD_CHARS.search(flat) or not flat.isprintable() or "" in keys or "." in keys or ".." in keys:
+    too_long = any(len(k) > 63 and len(k.encode()) > 255 for k in keys)  # UTF-8: 4 bytes a char at most
+    if too_long or _BAD_CHARS.search(flat) or not flat.isprintable() or "" in keys or "." in keys or ".." in keys:
         i = next((i for i, k in enumerate(keys) if name_problem(k)), None)  # none: e.g. a no-break space
         if i is not None:
             raise ValueError(f"sample {i}: name {keys[i]!r} {name_problem(keys[i])}")

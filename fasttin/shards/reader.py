@@ -141,6 +141,7 @@ class SplitDataset:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         """(image, label) of sample i: the indexed-dataset protocol (torch's Dataset, FFCV's writer)."""
+        i = range(len(self))[i]  # a negative index names its sample as the positive one; IndexError past the end
         return self.image(i), int(self.labels[i])
 
     def images(self, idx=None) -> np.ndarray:
