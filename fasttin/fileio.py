@@ -51,10 +51,15 @@ def tmp_name(path: Path, suffix: str = "") -> Path:
 
 def _regular(path: Path) -> Path:
     """Where a write of `path` must land: a symlink's target (the link stays a link), never a
-    device, pipe or socket (a rename over /dev/null would replace it for every process)."""
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if path.exists() and not path.is_file() and not path.is_dir():
+    device, pipe or socket (a rename over /dev/null would replace it for every process). A path the
+    file system refuses to look at (a name over 255 bytes) is an OutputError too."""
+    try:
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
+        odd = path.exists() and not path.is_file() and not path.is_dir()
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+    if odd:
         raise OutputError(f"cannot write {path}: it is not a regular file (a device, pipe or socket); "
                           "give a file path")
     return path
@@ -66,12 +71,7 @@ def write_with(path: Path, write: Callable[[Path], None], *, sync: bool = True) 
     failure (full disk, say, or any exception of `write`) removes the temporary and leaves any
     earlier `path` untouched; an OSError becomes an OutputError that names `path`. `sync=False`
     skips the fsync: for hints, not records."""
-    try:
-        path = _regular(Path(path))
-    except OutputError:
-        raise
-    except OSError as e:  # e.g. a name longer than the file system takes
-        raise OutputError(f"cannot write {path}: {os_reason(e)}") from None
+    path = _regular(Path(path))
     tmp = tmp_name(path, path.suffix)
     try:
         write(tmp)

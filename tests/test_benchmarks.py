@@ -284,13 +284,6 @@ def test_a_hostile_sample_name_in_a_shard_never_reaches_the_cache(name, packed, 
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_file_name_the_file_system_refuses_is_one_line(tmp_path):
-    from fasttin.fileio import OutputError, write_atomic
-    with pytest.raises(OutputError, match="cannot write .*: .*too long"):
-        write_atomic(tmp_path / ("x" * 300), b"data")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_without_opencv_every_row_that_needs_it_is_a_skip_whatever_its_stage(tmp_path, packed, packed_raw,
                                                                             monkeypatch):
     """OpenCV is an optional dependency: the classic loader and train rows and the classic peer say so,

@@ -371,6 +371,17 @@ def test_a_pipe_or_device_is_never_replaced_by_a_regular_file(tmp_path):
     assert (tmp_path / "fifo").is_fifo() and os.listdir(tmp_path) == ["fifo"]
 
 
+def test_a_file_name_the_file_system_refuses_is_one_line(tmp_path):
+    from fasttin.fileio import OutputError, ensure_writable, write_atomic
+    long = tmp_path / ("x" * 300)
+    for check in (lambda: write_atomic(long, b"data"), lambda: ensure_writable(long)):
+        with pytest.raises(OutputError, match="cannot write .*: .*too long"):
+            check()
+    assert list(tmp_path.iterdir()) == []
+    r = run_cli("benchmarks.run", "--stages", "read", "--device", "cpu", "--json", tmp_path / ("x" * 300 + ".json"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_a_long_output_name_that_the_file_system_takes_is_written(tmp_path):
     """255 bytes is the limit of the name, not of name + '.tmp<pid>.json': the temporary is cut short."""
     from fasttin.fileio import ensure_writable, write_atomic
