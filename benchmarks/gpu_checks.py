@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.peers.mae import to_pixels
+from fasttin import tuning
 from fasttin.errors import EXIT_FAILED_CHECK, EXIT_OK, CommandParser, run_command
 from fasttin.fileio import ensure_writable, write_json_atomic
 from fasttin.info import resolve_device
@@ -80,6 +81,7 @@ def check_training(data, device, steps: int, recipe: str, out: list) -> None:
     for backend, name in each_backend(f"{{backend}} on {device}: {steps} steps of the {recipe} step", out):
         torch.manual_seed(0)
         cfg = resolve(recipe, res=64, batch_size=128)
+        cfg.update(tuning.choose(cfg["amp"], cfg["channels_last"], device, threads=False).values)
         ld = make_loader(data, "train", backend=backend, res=64, batch_size=128, device=device,
                          augment=cfg["augment"], dtype=AMP_DTYPE[cfg["amp"]], workers=2)
         step = make_step(build_model(len(ld.ds.classes), cfg["stem"]), cfg, device=device, steps_per_epoch=len(ld))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from fasttin.loaders import make_loader
 from fasttin.loaders.errors import WorkersStalled
 from fasttin.loaders.pil import WORKER_TIMEOUT_S, stall_checked
 from fasttin.loop import AMP_DTYPE
+from fasttin.machine import usable_cores
 
 # ---- the split as files: the classic pipeline's input, and the peers' -----------------------------
 
@@ -120,7 +120,7 @@ def loader_for(b: Bench, backend: str, res: int):
         if backend == "classic":
             return folder_loader(split_files(b.ds, Path(b.args.cache), upscale=res),
                                  [T.RandomHorizontalFlip(), T.ToTensor()], batch_size=b.args.classic_batch_size,
-                                 workers=b.args.workers or os.cpu_count(), pin_memory=b.device.type == "cuda")
+                                 workers=b.args.workers or usable_cores(), pin_memory=b.device.type == "cuda")
         try:
             return make_loader(b.args.data, b.args.split, backend=backend, res=res, batch_size=b.args.batch_size,
                                device=b.device, augment=b.args.augment, dtype=AMP_DTYPE[b.args.amp], drop_last=True,

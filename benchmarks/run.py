@@ -139,12 +139,21 @@ def summarize(path: Path) -> int:
     return EXIT_OK
 
 
+def print_err(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def resolve_flags(args) -> None:
     """Flags that depend on others: --quick's small sizes, the recipe's precision and augmentation."""
     from fasttin.info import resolve_device
     args.device = str(resolve_device(args.device))
+    from fasttin import tuning
     cfg = resolve(args.recipe)
-    args.amp, args.augment = cfg["amp"], args.augment or cfg["augment"]
+    decision = tuning.choose(cfg["amp"], cfg["channels_last"], args.device, log=print_err)
+    for line in decision.warnings:
+        print_err(line)
+    args.chosen, args.chosen_why = decision.values, decision.why  # the trainer's own choice on this machine
+    args.amp, args.augment = decision.values["amp"], args.augment or cfg["augment"]
     args.res = args.res or ([64] if args.quick else [64, 224])
     if "peers" in args.stages:
         from benchmarks.peers.loaders import PEERS
@@ -212,7 +221,7 @@ def bench(args, argv) -> int:
     check_outputs(args)
     resolve_flags(args)
     from benchmarks.runner import envelope
-    out = envelope("benchmarks.run", argv, records=[])
+    out = envelope("benchmarks.run", argv, records=[], chosen=args.chosen_why)
     try:
         measure(args, out)
     except KeyboardInterrupt:

@@ -18,8 +18,9 @@ from fasttin.forking import fork_pool
 from fasttin.loaders.augment import SIZE
 from fasttin.loaders.dali import build_pipeline
 from fasttin.loop import AMP_DTYPE
+from fasttin.machine import usable_cores
 
-CORES = os.cpu_count() or 1
+CORES = usable_cores()
 
 
 # ---- read ----------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.pipelines import loader_for
 from benchmarks.runner import Bench, Skip
+from fasttin import tuning
 from fasttin.loop import AMP_DTYPE, StepClock, make_step, shares, train_epoch
 from fasttin.model import build_model
 from fasttin.recipes import STEMS, resolve
@@ -30,7 +31,7 @@ PRECISION = {"bf16": "bf16", "fp16": "fp16", "off": "fp32"}
 
 def settings(b: Bench, res: int, **overrides) -> dict:
     """The recipe's settings (--recipe) at this resolution and batch, with a grid point's overrides."""
-    cfg = resolve(b.args.recipe, res=res, batch_size=b.args.batch_size)
+    cfg = resolve(b.args.recipe, res=res, batch_size=b.args.batch_size, **b.args.chosen)  # the machine's amp, layout
     cfg.update(overrides)  # after resolve: an override may be None (compile off)
     return cfg
 
@@ -155,7 +156,8 @@ def train_consumer(b: Bench, res: int, backend: str):
         return {**times, **shares(times, sum(times.values())), "steps": steps[-1]}
     return epoch, {"batch_size": per, "model": model_label(cfg), "recipe": b.args.recipe,
                    "dtype": str(AMP_DTYPE[cfg["amp"]]).removeprefix("torch."),
-                   "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")}}, accounting
+                   "settings": {k: cfg[k] for k in ("amp", "channels_last", "compile", "stem", "augment")},
+                   "faster": tuning.faster(cfg, b.device)}, accounting
 
 
 def run_module(module: str, *args) -> None:

@@ -116,9 +116,8 @@ def verdicts(records: list[dict]) -> list[str]:
         better = None if faster == best["backend"] else (
             f"the {faster} loader is faster here ({loaders[faster]:,.0f} img/s loader-only): try --backend {faster}")
         s = {k: best.get(f"{k}_share", 0.0) for k in ("data_wait", "compute")}
-        context = {k: best.get("settings", {}).get(k) for k in ("amp", "channels_last", "compile")}
         lines.append(f"res {res}, {best['backend']}: " + verdict(s, backend=best["backend"], better_backend=better,
-                                                                 device=best["device"], **context))
+                                                                 faster=best.get("faster")))  # as measured there
     return lines
 
 

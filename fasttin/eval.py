@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fasttin import tuning
 from fasttin.errors import EXIT_OK, CommandParser, UserError, interrupt_on_sigterm, run_command
 from fasttin.fileio import ensure_writable, refuse_output_over_inputs, write_json_atomic
 from fasttin.info import resolve_device
@@ -18,12 +19,14 @@ from fasttin.loaders import BACKENDS, make_loader
 from fasttin.loop import AMP_DTYPE as AMP
 from fasttin.loop import evaluate
 from fasttin.model import from_checkpoint
-from fasttin.recipes import DEFAULT_DATA, count, res_problem
+from fasttin.recipes import AMPS, AUTO, DEFAULT_DATA, count, res_problem
 from fasttin.shards import check_split, read_manifest
+
+AMP_CHOICES = (AUTO, *AMPS)
 
 
 def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, backend="auto", batch_size=256,
-                        amp="bf16", tta=False, workers=None) -> dict:
+                        amp="auto", tta=False, workers=None) -> dict:
     """Top-1/top-5 of the checkpoint at `ckpt_path` on `split` of the packed data set `data`.
     Everything a user can get wrong (a hostile or foreign checkpoint, other classes, a bad device
     or split) is a UserError, raised before the evaluation starts."""
@@ -31,21 +34,26 @@ def evaluate_checkpoint(ckpt_path, data, *, split="val", res=None, device=None, 
         raise UserError(f"--res {res}: {res_problem(res)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: a positive integer")
-    if amp not in AMP or backend not in BACKENDS:
-        raise UserError(f"amp {amp!r} / backend {backend!r}: choose amp from {sorted(AMP)}, backend from {BACKENDS}")
+    if amp not in AMP_CHOICES or backend not in BACKENDS:
+        raise UserError(f"amp {amp!r} / backend {backend!r}: choose amp from {AMP_CHOICES}, backend from {BACKENDS}")
     device = resolve_device(device)
+    decision = tuning.choose(amp, None, device)  # "auto": the trainer's choice on this machine, and its layout
+    for line in decision.warnings:
+        print(f"fasttin.eval: {line}", file=sys.stderr)
+    amp = decision.values["amp"]
     manifest = read_manifest(data)
-    trained = from_checkpoint(ckpt_path, device, classes=[c["wnid"] for c in manifest["classes"]], data=data)
+    trained = from_checkpoint(ckpt_path, device, classes=[c["wnid"] for c in manifest["classes"]], data=data,
+                              channels_last=decision.values["channels_last"])
     check_split(manifest, data, split)
     res = res or trained.res
     loader = make_loader(data, split, backend=backend, res=res, batch_size=batch_size, device=device, verify=True,
                          shuffle=False, drop_last=False, dtype=AMP[amp], workers=workers)
     if (loader.ds.labels < 0).all():
         raise UserError(f"split {split!r} has no labels to score against (use fasttin.predict)")
-    m = evaluate(trained.model, loader, device=device, amp=amp, tta=tta)
+    m = evaluate(trained.model, loader, device=device, amp=amp, tta=tta, channels_last=decision.values["channels_last"])
     return {"checkpoint": str(ckpt_path), "split": split, "res": res, "top1": m["acc1"], "top5": m["acc5"],
             "loss": m["loss"], "images": m["n"], "trained_res": trained.arch.get("res"),
-            "stem": trained.arch["stem"], "tta": tta}
+            "stem": trained.arch["stem"], "tta": tta, "amp": amp, "chosen": decision.why}
 
 
 def parser() -> CommandParser:
@@ -57,7 +65,8 @@ def parser() -> CommandParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--batch-size", type=count("batch_size"), default=256)
-    p.add_argument("--amp", choices=sorted(AMP), default="bf16")
+    p.add_argument("--amp", choices=AMP_CHOICES, default=AUTO,
+                   help="autocast precision (auto: the device's fast one, as fasttin.train chooses it)")
     p.add_argument("--tta", action="store_true", help="average with the mirrored images' logits")
     p.add_argument("--json", type=Path, help="also write the result here (its folder is created)")
     return p

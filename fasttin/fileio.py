@@ -31,6 +31,12 @@ class OutputError(UserError, OSError):
     """An output that cannot be written (read-only, full disk, missing parent, not a folder...)."""
 
 
+def cache_folder() -> Path:
+    """The one folder fasttin keeps things in that no command names: the official archive's
+    download and the CPU probe's figures. FASTTIN_CACHE, else ~/.cache/fasttin."""
+    return Path(os.environ.get("FASTTIN_CACHE") or Path.home() / ".cache" / "fasttin")
+
+
 def os_reason(e: OSError) -> str:
     """An OSError in a few words for a one-line message (no errno numbers, no traceback)."""
     if e.errno == errno.ENOSPC:

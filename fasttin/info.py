@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from fasttin.errors import UserError
+from fasttin.machine import cpu_support
 
 
 class DeviceError(UserError):
@@ -31,11 +32,6 @@ def resolve_device(name: str | None):
     if device.type == "cuda" and (device.index or 0) >= gpus:
         raise DeviceError(f"--device {name}: no such CUDA device here; this machine has {have}")
     return device
-
-
-# what a training run says on the CPU of a machine without CUDA
-CPU_HINT = ("no CUDA device: this is a GPU workload and will be slow here; --res 64, a --classes subset at pack "
-            "time (python -m fasttin.pack --classes 10) and fewer --epochs make a CPU run short")
 
 
 def pillow_simd() -> bool:
@@ -67,9 +63,13 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 
 def git_commit() -> str | None:
     """The commit of the fasttin checkout that runs ('-dirty' when it has uncommitted changes), or
-    None outside a git checkout: what a record must name to be re-run."""
+    None outside a git checkout: what a record must name to be re-run. An installed fasttin (a
+    wheel in a venv that happens to lie inside some checkout) has no commit: that checkout's is not
+    the code that runs."""
     import subprocess
     root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
     try:
         r = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
                            capture_output=True, text=True, timeout=10)
@@ -90,6 +90,7 @@ def environment() -> dict:
     except Exception as e:  # not installed, or a CUDA library missing
         dali_version = f"unavailable ({type(e).__name__})"
     cuda = torch.cuda.is_available()
+    cpu = cpu_support()
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -103,7 +104,9 @@ def environment() -> dict:
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "cpu": cpu_model(),
+        "cpu_class": cpu.label,  # what the training step's kernels have: AVX2, AVX512-BF16, AMX-BF16...
         "cores": os.cpu_count(),
+        "usable_cores": cpu.cores,
         "platform": platform.platform(),
         "commit": git_commit(),
     }
@@ -114,7 +117,13 @@ def dated_environment() -> dict:
     return {**environment(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    from fasttin.errors import CommandParser
+    p = CommandParser("fasttin.info", description=__doc__)
+    p.add_argument("--main-job", action="store_true", help="print the recipe tools/run.sh trains here, and why")
+    args = p.parse_args(argv)
+    if args.main_job:
+        return main_job()
     from rich.console import Console
     from rich.table import Table
 
@@ -122,6 +131,19 @@ def main() -> int:
     for k, v in environment().items():
         table.add_row(k, str(v))
     Console().print(table)
+    return 0
+
+
+def main_job() -> int:
+    """stdout: the recipe the main job trains here (seed-224 with a CUDA device, fast-cpu without);
+    stderr: the line saying why, and how to get the other."""
+    import torch
+    if torch.cuda.is_available():
+        print("seed-224")
+        return 0
+    from fasttin.tuning import main_job_note
+    print("fast-cpu")
+    print(main_job_note(), file=sys.stderr)
     return 0
 
 

@@ -153,8 +153,9 @@ class TrainStep:
     `mark` names the phases for a profiler (off: a no-op)."""
 
     def __init__(self, model, net, optimizer, scaler, loss_fn, *, device, amp, factor, base_lr, steps_per_epoch,
-                 ema: EMA | None = None):
+                 ema: EMA | None = None, memory_format=torch.channels_last):
         self.model, self.net, self.optimizer, self.ema = model, net, optimizer, ema
+        self.memory_format = memory_format  # the inputs' too: a conv runs NHWC if its input is
         self.scaler, self.loss_fn, self.device, self.amp = scaler, loss_fn, torch.device(device), amp
         self.factor, self.base_lr, self.steps_per_epoch = factor, base_lr, steps_per_epoch
         self.steps = 0  # optimisation steps taken in the run, resumes included
@@ -169,6 +170,7 @@ class TrainStep:
         lr = self.lr_at(self.position())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        images = images.contiguous(memory_format=self.memory_format)  # the loaders' NHWC: a no-op by default
         with self.mark("forward"), autocast(self.device, self.amp):
             logits = self.net(images)
             loss = self.loss_fn(logits, labels)
@@ -238,7 +240,7 @@ def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1)
     ema = EMA(model, cfg["ema"]) if cfg.get("ema") else None
     return TrainStep(model, net, optimizer, scaler, loss_fn, device=device, amp=cfg["amp"],
                      factor=lr_factor(cfg, steps_per_epoch), base_lr=cfg["lr"], steps_per_epoch=steps_per_epoch,
-                     ema=ema)
+                     ema=ema, memory_format=fmt)
 
 
 class Budget:
@@ -456,11 +458,13 @@ def train_epoch(step: TrainStep, loader, *, clock: StepClock | None = None, log_
 
 
 @torch.no_grad()
-def evaluate(net, loader, *, device, amp: str, tta: bool = False) -> dict:
+def evaluate(net, loader, *, device, amp: str, tta: bool = False, channels_last: bool = True) -> dict:
     """loss, top-1, top-5 over the whole split; padding samples (distributed) are not counted."""
     net.eval()
     meter = Meter(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels in loader:
+        images = images.contiguous(memory_format=fmt)
         with autocast(device, amp):
             logits = net(images).float()
             if tta:
@@ -481,8 +485,8 @@ def shares(times: dict, total_s: float) -> dict:
 def verdict(shares: dict, **context) -> str:
     """One line: what binds the run and what to try. `shares` holds the fractions data_wait,
     compute, eval, checkpoint and compile (of the run's time); context may give backend,
-    better_backend (e.g. "the split fits on cuda:0 (1.2 GiB): try --backend resident"), device,
-    amp, channels_last, compile, tta."""
+    better_backend (e.g. "the split fits on cuda:0 (1.2 GiB): try --backend resident"), tta, and
+    faster: the flags that are faster on this machine (tuning.faster), the only ones it advises."""
     s = {k: shares.get(k, 0.0) for k in (*SHARE_KEYS, "compile")}
     backend = context.get("backend") or "the"
     if s["compile"] > 0.3:
@@ -499,8 +503,6 @@ def verdict(shares: dict, **context) -> str:
                if heavy == "eval" else "checkpoints are saved every epoch: a faster disk for --out helps")
         return (f"{heavy}-heavy: {s['eval']:.0%} of the time in validation, {s['checkpoint']:.0%} saving "
                 f"checkpoints; {tip}")
-    tips = [t for t, on in (("--amp bf16", context.get("amp") == "off"),
-                            ("--channels-last", context.get("channels_last") is False),
-                            ("--compile", not context.get("compile") and context.get("device") == "cuda")) if on]
+    tips = context.get("faster") or []
     tail = f"; try {', '.join(tips)}" if tips else ""
     return f"compute-bound: the loader waited {s['data_wait']:.1%} of the time{tail}"

@@ -209,13 +209,14 @@ class Trained:
     arch: dict
 
 
-def from_checkpoint(path, device, *, classes: list | None = None, data="the data") -> Trained:
+def from_checkpoint(path, device, *, classes: list | None = None, data="the data",
+                    channels_last: bool = True) -> Trained:
     """The model of the fasttin checkpoint at `path` (read as data only) on `device`. With
     `classes` (the data's wnids in order), a checkpoint trained on other classes, or on the
     same ones in another order, is a CheckpointError: its outputs would be misnamed."""
     where = str(path)
     ckpt = checkpoint.load(Path(path))
-    model = restore_model(ckpt, device, where=where)
+    model = restore_model(ckpt, device, channels_last=channels_last, where=where)
     wnids, words = class_names(ckpt, where)
     if classes is not None:
         check_fits(ckpt, len(classes), where=where)

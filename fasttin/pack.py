@@ -37,6 +37,7 @@ from fasttin.errors import (
 )
 from fasttin.fileio import clean_stale_folders, clean_stale_tmp, ensure_writable, replace_folder, write_json_atomic
 from fasttin.forking import fork_pool, pool_worker_signals
+from fasttin.machine import usable_cores
 from fasttin.recipes import DEFAULT_DATA, count
 from fasttin.shards import (
     FORMAT_NAME,
@@ -309,7 +310,7 @@ def _pack(source, out: Path, opts: PackOptions, workers, quiet, subset: bool = T
     t_all = time.perf_counter()
     classes = opts.classes if subset else None
     layout = source.layout(classes, opts.per_class)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     checksum = ThreadPoolExecutor(1).submit(source.checksum)  # hashlib frees the GIL: overlaps decoding
     splits = {}
 

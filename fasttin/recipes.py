@@ -25,6 +25,7 @@ DEFAULT_DATA = Path(os.environ.get("FASTTIN_DATA", "data/tiny-imagenet-200-packe
 STEMS = ("imagenet", "cifar")  # 7x7/2 conv + max-pool; 3x3/1 conv and no max-pool
 AUGMENTS = ("none", "flip", "crop", "rrc")  # at 64x64, before the upscale (fasttin/loaders/augment.py)
 AMPS = ("bf16", "fp16", "off")  # autocast precisions (fasttin/loop.py maps them to dtypes)
+AUTO = "auto"  # a machine-dependent setting left to fasttin/tuning.py
 BACKENDS = ("auto", "dali", "resident", "pil")  # data loaders (fasttin/loaders)
 SCHEDULES = ("step", "cosine", "linear")
 FLOAT32_MAX = 3.4028234663852886e38  # every float setting reaches the step as a float32
@@ -173,8 +174,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pretrained", "none", str, "none | imagenet | PATH (a fasttin checkpoint or torchvision state dict)"),
     Setting("augment", "flip", str, "augmentation at 64x64, before the upscale", choices=AUGMENTS),
     Setting("tta", False, bool, "also evaluate on mirrored images and average the logits"),
-    Setting("amp", "bf16", str, "autocast precision; fp16 adds a gradient scaler", choices=AMPS),
-    Setting("channels_last", True, bool, "NHWC activations and inputs (the tensor-core friendly layout)"),
+    Setting("amp", AUTO, str, "autocast precision; fp16 adds a gradient scaler (auto: chosen for the device, "
+            "bf16 where it has bf16 units or instructions, else fp16 on a GPU and fp32 on a CPU: "
+            "fasttin/tuning.py; config.json records the choice and why)", choices=(AUTO, *AMPS)),
+    Setting("channels_last", None, bool, "NHWC activations and inputs (left out: chosen for the device, "
+            "measured on a CPU in fp32)"),
     Setting("compile", None, str, "torch.compile the model, with an optional mode (e.g. max-autotune)",
             check=_compile_mode),
     Setting("backend", "auto", str, "data loader backend (auto: resident where the split fits in the "

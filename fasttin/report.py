@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fasttin import tuning
 from fasttin.errors import UserError
 from fasttin.fileio import os_reason, write_atomic, write_json_atomic, write_with
 from fasttin.loop import Budget, shares, verdict
@@ -97,8 +98,8 @@ def summary(rows: list[dict], cfg: dict, *, best: float, best_weights: str, comp
     times = {k: sum(r.get(k, 0.0) for r in rows) for k in ("data_wait_s", "compute_s", "eval_s", "checkpoint_s")}
     run_shares = {k[:-6]: v for k, v in shares(times, total).items()}
     run_shares["compile"] = (compile_s or 0.0) / max(total, 1e-9)
-    line = verdict(run_shares, backend=backend, better_backend=better_backend, device=device.type, amp=cfg["amp"],
-                   channels_last=cfg["channels_last"], compile=cfg["compile"], tta=cfg["tta"])
+    line = verdict(run_shares, backend=backend, better_backend=better_backend, tta=cfg["tta"],
+                   faster=tuning.faster(cfg, device))
     last = rows[-1] if rows else {}
     return {"recipe": cfg["recipe"], "epochs": len(rows),
             "epochs_fitted": sum(r.get("batches", steps_per_epoch) for r in rows) / steps_per_epoch,

@@ -44,12 +44,14 @@ from fasttin.fileio import (
     write_json_atomic,
 )
 from fasttin.info import environment
+from fasttin.recipes import AMPS, AUTO
 
 # what a run writes: any of them means "a run is here", and --overwrite moves them all aside
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "progress.json")
 RESUME_MAY_DIFFER = frozenset({
     "epochs", "out", "workers", "log_every", "device", "world_size", "environment", "resume", "auto_resume",
     "overwrite", "profile", "compile_s", "fresh_init", "num_classes", "pretrained_reason",
+    "channels_last", "chosen",  # the layout is chosen for the machine it runs on (tuning.py), and why
 })
 WAYS_OUT = "--resume to continue it, --auto-resume, --overwrite to move it aside, or another --out"
 
@@ -179,7 +181,8 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
 def inherit(cfg: dict, out: Path, omitted) -> None:
     """A resume keeps the run's own value of a setting the command line left out (`omitted`): its
     --epochs target (a finished run is not silently extended to the recipe's default), and its
-    fallback from the recipe's ImageNet weights to none."""
+    fallback from the recipe's ImageNet weights to none; and with --amp left to the machine, the
+    run's own precision (a run is one precision; tuning warns if it is slow here)."""
     was = recorded(out)
     epochs = was.get("epochs")
     if "epochs" in omitted and was:  # an unreadable config.json: _check_resume names it
@@ -187,6 +190,8 @@ def inherit(cfg: dict, out: Path, omitted) -> None:
             raise RunDirError(f"{Path(out) / 'config.json'}: its epochs is {repr(epochs)[:40]}, not a number of "
                               "epochs; give --epochs N to resume")
         cfg["epochs"] = epochs
+    if cfg.get("amp") == AUTO and was.get("amp") in AMPS:  # its precision, not this machine's choice
+        cfg["amp"] = was["amp"]
     if ("pretrained" in omitted and cfg["pretrained"] == "imagenet" and was.get("pretrained") == "none"
             and was.get("pretrained_reason")):
         cfg.update(pretrained="none", pretrained_reason=was["pretrained_reason"])

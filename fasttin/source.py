@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fasttin.errors import UserError, shown
-from fasttin.fileio import digest, write_with
+from fasttin.fileio import cache_folder, digest, write_with
 from fasttin.shards import name_problem
 
 OFFICIAL_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -357,15 +357,11 @@ class _LayoutReader:
         self.items[split] = kept
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("FASTTIN_CACHE", Path.home() / ".cache" / "fasttin"))
-
-
 def download_official(cache: Path | None = None, url: str = OFFICIAL_URL) -> Path:
     """The official archive in the cache, downloaded with a progress bar and checked (size, md5)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    cache = cache or default_cache()
+    cache = cache or cache_folder()
     dest = cache / "tiny-imagenet-200.zip"
     if dest.exists() and digest(dest, "md5") == OFFICIAL_MD5:
         return dest

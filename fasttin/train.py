@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fasttin import checkpoint, ranks, recipes, report, rundir
+from fasttin import checkpoint, ranks, recipes, report, rundir, tuning
 from fasttin.errors import EXIT_INTERRUPTED, EXIT_OK, run_command
 from fasttin.fileio import release_claims
-from fasttin.info import CPU_HINT, resolve_device
+from fasttin.info import resolve_device
 from fasttin.loaders import better_backend, make_loader
 from fasttin.loop import AMP_DTYPE, Budget, NonFinite, StepClock, evaluate, make_step, train_epoch
 from fasttin.model import build_model, check_fits, initial_weights
@@ -142,9 +142,10 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
     """Top-1/top-5 of the raw weights, and of the EMA beside them (keys prefixed ema_)."""
     cfg = run.cfg
     data.val.set_res(cfg["eval_res"] or res)
-    out = evaluate(step.net, data.val, device=run.device, amp=cfg["amp"], tta=cfg["tta"])
+    how = dict(device=run.device, amp=cfg["amp"], tta=cfg["tta"], channels_last=cfg["channels_last"])
+    out = evaluate(step.net, data.val, **how)
     if step.ema is not None:
-        ema = evaluate(step.ema.model, data.val, device=run.device, amp=cfg["amp"], tta=cfg["tta"])
+        ema = evaluate(step.ema.model, data.val, **how)
         out.update({f"ema_{k}": v for k, v in ema.items()})
     return out
 
@@ -250,8 +251,10 @@ def run_training(run: Run, *, auto_resume: bool = False, overwrite: bool = False
     run.cfg["classes"] = [c["wnid"] for c in run.manifest["classes"]]
     run.resume, notes = rundir.prepare_ranks(run.out, run.cfg, resume=resume, auto_resume=auto_resume,
                                              overwrite=overwrite, omitted=run.omitted, rank=run.rank, world=run.world)
+    decision = tuning.choose_ranks(run.cfg, run.device, rank=run.rank, world=run.world, log=run.log)
+    run.cfg.update(decision.values, chosen=decision.why)  # config.json records why
     if run.device.type == "cpu" and not torch.cuda.is_available():
-        run.log(CPU_HINT)
+        run.log(tuning.cpu_hint(run.cfg))
     with StopRequest(run.world, run.device) as stop:  # from here on a signal stops at a step boundary
         data = open_data(run)
         step, fresh = build(run, data)

@@ -21,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.get_closest_marker("realdata") is None))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory):
+    """The CPU probe's cache (fasttin/tuning.py) in the run's own temporary folder, shared by the test
+    processes and every command they start: the suite writes nothing into ~/.cache, and probes once."""
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else \
+        tmp_path_factory.getbasetemp()
+    os.environ["FASTTIN_CACHE"] = str(shared / "fasttin-cache")
+    return shared / "fasttin-cache"
+
+
 @pytest.fixture(scope="session")
 def synth_src(tmp_path_factory):
     """A 10-class synthetic source folder in the official layout (20 train, 5 val per class)."""

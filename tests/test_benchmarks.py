@@ -67,7 +67,7 @@ def test_backends_choose_the_loaders_of_the_loader_and_train_stages(tmp_path, ca
 
 
 def fake_bench(device="cpu", repeats=3, payload="raw"):
-    args = SimpleNamespace(repeats=repeats, batch_size=8)
+    args = SimpleNamespace(repeats=repeats, batch_size=8, chosen={"amp": "bf16", "channels_last": True})
     return Bench(args, torch.device(device), SimpleNamespace(payload=payload))
 
 
@@ -135,7 +135,8 @@ def test_the_train_stage_accounts_for_its_timed_passes_only(monkeypatch):
 
     monkeypatch.setattr(training, "loader_for", lambda b, backend, res: SlowFirstPass())
     b = fake_bench(repeats=2)
-    b.args = SimpleNamespace(repeats=2, batch_size=2, classic_batch_size=2, steps=1, recipe="seed-64-scratch")
+    b.args = SimpleNamespace(repeats=2, batch_size=2, classic_batch_size=2, steps=1, recipe="seed-64-scratch",
+                             chosen={"amp": "off", "channels_last": True})
     b.ds = SimpleNamespace(classes=["a", "b"], payload="raw")
     table = [Stage("train", "t", training.train_consumer, grid=lambda b, res: [{"res": res, "backend": "pil"}])]
     (rec,) = run_table(b, table, {"train"}, [16])

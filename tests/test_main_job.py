@@ -110,7 +110,7 @@ def read_rows(run):
 
 @pytest.mark.slow
 def test_main_job_offline_from_scratch_then_reuses_its_work(tmp_path, refused_port):
-    env = offline_env(tmp_path, refused_port)
+    env = {**offline_env(tmp_path, refused_port), "FASTTIN_RECIPE": "seed-224"}  # the GPU's job, whatever is here
     data, run = tmp_path / "packed", tmp_path / "run"
 
     out = main_job(env, *SHORT)
@@ -156,3 +156,18 @@ def test_setup_a_second_time_sees_its_stamp_and_installs_nothing():
     r = subprocess.run([str(ROOT / "tools" / "setup.sh")], capture_output=True, text=True, timeout=CLI_TIMEOUT)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr[-2000:]
     assert stamp.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_main_job_without_cuda_trains_the_cpu_recipe_and_says_why(tmp_path, refused_port):
+    """No CUDA device: seed-224 would take hours an epoch; the job says so in one line, with what
+    fast-cpu reaches on a CPU like this one and how to get seed-224 anyway, then trains fast-cpu."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the main job trains seed-224")
+    from fasttin.tuning import fast_cpu_here
+    out = main_job(offline_env(tmp_path, refused_port), *SHORT)
+    said = [line for line in out.splitlines() if line.startswith("run.sh: no CUDA device here")]
+    assert len(said) == 1 and "fast-cpu" in said[0] and "FASTTIN_RECIPE=seed-224" in said[0], out[-3000:]
+    assert fast_cpu_here() in said[0]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["recipe"] == "fast-cpu"

@@ -217,3 +217,21 @@ def test_a_fresh_start_inherits_nothing_from_the_files_it_moves_aside(tmp_path):
     assert prepare(tmp_path / "again", cfg, resume=False, auto_resume=True, overwrite=False, omitted={"epochs"}) == (
         True, [])
     assert cfg["epochs"] == 3
+
+
+@pytest.mark.parametrize("given, recorded, want", [("auto", "bf16", "bf16"), ("auto", "off", "off"),
+                                                   ("bf16", "bf16", "bf16")])
+def test_a_resume_keeps_the_run_s_precision_and_may_change_its_layout(tmp_path, given, recorded, want):
+    """--amp left to the machine keeps the run's own (an AMX run resumed on an AVX2 CPU stays bf16,
+    with tuning's line saying it is slow there); the layout is how it runs, chosen afresh."""
+    fake_run(tmp_path, {**CFG, "amp": recorded, "channels_last": True, "chosen": {"amp": "bf16: AMX"}})
+    cfg = {**CFG, "amp": given, "channels_last": None}
+    assert prepare(tmp_path, cfg, resume=True, auto_resume=False, overwrite=False) == (True, [])
+    assert cfg["amp"] == want
+
+
+def test_a_resume_with_another_precision_given_is_refused(tmp_path):
+    before = fake_run(tmp_path, {**CFG, "amp": "bf16"})
+    with pytest.raises(RunDirError, match="--amp off, the run has bf16"):
+        prepare(tmp_path, {**CFG, "amp": "off"}, resume=True, auto_resume=False, overwrite=False)
+    assert snapshot(tmp_path) == before

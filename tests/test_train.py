@@ -50,7 +50,8 @@ def test_learns_a_synthetic_set_quickly(learnable, tmp_path):
                       step_size=3, gamma=0.5, momentum=0.8)}
     assert {s.name: cfg[s.name] for s in SETTINGS} == {s.name: used[s.name] for s in SETTINGS}
     assert len(cfg["classes"]) == 10 and cfg["profile"] == 2
-    assert "measured" in r.stderr and "img/s" in r.stderr and "GPU workload" in r.stderr
+    assert "measured" in r.stderr and "img/s" in r.stderr
+    assert "GPU workload" not in r.stderr  # a CPU-sized run is not told to go elsewhere
     for f in ("last.pt", "best.pt", "curves.png", "profile/trace.json", "profile/top_ops.txt"):
         assert (tmp_path / f).stat().st_size > 0
     assert json.loads((tmp_path / "profile" / "trace.json").read_text())["traceEvents"]
@@ -234,7 +235,7 @@ def test_real_ten_classes_on_cpu(tin_zip, tmp_path):
     pack(tin_zip, tmp_path / "d", classes=10, quiet=True)
     r = run_cli("fasttin.train", "--data", tmp_path / "d", "--out", tmp_path / "run", "--recipe", "seed-64-scratch",
                 "--res", "64", "--epochs", "3", "--batch-size", "50", "--lr", "0.02", "--device", "cpu",
-                "--backend", "resident", timeout=900)
+                "--backend", "resident")
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["best_val_acc1"] > 0.3  # chance is 0.1

@@ -8,7 +8,6 @@ output alive for as long as torch holds it, and makes torch's stream wait for it
 """
 from __future__ import annotations
 
-import os
 from collections import deque
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DataError
+from fasttin.machine import usable_cores
 
 
 def available() -> str | None:
@@ -97,7 +97,7 @@ class DaliLoader(Loader):
         why = available()
         if why:
             raise RuntimeError(f"backend='dali': {why}; use backend='resident' or 'pil'")
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cores()
         self.in_flight: deque = deque()
         self.feeding_epoch = 0
         self.pass_count, self.open_pass = 0, None  # the pass DALI is still in, if any

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import signal
 import weakref
 
@@ -21,6 +20,7 @@ from fasttin.loaders.augment import normalize
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DataError, WorkersStalled
 from fasttin.loaders.sampler import BatchPlan
+from fasttin.machine import usable_cores
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -123,7 +123,7 @@ class PilLoader(Loader):
 
     def __init__(self, ds, sampler, *, workers: int | None = None, **kw):
         super().__init__(ds, sampler, **kw)
-        workers = os.cpu_count() if workers is None else workers
+        workers = usable_cores() if workers is None else workers
         self._plans = _Plans(self)
         # Persistent workers: forked once, so a large parent (a trainer holding a DALI pipeline or
         # a resident split) does not pay copy-on-write faults again every epoch (measured: half the

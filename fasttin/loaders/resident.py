@@ -23,6 +23,7 @@ from fasttin.loaders.augment import CROP_PAD, SIZE, resize_boxes, upscale_normal
 from fasttin.loaders.base import Loader
 from fasttin.loaders.errors import DoesNotFit
 from fasttin.loaders.sampler import PAD_LABEL
+from fasttin.machine import usable_cores
 from fasttin.shards import IMAGE_SHAPE
 
 IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
@@ -60,7 +61,7 @@ def _decode_chunk(idx):
 
 def decode_all(ds, workers: int | None = None) -> np.ndarray:
     """Every sample of the split as uint8 [N, 64, 64, 3], decoded on the CPU by all cores."""
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cores()
     if ds.payload == "raw" or workers == 1 or len(ds) < 4096:
         return ds.images(np.arange(len(ds)))
     global _DS
