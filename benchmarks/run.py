@@ -77,9 +77,10 @@ def parser() -> CommandParser:
     p.add_argument("--steps", type=positive, default=5, help="training steps per model and train repeat")
     p.add_argument("--decode-images", type=positive, default=4096, help="images per decode/resize repeat")
     p.add_argument("--compiled", choices=("none", "some", "all", "only"), default="some",
-                   help="torch.compile'd points of the model stage: none; some (default: bf16 NHWC of each stem, "
-                   "beside every eager point); all (every point compiled too); only (just the compiled bf16 NHWC "
-                   "points: a separate run, since compiling takes the longest)")
+                   help="torch.compile'd points of the model stage: none; some (default: the machine's own precision "
+                   "and layout, bf16 NHWC where it has bf16, for each stem, beside every eager point); all (every "
+                   "point compiled too); only (just those compiled points: a separate run, since compiling takes "
+                   "the longest)")
     p.add_argument("--stems", type=names_from(STEMS, "stems"), default=",".join(STEMS),
                    help="the model stage's stems (default both)")
     p.add_argument("--compile-cpu", action="store_true", help="also measure torch.compile on the CPU (slow)")

@@ -60,9 +60,9 @@ def random_batch(b: Bench, cfg: dict, res: int) -> tuple[torch.Tensor, torch.Ten
 def model_grid(b: Bench, res: int) -> list[dict]:
     """stem (--stems) x precision x layout x compile (--compiled) x batch (--batch-sizes) x threads
     (--threads); --quick: the recipe's configuration only. Compiling costs about a minute a
-    configuration and shape, so by default only bf16 NHWC is compiled, at --batch-size with all
-    threads. The recipe's own configuration there is in every grid but --compiled only: the train
-    stage's ceiling."""
+    configuration and shape, so by default only the machine's own precision and layout (bf16 NHWC
+    where it has bf16 instructions) is compiled, at --batch-size with all threads. The recipe's own
+    configuration there is in every grid but --compiled only: the train stage's ceiling."""
     own, which, default = settings(b, res), b.args.compiled, (b.args.batch_size, torch.get_num_threads())
     sizes = list(dict.fromkeys([*itertools.product(b.args.batch_sizes or [default[0]], b.args.threads or [default[1]]),
                                 default]))
@@ -70,7 +70,7 @@ def model_grid(b: Bench, res: int) -> list[dict]:
     configs = itertools.product([s for s in STEMS if s in b.args.stems], ("off", "bf16"), (False, True),
                                 (None, "default"))  # stem, precision, NHWC, compile
     for stem, amp, cl, comp in (() if b.args.quick else configs):  # --quick: the recipe's own configuration only
-        some = (amp, cl) == ("bf16", True)
+        some = (amp, cl) == (own["amp"], own["channels_last"])  # the machine's own precision and layout
         if {"none": not comp, "some": not comp or some, "all": True, "only": comp and some}[which]:
             points += [(dict(stem=stem, amp=amp, channels_last=cl, compile=comp), *size) for size in sizes
                        if not comp or which == "all" or size == default]

@@ -4,6 +4,7 @@ import contextlib
 import json
 import re
 import zipfile
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -229,3 +230,87 @@ def test_the_trim_sections_side_runs_are_their_records():
         runs = [dali[f"d64-{side}{i}"] for i in (1, 2, 3)]
         assert f"{name} " + " / ".join(f"{x:,.0f}" for x in runs) in text.replace("\n", " ")
         assert f"{sum(runs) / 3:,.0f}" in text
+
+
+AVX2_RESULTS = ROOT / "benchmarks" / "results" / "cpu-2026-12-07-avx2"
+ZEN3_RESULTS = ROOT / "benchmarks" / "results" / "cpu-2026-12-07-zen3-avx2"
+
+
+def model_rates(name: str, folder: Path = AVX2_RESULTS) -> dict:
+    """{(precision, layout, res, batch): img/s} of a model-stage record's eager 2-thread points."""
+    out = {}
+    for r in json.loads((folder / name).read_text())["records"]:
+        if r["stage"] == "model" and r["img_per_s"] and r.get("threads", 2) == 2 and "eager" in r["name"]:
+            precision, layout = r["name"].split(", ")[1:3]
+            out[precision, layout, r["res"], r["batch_size"]] = r["img_per_s"]
+    return out
+
+
+def test_the_cpu_step_figures_fasttin_quotes_are_its_records():
+    """The slowdown quoted when bf16 is refused without bf16 instructions (both AVX2 CPUs measured),
+    and NHWC's speed against NCHW's quoted for the layout (every CPU's step table at batch 64-256)."""
+    from fasttin import tuning
+    real = model_rates("step-avx2.json", ZEN3_RESULTS)
+    slow = [t["fp32", "NHWC", 64, b] / t["bf16", "NHWC", 64, b] for t in (model_rates("step-avx2.json"), real)
+            for b in (100, 128, 256)]
+    assert tuning.NO_BF16_SLOWDOWN == f"{min(slow):.1f}-{max(slow):.1f}x"
+    tables = [model_rates(n) for n in ("step-avx512-1.json", "step-avx512-2.json", "step-avx2.json")]
+    tables += [real, model_rates("cpu-2026-12-02-step.json", ROOT / "benchmarks" / "results")]
+    for precision in ("fp32", "bf16"):
+        gain = [t[precision, "NHWC", 64, b] / t[precision, "NCHW", 64, b] for t in tables for b in (64, 100, 128, 256)
+                if (precision, "NCHW", 64, b) in t]
+        assert len(gain) == 16 and tuning.NHWC_GAIN[precision] == f"{min(gain):.2f}-{max(gain):.2f}x", precision
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    for precision in ("fp32", "bf16"):
+        for layout in ("NCHW", "NHWC"):
+            cells = " | ".join(f"{real[precision, layout, 64, b]:.1f}" for b in (100, 128, 256))
+            assert f"| {precision}, {layout} | {cells} |" in text, (precision, layout)
+
+
+def test_the_avx2_step_tables_and_the_figures_quoted_from_them_are_their_records():
+    """BENCHMARKS.md's AVX2 section, rebuilt from its JSON."""
+    a1, a2, v = (model_rates(f"{n}.json") for n in ("step-avx512-1", "step-avx512-2", "step-avx2"))
+    res = model_rates("step-avx2-res.json")
+    text = (ROOT / "BENCHMARKS.md").read_text()
+
+    def f(x):
+        return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+    for precision in ("fp32", "bf16"):
+        for layout in ("NCHW", "NHWC"):
+            cells = [f"{a1[precision, layout, 64, b]:,.0f} / {a2[precision, layout, 64, b]:,.0f}"
+                     for b in (100, 128, 256)]
+            cells += [f(v[precision, layout, 64, b]) for b in (100, 128, 256)]
+            assert f"| {precision}, {layout} | " + " | ".join(cells) + " |" in text, (precision, layout)
+            row = [v[precision, layout, 64, 128]] + [res[precision, layout, r, 128] for r in (80, 96)]
+            line = (f"| {precision}, {layout} | " + " | ".join(f(x) for x in row) + " | "
+                    + " | ".join(f"{row[0] / x:.2f}x" for x in row[1:]) + " |")
+            assert line in text, line
+
+
+def test_what_fasttin_tells_a_cpu_user_is_the_records():
+    """The CPU figures fasttin prints (tuning.FAST_CPU_ON, SEED_224_EPOCH_ON) against the runs they
+    come from, the AVX2 estimate recomputed; docs/COMMANDS.md shows the lines the code prints."""
+    from fasttin import machine, tuning
+    bf16 = [json.loads(x) for x in (RUNS / "fast-cpu-cpu" / "metrics.jsonl").read_text().splitlines()]
+    (first,) = [json.loads(x) for x in (RUNS / "fast-cpu-avx2-epoch1" / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((RUNS / "fast-cpu-avx2-epoch1" / "config.json").read_text())["amp"] == "off"
+    best = round(100 * max(r["val_acc1"] for r in bf16), 1)
+    minutes = round(sum(r["epoch_s"] for r in bf16) / 60)
+    for kind in ("bf16", "off"):
+        assert f"{best}% val top-1 in {minutes} min" in tuning.FAST_CPU_ON[kind]
+    v, res = model_rates("step-avx2.json"), model_rates("step-avx2-res.json")
+    cost = {r: v["fp32", "NHWC", 64, 128] / res["fp32", "NHWC", r, 128] for r in (80, 96)}
+    scaled = first["epoch_s"] - first["checkpoint_s"]
+    total = 4 * first["epoch_s"] + sum(3 * (scaled * cost[r] + first["checkpoint_s"]) for r in (80, 96))
+    off = tuning.FAST_CPU_ON["off"]
+    assert f"an estimated {total / 3600:.1f} h" in off and f"{first['epoch_s'] / 60:.1f} min" in off
+    assert f"{100 * first['val_acc1']:.1f}% top-1 against bf16's {100 * bf16[0]['val_acc1']:.1f}%" in off
+    assert f"about {10 * first['epoch_s'] / 60:.0f} min with --res-schedule none" in off
+    for kind, log in (("bf16", "seed-224-bf16-avx512.log"), ("off", "seed-224-fp32-avx2.log")):
+        rate = re.search(r"measured (\d+) img/s .*: about (.+?) of training an epoch", (AVX2_RESULTS / log).read_text())
+        assert tuning.SEED_224_EPOCH_ON[kind].startswith(f"about {rate[2]} (") and f"{rate[1]} img/s" in \
+            tuning.SEED_224_EPOCH_ON[kind], kind
+    avx2 = machine.CpuSupport(isa="AVX2", bf16="none", cores=2)
+    commands = (ROOT / "docs" / "COMMANDS.md").read_text()
+    assert tuning.main_job_note(avx2) in commands
+    assert tuning.choose("bf16", True, "cpu", support=avx2, threads=False).warnings[0] in commands
