@@ -19,7 +19,17 @@ from fasttin.errors import UserError
 from fasttin.forking import fork_pool, pool_worker_signals
 from fasttin.loaders import PAD_LABEL, DataError, LoaderArgumentError, better_backend, make_loader
 from fasttin.loaders import resident as resident_mod
-from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, upscale, upscale_normalize
+from fasttin.loaders.augment import (
+    CROP_PAD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize,
+    plan,
+    resize_boxes,
+    upscale,
+    upscale_normalize,
+    upscale_products,
+)
 from fasttin.loaders.errors import DoesNotFit
 from fasttin.shards import FormatError, open_split
 from fasttin.synthetic import class_of_pixels
@@ -134,6 +144,70 @@ def test_resident_is_bit_exact_with_pil(packed, augment, res):
             im = im.resize((res, res), Image.BICUBIC) if res != 64 else im
             want = np.asarray(im.transpose(Image.FLIP_LEFT_RIGHT) if flip else im)
             assert np.array_equal(got[j], want), (i, x0, y0, flip)
+
+
+def exact_upscale(images: np.ndarray, boxes: np.ndarray, flips: np.ndarray, res: int, augment: str) -> np.ndarray:
+    """The plan applied one sample at a time by PIL in float ("F" images: no rounding), 0-255 NHWC,
+    as the pil backend does: rrc resizes its box of the image (taps beyond the box read the image,
+    PIL's box=), the others cut the 64x64 window of the image padded black and resize all of it;
+    mirrored where planned."""
+    padded = np.pad(images, ((0, 0), (CROP_PAD, CROP_PAD), (CROP_PAD, CROP_PAD), (0, 0))).astype(np.float32)
+    out = []
+    for im, (x0, y0, w, h), flip in zip(padded, boxes.astype(int).tolist(), flips):
+        if augment == "rrc":
+            src, box = im[CROP_PAD:-CROP_PAD, CROP_PAD:-CROP_PAD], (x0, y0, x0 + w, y0 + h)
+        else:
+            src, box = im[y0 + CROP_PAD:y0 + CROP_PAD + h, x0 + CROP_PAD:x0 + CROP_PAD + w], None
+        up = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(src[..., c]), "F").resize(
+            (res, res), Image.BICUBIC, box=box)) for c in range(3)], -1)
+        out.append(up[:, ::-1] if flip else up)
+    return np.stack(out).astype(np.float64)
+
+
+def planned(augment: str, res: int, dtype: torch.dtype, n: int = 6):
+    """(products' 0-255 NHWC pixels in `dtype` operands, the exact float64 ones) for one batch of
+    random images under `augment`'s plan: windows cut and mirrored first for none/flip/crop (as the
+    resident gather does), per-sample boxes for rrc."""
+    rng = np.random.default_rng(res)
+    images = rng.integers(0, 256, (n, 64, 64, 3), np.uint8)
+    boxes, flips = plan(rng, n, augment)
+    want = exact_upscale(images, boxes, flips, res, augment)
+    if augment == "rrc":
+        from fasttin.loaders import augment as aug
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(aug.PRODUCT_OPERANDS, "cpu", dtype)
+            got = resize_boxes(torch.from_numpy(images), torch.from_numpy(boxes), torch.from_numpy(flips), res,
+                               torch.float32)
+    else:
+        windows = exact_upscale(images, boxes, flips, 64, augment).round().astype(np.uint8)  # the gather's windows
+        got = upscale_products(torch.from_numpy(windows).permute(0, 3, 1, 2), res, torch.float32, dtype)
+    return pixels(got), want
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "crop", "rrc"])
+@pytest.mark.parametrize("res", [80, 96, 128, 224])
+def test_the_upscale_as_two_products_is_the_exact_upscale(augment, res):
+    """The products with the normalisation folded in give the exact bicubic upscale of the plan's
+    window: within 1e-2 (0-255 scale) anywhere with float32 operands, and on average within 0.15
+    with the fp16 operands CUDA uses."""
+    got, want = planned(augment, res, torch.float32)
+    assert got.shape == want.shape == (6, res, res, 3)
+    assert np.abs(got - want).max() < 1e-2
+    got16, _ = planned(augment, res, torch.float16)
+    assert np.abs(got16 - want).mean() <= 0.15
+    assert np.abs(got16 - want).max() < 2.0
+
+
+def test_the_products_write_channels_last_in_the_model_dtype_and_match_the_cpu_path():
+    """The CUDA path's output as the model takes it (bf16 channels_last), and on average the pixels
+    of the CPU's bit-exact uint8 path (which rounds and saturates between its two passes)."""
+    x = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (5, 64, 64, 3), np.uint8)).permute(0, 3, 1, 2)
+    got = upscale_products(x, 160, torch.bfloat16, torch.float32)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 3, 160, 160)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    cpu = pixels(normalize(upscale(x, 160), torch.float32))
+    products = pixels(upscale_products(x, 160, torch.float32, torch.float32))
+    assert np.abs(products - cpu).mean() < 0.5
 
 
 def test_store_is_built_the_same_in_chunks():
@@ -343,6 +417,59 @@ def test_a_resumed_pass_then_the_next_epoch(packed, first):
     ld.set_epoch(3, first_batch=first)
     assert len(list(ld)) == 6 - first and ld.epoch == 4
     assert torch.equal(torch.cat([i for _, _, i in ld]), torch.cat(epoch_indices(ld, 4)))
+
+
+class FakeSide:
+    """A stand-in for a loader's CUDA side stream (fasttin/loaders/base.py SideStream) that logs what
+    happens on it: batches made inside it, an event recorded per batch, each batch handed over."""
+
+    def __init__(self):
+        self.log, self.inside = [], False
+
+    def start(self):
+        self.log.append("start")
+
+    def __enter__(self):
+        self.inside = True
+
+    def __exit__(self, *exc):
+        self.inside = False
+
+    def record(self):
+        assert self.inside, "an event recorded off the side stream"
+        self.log.append(("made", len([e for e in self.log if e[0] == "made"])))
+        return self.log[-1][1]
+
+    def hand(self, batch, event):
+        assert not self.inside
+        self.log.append(("hand", event))
+        return batch
+
+
+@pytest.mark.parametrize("backend", ["resident", "pil"])
+def test_one_batch_ahead_on_a_side_stream_keeps_every_loader_promise(packed, backend, monkeypatch):
+    """With the side stream (faked on the CPU), batch k+1 is made before batch k is handed out, each
+    batch is handed after its event, and the batches are those made without it: every sample once
+    an epoch, a mid-epoch resume exact, a pass left early and the next one clean."""
+    plain = loader(packed, "train", backend=backend, return_index=True, seed=3, augment="flip")
+    ahead = loader(packed, "train", backend=backend, return_index=True, seed=3, augment="flip")
+    side = FakeSide()
+    monkeypatch.setattr(ahead, "streams", lambda: side)
+    got, want = list(ahead), list(plain)
+    n = len(want)
+    assert side.log == ["start", ("made", 0), *[e for k in range(1, n) for e in (("made", k), ("hand", k - 1))],
+                        ("hand", n - 1)]
+    assert all(torch.equal(a, b) for x, y in zip(got, want) for a, b in zip(x, y))
+    assert sorted(torch.cat([i for _, _, i in got]).tolist()) == list(range(len(ahead.ds)))
+    for ld in (ahead, plain):
+        ld.set_epoch(2, first_batch=3)
+    assert all(torch.equal(a, b) for x, y in zip(ahead, plain) for a, b in zip(x, y))
+    it = iter(ahead)
+    next(it)
+    del it  # left early: the batch made ahead is dropped with the pass
+    ahead.set_epoch(5)
+    plain.set_epoch(5)
+    assert all(torch.equal(a, b) for x, y in zip(ahead, plain) for a, b in zip(x, y))
 
 
 SIGNALLED_CONSUMER = """

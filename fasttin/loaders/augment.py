@@ -6,9 +6,11 @@ only in their resampling arithmetic, never in what they do. The box is in source
 (x0, y0, w, h); `crop` boxes may reach 8 px outside the image, where the pixels are black.
 
 Bicubic everywhere, with PIL's conventions (Keys a = -0.5, pixel centres at +0.5, taps outside the
-image dropped and the rest renormalised): `upscale` resizes whole 64x64 windows with torch's
-antialiased bicubic (a port of PIL's algorithm) and `resize_boxes` the per-sample `rrc` boxes with
-the matrices that `cubic_weights` builds, so the resident backend matches PIL to rounding.
+image dropped and the rest renormalised). On the CPU `upscale` resizes whole 64x64 windows with
+torch's antialiased bicubic (a port of PIL's algorithm; its uint8 path is bit-exact with PIL); on
+CUDA `upscale_products` does it as two matrix products with the normalisation folded in, and
+`resize_boxes` the per-sample `rrc` boxes alike, all from the matrices that `cubic_weights` builds,
+so the resident backend matches PIL to rounding.
 """
 from __future__ import annotations
 
@@ -116,7 +118,8 @@ def normalize(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = No
 def upscale(x: torch.Tensor, res: int) -> torch.Tensor:
     """uint8 [B, 3, 64, 64] channels_last -> [B, 3, res, res] channels_last, 0-255, the same
     bicubic upscale for every sample: torch's antialiased bicubic (PIL's kernel and rules). On the
-    CPU its uint8 SIMD path is bit-exact to PIL and stays uint8; on CUDA it runs in float."""
+    CPU its uint8 SIMD path is bit-exact to PIL and stays uint8; on CUDA (a reference for
+    `upscale_products`, which the loaders use there) it runs in float."""
     if res == SIZE:
         return x
     x = x if x.device.type == "cpu" else x.float()
@@ -124,20 +127,64 @@ def upscale(x: torch.Tensor, res: int) -> torch.Tensor:
                                            align_corners=False)
 
 
+# The operands of the upscale's products on each device type: fp16 on CUDA stays within rounding
+# (mean error against the exact float64 result about 0.1 on the 0-255 scale; bf16 0.31); the CPU
+# keeps the bit-exact uint8 path of `upscale` (BENCHMARKS.md measures both there).
+PRODUCT_OPERANDS = {"cuda": torch.float16}
+_PRODUCTS: dict = {}
+
+
+def product_matrices(res: int, device, operand: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cols [192, res*3], rows [res, 64], shift [res*3]) of the whole-window upscale with the
+    normalisation folded in, cached: PIL's bicubic is separable, out = Wy X Wx^T per channel, and
+    each row of W sums to one, so the channel's 1/(255 std) goes into the column matrix and its
+    -mean/std is added once. The column matrix maps one NHWC image row (w, c) to (j, c), so both
+    products read and write NHWC: no NCHW temporary and no channel loop."""
+    key = (res, str(device), operand)
+    if key not in _PRODUCTS:
+        w = cubic_weights(torch.zeros(1, dtype=torch.float64), torch.full((1,), float(SIZE), dtype=torch.float64),
+                          SIZE, res)[0]  # [res, 64]
+        std, mean = torch.tensor(IMAGENET_STD, dtype=torch.float64), torch.tensor(IMAGENET_MEAN, dtype=torch.float64)
+        cols = torch.einsum("jw,c,cd->wcjd", w, 1 / (255 * std), torch.eye(3, dtype=torch.float64))
+        shift = (-mean / std).repeat(res)
+        _PRODUCTS[key] = tuple(t.to(device, operand) for t in (cols.reshape(SIZE * 3, res * 3), w, shift))
+    return _PRODUCTS[key]
+
+
+def upscale_products(x: torch.Tensor, res: int, dtype: torch.dtype, operand: torch.dtype) -> torch.Tensor:
+    """uint8 [B, 3, 64, 64] channels_last -> normalize(upscale(x, res), dtype) as two matrix
+    products in `operand` precision (float32 accumulation): one [B*64, 192] x [192, res*3] for the
+    columns with the scale and shift folded in, one batched [res, 64] x [64, res*3] for the rows,
+    then one cast to `dtype` (none when it is `operand`). The same matrices serve the whole batch,
+    as the gather has already cropped and mirrored every window."""
+    b = x.shape[0]
+    cols, rows, shift = product_matrices(res, x.device, operand)
+    t = torch.addmm(shift, x.permute(0, 2, 3, 1).reshape(b * SIZE, SIZE * 3).to(operand), cols)
+    out = torch.matmul(rows, t.view(b, SIZE, res * 3))  # [B, res, res*3]: NHWC
+    return out.to(dtype).view(b, res, res, 3).permute(0, 3, 1, 2)
+
+
 def resize_boxes(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, res: int,
                  dtype: torch.dtype) -> torch.Tensor:
     """uint8 NHWC [B, 64, 64, 3] on any device, per-sample `rrc` boxes -> normalised
     [B, 3, res, res] channels_last `dtype`: per-sample interpolation matrices (mirrored where
-    asked), two batched products. No loop over samples, nothing read back from the device."""
-    b = images.shape[0]
-    x = images.float().permute(0, 3, 1, 2)  # [B, 3, 64, 64]
+    asked, each channel's 1/(255 std) folded into the columns' and its shift added once, as in
+    `product_matrices`), two batched products in the device's operand precision (float32 on the
+    CPU). No loop over samples, nothing read back from the device."""
+    b, dev = images.shape[0], images.device
+    operand = PRODUCT_OPERANDS.get(dev.type, torch.float32)
+    std = torch.tensor(IMAGENET_STD, device=dev)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev)
+    x = images.to(operand).permute(0, 3, 1, 2)  # [B, 3, 64, 64]
     wy = cubic_weights(boxes[:, 1], boxes[:, 3], SIZE, res)  # [B, res, 64]
     wx = cubic_weights(boxes[:, 0], boxes[:, 2], SIZE, res)
     wx = torch.where(flips[:, None, None], wx.flip(1), wx)
-    t = torch.matmul(x, wx.transpose(1, 2)[:, None])  # columns: [B, 3, 64, res]
+    cols = wx.transpose(1, 2)[:, None] / (255 * std)[None, :, None, None]  # [B, 3, 64, res]
+    t = torch.matmul(x, cols.to(operand))  # columns: [B, 3, 64, res]
     t = t.permute(0, 2, 3, 1).reshape(b, SIZE, res * 3)
-    out = torch.bmm(wy, t).view(b, res, res, 3).permute(0, 3, 1, 2)  # rows: NHWC, seen as channels_last
-    return normalize(out, dtype)
+    shift = (-mean / std).repeat(res).to(operand)
+    out = torch.baddbmm(shift, wy.to(operand), t)  # rows: [B, res, res*3], NHWC
+    return out.to(dtype).view(b, res, res, 3).permute(0, 3, 1, 2)
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
@@ -159,6 +206,9 @@ def upscale_normalize(gather: Callable[[torch.Tensor], torch.Tensor], keys: torc
     operations on the same pixels: bit-identical.
     """
     threads, b = torch.get_num_threads(), len(keys)
+    operand = PRODUCT_OPERANDS.get(keys.device.type)
+    if operand is not None and res != SIZE:
+        return upscale_products(gather(keys), res, dtype, operand)
     if keys.device.type != "cpu" or res == SIZE or threads == 1 or b < 2:
         return normalize(upscale(gather(keys), res), dtype)
     out = torch.empty((b, res, res, 3), dtype=dtype)

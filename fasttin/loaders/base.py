@@ -77,7 +77,7 @@ class Loader:
         return labels, np.where(p.pad, -1, p.index)
 
     def to_device(self, a: np.ndarray) -> torch.Tensor:
-        """A small host array on the device without stalling it (pinned, non-blocking on CUDA)."""
+        """A host array on the device without stalling it (pinned, non-blocking on CUDA)."""
         t = torch.from_numpy(np.ascontiguousarray(a))
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
@@ -85,3 +85,63 @@ class Loader:
 
     def output(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor):
         return (images, labels, index) if self.return_index else (images, labels)
+
+    def streams(self) -> SideStream | None:
+        """Where batches are made one ahead: the loader's own CUDA stream, none elsewhere."""
+        if self.device.type != "cuda":
+            return None
+        if getattr(self, "_side", None) is None:
+            self._side = SideStream(self.device)
+        return self._side
+
+    def ahead(self, makers):
+        """The batches that `makers` (an iterable of calls, each making one batch) make, handed out
+        in order. With a side stream, batch k+1 is queued on it before batch k is handed out, so it
+        is made while the consumer's step k runs; each handed batch is waited for on the consumer's
+        stream (an event, no host wait). Without one, each batch is made when it is asked for."""
+        side = self.streams()
+        if side is None:
+            yield from (make() for make in makers)
+            return
+        pending = None
+        side.start()
+        for make in makers:
+            with side:
+                batch, done = make(), side.record()
+            if pending is not None:
+                yield side.hand(*pending)
+            pending = (batch, done)
+        if pending is not None:
+            yield side.hand(*pending)
+
+
+class SideStream:
+    """A loader's CUDA stream: batches are made on it and handed to the consumer's stream through
+    an event per batch, and `record_stream` keeps the allocator from reusing a handed batch's
+    memory before the consumer's work on it is done."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stream = device, torch.cuda.Stream(device)
+
+    def start(self) -> None:
+        """A pass's first batch waits for what the consumer queued before it (the plan's copy)."""
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def __enter__(self):
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    def record(self):
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def hand(self, batch: tuple, event):
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_event(event)
+        for t in batch:
+            t.record_stream(consumer)
+        return batch

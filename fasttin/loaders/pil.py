@@ -150,13 +150,15 @@ class PilLoader(Loader):
             before_fork()  # the workers are about to be forked
         with _forking():
             batches = iter(self._loader)  # forks the workers the first time (persistent after)
-        for images, p, failure in stall_checked(batches, self._loader.timeout, "the pil loader's"):
+        def batch(images, p, failure):
             if failure is not None:
                 raise DataError(failure)
             labels, index = self.host_targets(p)
             images = images.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
-            yield self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),
-                              self.to_device(index))
+            return self.output(normalize(images.permute(0, 3, 1, 2), self.dtype), self.to_device(labels),
+                               self.to_device(index))
+        found = stall_checked(batches, self._loader.timeout, "the pil loader's")
+        yield from self.ahead(lambda item=item: batch(*item) for item in found)
 
 
 def stall_checked(batches, timeout: float, whose: str):

@@ -98,22 +98,20 @@ class ResidentLoader(Loader):
         plans = list(self.plans(epoch))
         if not plans:
             return
-        cat = lambda name: torch.from_numpy(np.concatenate([getattr(p, name) for p in plans]))
-        dev = self.device
-        index, pad = cat("index").to(dev, non_blocking=True), cat("pad").to(dev, non_blocking=True)
-        boxes, flips = cat("boxes").to(dev, non_blocking=True), cat("flips").to(dev, non_blocking=True)
+        cat = lambda name: self.to_device(np.concatenate([getattr(p, name) for p in plans]))  # pinned on CUDA
+        index, pad, boxes, flips = cat("index"), cat("pad"), cat("boxes"), cat("flips")
         labels = torch.where(pad, PAD_LABEL, self.labels[index])
         shown = torch.where(pad, -1, index)
         first_row = None if self.augment == "rrc" else self.first_rows(index, boxes, flips)
-        start = 0
-        for p in plans:
-            s = slice(start, start + len(p.index))
-            start = s.stop
+
+        def batch(s: slice):
             if first_row is None:
                 images = resize_boxes(self.images[index[s]], boxes[s], flips[s], self.pass_res, self.dtype)
             else:
                 images = upscale_normalize(self.windows, first_row[s], self.pass_res, self.dtype)
-            yield self.output(images, labels[s], shown[s])
+            return self.output(images, labels[s], shown[s])
+        ends = np.cumsum([len(p.index) for p in plans])
+        yield from self.ahead(lambda s=slice(a, b): batch(s) for a, b in zip([0, *ends[:-1]], ends))
 
     def first_rows(self, index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Row number in `self.rows` of each sample's first output row: its image (or the mirrored
