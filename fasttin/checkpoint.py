@@ -10,12 +10,15 @@ objects is built.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import pickle
 import random
 import re
 import struct
+import threading
+import time
 import warnings
 import zipfile
 import zlib
@@ -72,6 +75,97 @@ def save(path: Path, state: dict) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomic(Path(path), buf.getbuffer())
+
+
+def snapshot(obj):
+    """`obj` with every tensor copied to the host, so that training may go on changing the originals:
+    a CUDA tensor into pinned memory with a non-blocking copy on the current stream (ordered before
+    any later in-place update there, and no wait for the device), a CPU tensor cloned."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device.type == "cpu":
+            return obj.detach().clone()
+        host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+        return host.copy_(obj.detach(), non_blocking=True)
+    if isinstance(obj, (dict, OrderedDict)):
+        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def _on_cuda(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.device.type == "cuda"
+    if isinstance(obj, dict):
+        return any(_on_cuda(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_on_cuda(v) for v in obj)
+    return False
+
+
+class Saver:
+    """Checkpoints off the training clock: `submit` snapshots the states (`snapshot`) and returns;
+    a background thread waits for the copies, then serialises, writes and fsyncs each file in turn
+    through `save` (all or nothing, so a kill -9 mid-write keeps the previous file). One write is
+    in flight at a time: `submit` and `wait` join it first and re-raise its error (a full disk is
+    then the run's OutputError, one save late). The `with` block's exit waits too: at the end of a
+    run, on a signal's stop and on an error. `background=False` writes within `submit`."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.longest_s = 0.0  # the longest whole save so far (snapshot to fsync): what a budget keeps room for
+
+    def submit(self, writes: list[tuple[Path, dict]]) -> None:
+        """Write each (path, state) in order, after the previous submission's."""
+        self.wait()
+        for _, state in writes:
+            _check_data(state)  # here, in the caller: a bug is its traceback, not the thread's
+        start = time.perf_counter()
+        copies = [(Path(path), snapshot(state)) for path, state in writes]
+        done = None
+        if any(_on_cuda(state) for _, state in writes):
+            done = torch.cuda.Event()
+            done.record()
+        if not self.background:
+            self._write(copies, done, start)
+            return
+        self.thread = threading.Thread(target=self._write, args=(copies, done, start), name="fasttin-checkpoint",
+                                       daemon=True)
+        self.thread.start()
+
+    def _write(self, copies: list, done, start: float) -> None:
+        try:
+            if done is not None:
+                done.synchronize()
+            for path, state in copies:
+                save(path, state)
+        except BaseException as e:
+            if not self.background:
+                raise
+            self.error = e  # handed to the caller by wait()
+        finally:
+            self.longest_s = max(self.longest_s, time.perf_counter() - start)
+
+    def wait(self) -> None:
+        """The write in flight finished; its error, if any, raised here."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.wait()
+            return
+        with contextlib.suppress(BaseException):  # the run's own error is the one to report
+            self.wait()
 
 
 def _refusal(path, e: Exception) -> str:
@@ -229,19 +323,22 @@ def kept(out: Path) -> str:
 
 
 def save_run(out: Path, step, pos: Position, cfg: dict, classes: list, words: list, *, epoch: int, batch: int,
-             res: int, budget: dict | None = None, best: str | None = None, partial: dict | None = None) -> None:
+             res: int, budget: dict | None = None, best: str | None = None, partial: dict | None = None,
+             saver: Saver | None = None) -> None:
     """best.pt with the `best` weights ("raw" or "ema") when they validated best, then last.pt in `out`
     with the position (`epoch` done, `batch` into the next, and within an epoch its `partial` sums
     and times, so the resumed epoch's row counts all of it) and the `budget` figures: last.pt never
     records a best that best.pt does not hold, whatever the moment of a crash. Both name the
     classes and the architecture at the resolution they validate at, for eval and predict. The
-    caller has checked the weights finite."""
+    caller has checked the weights finite. `saver` writes them (default: now, in this thread)."""
     arch = {"name": "resnet18", "stem": cfg["stem"], "num_classes": len(classes), "res": cfg["eval_res"] or res}
     common = dict(config=cfg, best_acc1=pos.best, classes=classes, words=words, arch=arch)
     extra = {"rows": len(pos.rows), "best_weights": pos.best_weights,
              **({"epoch_res": res, "partial": partial} if batch else {})}
     extra.update(budget or {})
+    writes = []
     if best is not None:  # first: last.pt commits the epoch, so a crash between the two repeats it
         weights = step.ema.model.state_dict() if best == "ema" else step.model.state_dict()
-        save(Path(out) / "best.pt", best_state(weights, best, epoch=epoch + (batch > 0), **common))
-    save(Path(out) / "last.pt", run_state(step.state_dict(), epoch=epoch, batch=batch, **common, **extra))
+        writes.append((Path(out) / "best.pt", best_state(weights, best, epoch=epoch + (batch > 0), **common)))
+    writes.append((Path(out) / "last.pt", run_state(step.state_dict(), epoch=epoch, batch=batch, **common, **extra)))
+    (saver or Saver(background=False)).submit(writes)

@@ -233,7 +233,9 @@ def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1)
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                       else None)
-    net = torch.compile(wrapped, mode=cfg["compile"]) if cfg.get("compile") else wrapped
+    # dynamic=False: a run has a few fixed shapes (a resolution schedule, evaluation padded to the
+    # batch), each best compiled static; automatic dynamic shapes recompile them as dynamic graphs
+    net = torch.compile(wrapped, mode=cfg["compile"], dynamic=False) if cfg.get("compile") else wrapped
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
@@ -458,12 +460,19 @@ def train_epoch(step: TrainStep, loader, *, clock: StepClock | None = None, log_
 
 
 @torch.no_grad()
-def evaluate(net, loader, *, device, amp: str, tta: bool = False, channels_last: bool = True) -> dict:
-    """loss, top-1, top-5 over the whole split; padding samples (distributed) are not counted."""
+def evaluate(net, loader, *, device, amp: str, tta: bool = False, channels_last: bool = True,
+             pad_to: int = 0) -> dict:
+    """loss, top-1, top-5 over the whole split; padding samples (distributed) are not counted. A
+    batch shorter than `pad_to` is padded to it (zero images labelled PAD_LABEL, not counted; in
+    eval mode each sample's logits are its own), so a compiled net sees one shape."""
     net.eval()
     meter = Meter(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for images, labels in loader:
+        if len(labels) < pad_to:
+            more = pad_to - len(labels)
+            images = torch.cat([images, images.new_zeros((more, *images.shape[1:]))])
+            labels = torch.cat([labels, labels.new_full((more,), PAD_LABEL)])
         images = images.contiguous(memory_format=fmt)
         with autocast(device, amp):
             logits = net(images).float()

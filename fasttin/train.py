@@ -142,7 +142,8 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
     """Top-1/top-5 of the raw weights, and of the EMA beside them (keys prefixed ema_)."""
     cfg = run.cfg
     data.val.set_res(cfg["eval_res"] or res)
-    how = dict(device=run.device, amp=cfg["amp"], tta=cfg["tta"], channels_last=cfg["channels_last"])
+    how = dict(device=run.device, amp=cfg["amp"], tta=cfg["tta"], channels_last=cfg["channels_last"],
+               pad_to=data.val.batch_size if cfg["compile"] else 0)  # compiled: the last batch, no recompile
     out = evaluate(step.net, data.val, **how)
     if step.ema is not None:
         ema = evaluate(step.ema.model, data.val, **how)
@@ -150,13 +151,15 @@ def validate(run: Run, step, data: Data, res: int) -> dict:
     return out
 
 
-def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, *, epoch: int, batch: int, res: int,
-                    budget: dict | None, best: str | None = None, partial: dict | None = None) -> None:
+def save_checkpoint(run: Run, step, data: Data, pos: checkpoint.Position, saver: checkpoint.Saver, *, epoch: int,
+                    batch: int, res: int, budget: dict | None, best: str | None = None,
+                    partial: dict | None = None) -> None:
     """last.pt (with the `partial` epoch's sums and times at a stop within it), and best.pt when
-    `best` names the weights that validated best (rank 0's: checkpoint.save_run)."""
+    `best` names the weights that validated best (rank 0's: checkpoint.save_run), written by
+    `saver` in the background while the next epoch trains."""
     if run.main:
         checkpoint.save_run(run.out, step, pos, run.cfg, data.classes, data.words, epoch=epoch, batch=batch,
-                            res=res, budget=budget, best=best, partial=partial)
+                            res=res, budget=budget, best=best, partial=partial, saver=saver)
 
 
 def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest, budget: Budget | None) -> dict:
@@ -172,7 +175,7 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
     epoch, compile_s = pos.epoch, None
     ended = False  # run_training returned for a run with nothing left: a fresh --budget run takes a step at least
     with report.LiveView(run.main, run.out, steps_per_epoch, cfg["batch_size"], cfg["epochs"], cfg["budget"],
-                         run.log, pos.budget_spent_s) as live:
+                         run.log, pos.budget_spent_s) as live, checkpoint.Saver() as saver:
         while not ended:
             res, first = epoch_res(run, step, epoch, pos, budget), pos.batch
             carry = pos.partial if first else None  # the part of this epoch a stopped process did
@@ -190,9 +193,10 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             done, counted = first + steps, first + steps if carry else steps  # the steps the sums and times cover
             if stop.should_stop() and done < steps_per_epoch and not (budget and budget.exhausted()):
                 step.ensure_finite(epoch)
-                save_checkpoint(run, step, data, pos, epoch=epoch, batch=done, res=res,
+                save_checkpoint(run, step, data, pos, saver, epoch=epoch, batch=done, res=res,
                                 budget=budget.figures() if budget else None,
                                 partial={"sums": m["sums"], **clock.take(), "epoch_s": time.perf_counter() - t0})
+                saver.wait()
                 run.log(f"{stop.name}: saved {run.out / 'last.pt'} at batch {done} of epoch {epoch + 1}; "
                         "--resume continues from there")
                 return {"interrupted": True}
@@ -215,11 +219,13 @@ def fit(run: Run, step, data: Data, pos: checkpoint.Position, stop: StopRequest,
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)  # first: a crash now only repeats the epoch
             complete = done == steps_per_epoch
-            save_checkpoint(run, step, data, pos, epoch=epoch + complete, batch=0 if complete else done, res=res,
-                            budget=budget.figures(row) if budget else None, best=best)
+            save_checkpoint(run, step, data, pos, saver, epoch=epoch + complete, batch=0 if complete else done,
+                            res=res, budget=budget.figures(row) if budget else None, best=best)
+            if ended or (budget and not saver.longest_s):  # the last save is the run's; a budget times one whole
+                saver.wait()
             report.time_row(row, pos.rows, t0, t2)
             if budget:
-                budget.saved(row["checkpoint_s"])
+                budget.saved(max(row["checkpoint_s"], saver.longest_s))
             if run.main:
                 report.write_metrics(run.out / "metrics.jsonl", pos.rows)
                 live.end_epoch(row)

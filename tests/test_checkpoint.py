@@ -219,3 +219,46 @@ def test_non_finite_weights_are_refused_for_pretrained_and_restore(tmp_path, val
 def test_a_checkpoints_resolution_follows_the_one_rule(res):
     with pytest.raises(CheckpointError, match="a resolution is a whole number from 16 to 512"):
         model_mod.trained_res({"arch": {"res": res}}, "c.pt")
+
+
+def test_the_background_saver_writes_the_state_as_it_was_in_order_and_hands_back_its_error(tmp_path, monkeypatch):
+    """The saver snapshots at submit (training may change the tensors at once), writes its files in
+    the order given, one submission after another, and a failed write is the caller's error at the
+    next submit or wait, with the previous file intact."""
+    import threading
+    w = torch.zeros(1000)
+    order, gate, real = [], threading.Event(), checkpoint.save
+
+    def gated(path, state):
+        gate.wait(timeout=60)  # the test decides when the write goes ahead
+        order.append(path.name)
+        real(path, state)
+    monkeypatch.setattr(checkpoint, "save", gated)
+    saver = checkpoint.Saver()
+    saver.submit([(tmp_path / "best.pt", {"w": w, "epoch": 1}), (tmp_path / "last.pt", {"w": w, "epoch": 1})])
+    w.add_(1)  # the next steps train on, before the write has happened
+    assert not (tmp_path / "last.pt").exists()
+    gate.set()
+    saver.submit([(tmp_path / "last.pt", {"w": w, "epoch": 2})])  # joins the first write
+    assert torch.equal(checkpoint.load(tmp_path / "best.pt")["w"], torch.zeros(1000))
+    saver.wait()
+    assert order == ["best.pt", "last.pt", "last.pt"] and saver.longest_s > 0
+    assert torch.equal(checkpoint.load(tmp_path / "last.pt")["w"], torch.ones(1000))
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    saver.submit([(tmp_path / "last.pt", {"w": w, "epoch": 3})])  # returns: the write fails in the thread
+    with pytest.raises(OutputError, match="no space left"):
+        saver.submit([(tmp_path / "last.pt", {"w": w, "epoch": 4})])
+    saver.wait()  # the error is handed out once, and the submit that met it wrote nothing
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_the_saver_lands_its_write_when_the_run_fails_and_reports_the_runs_error(tmp_path):
+    with pytest.raises(KeyError), checkpoint.Saver() as saver:
+        saver.submit([(tmp_path / "last.pt", {"epoch": 1})])
+        raise KeyError("the run's own error")
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 1
+    with pytest.raises(TypeError, match="cannot read back"):  # a state torch cannot load back: the caller's bug
+        checkpoint.Saver().submit([(tmp_path / "c.pt", {"when": np.float64(1.0)})])

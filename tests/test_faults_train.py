@@ -172,6 +172,14 @@ def test_group_sigterm_with_pil_workers_saves_and_resumes(tiny, tmp_path):
     assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def saved_epochs(out) -> int:
+    """The epochs last.pt in `out` records as done; 0 before the first is written."""
+    try:
+        return checkpoint.load(out / "last.pt")["epoch"]
+    except checkpoint.CheckpointError:
+        return 0
+
+
 @pytest.mark.slow
 def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
     """torchrun --max-restarts=1 with --auto-resume: SIGKILL rank 0 in epoch 2; the group restarts
@@ -181,7 +189,8 @@ def test_elastic_restart_after_sigkill_keeps_every_epoch_once(tiny, tmp_path):
                              "--epochs", "3", "--auto-resume"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2, proc, what="a step of epoch 2")
+        wait_for(lambda: progress(tmp_path).get("epoch", 0) >= 2 and saved_epochs(tmp_path) >= 1, proc,
+                 what="a step of epoch 2, with epoch 1's last.pt written (in the background)")
         victim = progress(tmp_path)["pid"]
         os.kill(victim, signal.SIGKILL)
         _, err = proc.communicate(timeout=CLI_TIMEOUT)
@@ -283,9 +292,10 @@ def test_a_signal_after_the_last_epoch_ends_the_run_complete(request, tmp_path, 
 
 KILLED_AFTER_THE_SAVE_OF_EPOCH_2 = """
 save = train.save_checkpoint
-def save_then_killed(*args, **kw):
-    save(*args, **kw)
+def save_then_killed(run, step, data, pos, saver, **kw):
+    save(run, step, data, pos, saver, **kw)
     if kw["epoch"] == 2 and kw["batch"] == 0:
+        saver.wait()  # the background write done: killed after the save
         os._exit(137)
 train.save_checkpoint = save_then_killed
 """

@@ -354,3 +354,26 @@ def test_the_budget_ends_where_the_save_that_follows_leaves_no_room(monkeypatch)
     row = {"data_wait_s": 0.0, "compute_s": 20.0, "eval_s": 4.0}  # room: 1.25 x (4 + 3) + a 1 s step
     assert b.close_epoch(row, steps=20)  # 50 s spent is short of 60 - 9.75, but not once saved
     assert (row["budget_spent_s"], row["budget_reserve_s"]) == (53.0, 9.75)
+
+
+def test_evaluation_padded_to_the_batch_gives_the_same_figures_and_one_shape():
+    """A compiled net's evaluation pads the last, shorter batch (not counted): the same loss, top-1
+    and top-5 as without, and the net sees one batch size."""
+    from fasttin.loaders import PAD_LABEL
+    from fasttin.loop import evaluate
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(7))
+    net(torch.zeros(2, 3, 8, 8))
+    seen = []
+    net.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    labels = torch.randint(0, 7, (23,))
+    labels[5] = PAD_LABEL  # a distributed pad inside the split stays uncounted too
+    batches = [(torch.randn(n, 3, 8, 8), labels[a:a + n]) for a, n in ((0, 10), (10, 10), (20, 3))]
+    plain = evaluate(net, batches, device="cpu", amp="off")
+    assert seen == [10, 10, 3]
+    seen.clear()
+    padded = evaluate(net, batches, device="cpu", amp="off", pad_to=10)
+    assert seen == [10, 10, 10]
+    assert padded.pop("sums") == pytest.approx(plain.pop("sums")) and padded == pytest.approx(plain)
+    assert plain["n"] == 22

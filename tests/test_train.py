@@ -96,6 +96,47 @@ def test_sigkill_then_resume_matches_uninterrupted(learnable, reference_run, tmp
     assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
 
 
+# fasttin.train whose epoch-2 last.pt is held half-written in the background saver's thread, a
+# marker file saying so: the kill -9 lands mid-write, at a known moment.
+HELD_SAVE = """
+import sys, threading
+from pathlib import Path
+from fasttin import checkpoint, fileio, train
+real = checkpoint.save
+def held(path, state):
+    if path.name != "last.pt" or state["epoch"] != 2:
+        return real(path, state)
+    assert threading.current_thread().name == "fasttin-checkpoint"
+    def half(tmp):
+        Path(tmp).write_bytes(b"PK" * 1000)
+        (path.parent / "held").touch()
+        threading.Event().wait()
+    fileio.write_with(path, half)
+checkpoint.save = held
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_background_checkpoint_write_keeps_the_last_one_and_resumes_exactly(
+        learnable, reference_run, tmp_path):
+    """The checkpoint is written by a background thread while training goes on: a kill -9 in the
+    middle of its write leaves the previous last.pt whole, and the resume from it is exact."""
+    proc = subprocess.Popen([sys.executable, "-c", HELD_SAVE, "--data", str(learnable), "--out", str(tmp_path),
+                             *QUICK, "--epochs", "2"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(lambda: (tmp_path / "held").exists(), proc, what="the held write of epoch 2's last.pt")
+    assert list(tmp_path.glob("last.pt.tmp*")), "the write is not in flight: the test is void"
+    proc.kill()
+    proc.wait()
+    assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 1
+    r = train(learnable, tmp_path, "--epochs", "2", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert same_weights(weights(tmp_path / "last.pt"), weights(reference_run / "last.pt"))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
 @pytest.mark.slow
 def test_sigterm_saves_mid_epoch_and_resume_matches(learnable, reference_run, tmp_path):
     proc = popen_train(learnable, tmp_path, "--epochs", "2", "--log-every", "1")
