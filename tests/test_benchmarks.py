@@ -402,3 +402,26 @@ def test_the_model_grid_spans_precision_layout_batch_and_threads_and_compiles_on
     assert len({training.model_label(p) for p in points}) == len(points)  # every point named apart
     b.args.compiled = "only"
     assert all(p["compile"] for p in training.model_grid(b, 64))
+
+
+@pytest.mark.slow
+def test_the_gpu_driver_rehearses_every_phase_on_the_cpu_and_writes_its_goal_table(tmp_path):
+    """benchmarks.gpu_driver as the GPU call runs it, small, on the CPU: every phase but the compiled
+    points (minutes on a CPU) done, each one's section in the JSON, the products within rounding."""
+    out = tmp_path / "driver.json"
+    r = run_cli("benchmarks.gpu_driver", "--device", "cpu", "--rehearse", "--json", out, "--steps", "2",
+                "--repeats", "1", "--batch", "4", "--kernel-reps", "2", "--epoch-images", "400",
+                "--train-per-class", "2", "--skip", "compiled")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert all(v.startswith("done") for k, v in d["phases"].items() if k != "compiled"), d["phases"]
+    assert d["phases"]["compiled"] == "skipped: --skip"
+    assert {(x["res"], x["augment"]) for x in d["correctness"]} == {(r, a) for r in (96, 128, 224)
+                                                                    for a in ("none", "flip", "crop", "rrc")}
+    assert all(x["max"] < 1e-2 for x in d["correctness"])  # float32 operands on the CPU
+    assert {(x["config"], x["variant"]) for x in d["end_to_end"]} == {(c, v) for c in ("224", "64", "fast")
+                                                                      for v in ("today", "products", "side")}
+    assert d["epoch"]["images"] > 0 and d["checkpoint_s"]["background"] > 0 and d["profile_top"]
+    assert d["goals"][0].startswith("goal |") and len(d["goals"]) == 7 and "goal | limit" in r.stdout
+    bad = run_cli("benchmarks.gpu_driver", "--device", "cpu", "--json", tmp_path / "x.json", "--skip", "nope")
+    assert bad.returncode != 0 and "--skip: no phase 'nope'" in bad.stderr and "Traceback" not in bad.stderr
