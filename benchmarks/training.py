@@ -101,6 +101,9 @@ def model_consumer(b: Bench, res: int, stem: str, amp: str, channels_last: bool,
     if b.device.type == "cpu" and stem == "cifar" and res > 64:
         raise Skip(f"cifar stem at res {res} on the CPU: minutes a step")
     cfg = settings(b, res, stem=stem, amp=amp, channels_last=channels_last, compile=compile, batch_size=batch_size)
+    if compile:  # every point's model shares ResNet.forward's code: room for all their graphs, past
+        # dynamo's per-code limit (on 2026-12-04's GPU run it kept recompiling; 224 was never reached)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     k = b.args.steps
     step = new_step(b, cfg, steps_per_epoch=k * (b.args.repeats + 2))
     x, y = random_batch(b, cfg, res)

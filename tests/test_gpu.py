@@ -41,3 +41,40 @@ def test_train_command_on_cuda_with_compile(learnable, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["compile_s"] > 0 and s["best_val_acc1"] > 0.5
+
+
+def test_side_stream_batches_are_never_read_before_their_event(packed):
+    """The resident loader's side stream on CUDA: each batch handed out equals the same batch made
+    without it (no read before its event), while the consumer's stream is kept busy."""
+    from fasttin.loaders import make_loader
+    kw = dict(backend="resident", res=224, batch_size=64, device="cuda", augment="flip", seed=5, return_index=True,
+              dtype=torch.bfloat16)
+    ahead = make_loader(packed, "train", **kw)
+    plain = make_loader(packed, "train", **kw)
+    plain.streams = lambda: None
+    busy = torch.randn(4096, 4096, device="cuda")
+    for (xa, ya, ia), (xb, yb, ib) in zip(ahead, plain):
+        busy @ busy  # the consumer's stream behind: a batch read early would show here
+        assert torch.equal(ia, ib) and torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert ahead.streams() is not None  # the side stream ran
+
+
+def test_no_host_device_sync_in_the_training_step(learnable):
+    """20 training steps over the resident loader under torch's sync debug mode "error": a
+    synchronising call in the step or the loader fails the test."""
+    from fasttin.loaders import make_loader
+    from fasttin.loop import AMP_DTYPE, make_step
+    from fasttin.model import build_model
+    from fasttin.recipes import resolve
+    cfg = resolve("seed-64-scratch", res=64, batch_size=32, amp="bf16", channels_last=True)
+    ld = make_loader(learnable, "train", backend="resident", res=64, batch_size=32, device="cuda",
+                     dtype=AMP_DTYPE["bf16"], drop_last=True)
+    step = make_step(build_model(len(ld.ds.classes), "imagenet"), cfg, device="cuda", steps_per_epoch=len(ld))
+    batches = iter(ld)
+    step(*next(batches))  # the first step allocates and may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _, (x, y) in zip(range(20), batches):
+            step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
