@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttin import mixing
 from fasttin.checkpoint import CheckpointError
 from fasttin.errors import EXIT_NONFINITE, Reported
 from fasttin.loaders.sampler import PAD_LABEL
@@ -153,8 +154,9 @@ class TrainStep:
     `mark` names the phases for a profiler (off: a no-op)."""
 
     def __init__(self, model, net, optimizer, scaler, loss_fn, *, device, amp, factor, base_lr, steps_per_epoch,
-                 ema: EMA | None = None, memory_format=torch.channels_last):
+                 ema: EMA | None = None, memory_format=torch.channels_last, mix: mixing.Mixing | None = None):
         self.model, self.net, self.optimizer, self.ema = model, net, optimizer, ema
+        self.mixing = mix or mixing.Mixing()
         self.memory_format = memory_format  # the inputs' too: a conv runs NHWC if its input is
         self.scaler, self.loss_fn, self.device, self.amp = scaler, loss_fn, torch.device(device), amp
         self.factor, self.base_lr, self.steps_per_epoch = factor, base_lr, steps_per_epoch
@@ -171,9 +173,12 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images = images.contiguous(memory_format=self.memory_format)  # the loaders' NHWC: a no-op by default
+        mix = self.mixing.draw(self.steps, *images.shape[2:])  # host arithmetic only: no synchronisation
+        if mix is not None:
+            images = mixing.apply(images, mix)
         with self.mark("forward"), autocast(self.device, self.amp):
             logits = self.net(images)
-            loss = self.loss_fn(logits, labels)
+            loss = self.loss_fn(logits, labels) if mix is None else mixing.loss(self.loss_fn, logits, labels, mix)
         with self.mark("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -183,7 +188,8 @@ class TrainStep:
             if self.ema is not None:
                 self.ema.update()
         self.steps += 1
-        self.meter.add(loss.detach() * len(labels), logits.detach(), labels)
+        counted = labels if mix is None else mixing.counted_labels(labels, mix)
+        self.meter.add(loss.detach() * len(labels), logits.detach(), counted)
 
     def epoch_lr(self, epoch: int) -> float:
         """The lr the 0-based `epoch` of an epoch-based schedule trains at (its first step's)."""
@@ -242,7 +248,7 @@ def make_step(model, cfg: dict, *, device, steps_per_epoch: int, world: int = 1)
     ema = EMA(model, cfg["ema"]) if cfg.get("ema") else None
     return TrainStep(model, net, optimizer, scaler, loss_fn, device=device, amp=cfg["amp"],
                      factor=lr_factor(cfg, steps_per_epoch), base_lr=cfg["lr"], steps_per_epoch=steps_per_epoch,
-                     ema=ema, memory_format=fmt)
+                     ema=ema, memory_format=fmt, mix=mixing.Mixing.of(cfg))
 
 
 class Budget:

@@ -94,6 +94,7 @@ class Setting:
     positive: bool = False  # numbers: strictly above 0
     check: object = None  # text -> value, for a value with a syntax of its own (raises SettingError)
     below: float | None = None  # numbers: strictly below this
+    maximum: float | None = None  # inclusive upper bound for numbers
     float32: bool = True  # floats: within float32's range (gamma is a factor: its product is checked instead)
 
     @property
@@ -119,6 +120,8 @@ class Setting:
             raise SettingError(f"{text}: must be positive")
         if self.minimum is not None and v < self.minimum:
             raise SettingError(f"{text}: at least {self.minimum:g}")
+        if self.maximum is not None and v > self.maximum:
+            raise SettingError(f"{text}: at most {self.maximum:g}")
         if self.below is not None and v >= self.below:
             raise SettingError(f"{text}: must be below {self.below:g}" if self.kind is float
                                else f"{text}: at most {self.below - 1}")
@@ -173,6 +176,11 @@ SETTINGS: tuple[Setting, ...] = (
             choices=STEMS),
     Setting("pretrained", "none", str, "none | imagenet | PATH (a fasttin checkpoint or torchvision state dict)"),
     Setting("augment", "flip", str, "augmentation at 64x64, before the upscale", choices=AUGMENTS),
+    Setting("mixup", 0.0, float, "MixUp in the step: Beta(ALPHA, ALPHA) weights, each batch blended with itself "
+            "reversed, the loss on both labels (0: off; fasttin/mixing.py)", minimum=0.0),
+    Setting("cutmix", 0.0, float, "CutMix in the step: Beta(ALPHA, ALPHA) box areas pasted from the batch "
+            "reversed, the loss on both labels (0: off; with --mixup too, each mixed batch takes one)", minimum=0.0),
+    Setting("mix_share", 1.0, float, "the share of batches --mixup/--cutmix mix (0 to 1)", minimum=0.0, maximum=1.0),
     Setting("tta", False, bool, "also evaluate on mirrored images and average the logits"),
     Setting("amp", AUTO, str, "autocast precision; fp16 adds a gradient scaler (auto: chosen for the device, "
             "bf16 where it has bf16 units or instructions, else fp16 on a GPU and fp32 on a CPU: "

@@ -44,7 +44,7 @@ from fasttin.fileio import (
     write_json_atomic,
 )
 from fasttin.info import environment
-from fasttin.recipes import AMPS, AUTO
+from fasttin.recipes import AMPS, AUTO, BASE
 
 # what a run writes: any of them means "a run is here", and --overwrite moves them all aside
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "progress.json")
@@ -162,6 +162,8 @@ def _check_resume(out: Path, cfg: dict) -> list[str]:
     for key in sorted(new):
         if key in RESUME_MAY_DIFFER or (key in old and _same(old[key], new[key])):
             continue
+        if key not in old and key in BASE and _same(BASE[key], new[key]):
+            continue  # a setting newer than the run, at its default: what the run computed
         if key == "classes" and isinstance(old.get(key), list) and isinstance(new[key], list):
             differ.append(_describe_classes(new[key], old[key]))
         elif key not in old:

@@ -122,6 +122,16 @@ def test_resume_names_every_differing_setting_at_once(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+def test_a_run_older_than_a_setting_resumes_at_its_default_only(tmp_path):
+    """A run folder written before a setting existed (--mixup, say) computed its default: a resume
+    at that default goes on; another value is named as the run has no such setting."""
+    fake_run(tmp_path)
+    assert prepare(tmp_path, {**CFG, "mixup": 0.0, "mix_share": 1.0}, resume=True, auto_resume=False,
+                   overwrite=False)[0] is True
+    with pytest.raises(RunDirError, match="--mixup 0.2, the run has no such setting"):
+        prepare(tmp_path, {**CFG, "mixup": 0.2}, resume=True, auto_resume=False, overwrite=False)
+
+
 @pytest.mark.parametrize("classes, why", [
     (["n01", "n02", "n04"], "class 2 is n04 in the data, n03 in the run; 1 wnid(s) differ"),
     (["n01", "n03", "n02"], "the same wnids in another order"),
