@@ -114,6 +114,7 @@ def initial_weights(model: nn.Module, cfg: dict, *, explicit: bool, log) -> list
     recipe (not an explicit flag) asks for ImageNet weights that cannot be had here, the run trains
     from scratch and cfg records why: no figure passes for a pretrained one."""
     if cfg["pretrained"] == "none":
+        log("weights: from scratch (pretrained none)")
         return []
     try:
         sd = imagenet_state_dict() if cfg["pretrained"] == "imagenet" else read_state_dict(cfg["pretrained"])

@@ -288,6 +288,21 @@ def test_real_ten_classes_on_cpu(tin_zip, tmp_path):
     assert s["best_val_acc1"] > 0.3  # chance is 0.1
 
 
+@pytest.mark.slow
+def test_the_chain_starts_each_stage_from_the_last_ones_best_weights(learnable, tmp_path):
+    """The write-up's chain on the synthetic set: a run from scratch says so and records it; the
+    next stage (--pretrained RUN/best.pt, another stem) loads those weights, all but the new stem,
+    and its config.json names the checkpoint it started from."""
+    first = train(learnable, tmp_path / "one", "--epochs", "1")
+    assert first.returncode == 0 and "weights: from scratch (pretrained none)" in first.stderr
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["pretrained"] == "none"
+    best = tmp_path / "one" / "best.pt"
+    second = train(learnable, tmp_path / "two", "--epochs", "1", "--stem", "cifar", "--pretrained", best)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"weights from {best}; freshly initialised: conv1.weight" in second.stderr
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["pretrained"] == str(best)
+
+
 def test_schedules():
     from fasttin.loop import lr_factor
     step = lr_factor(resolve("seed-64-scratch"), steps_per_epoch=10)
