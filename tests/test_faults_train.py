@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import CLI_TIMEOUT, ROOT, TORCHRUN, progress, refused, run_cli, snapshot, wait_for
+from helpers import CLI_TIMEOUT, ROOT, TORCHRUN, error_line, progress, refused, run_cli, snapshot, wait_for
 
 from fasttin import checkpoint
 from fasttin.pack import pack
@@ -364,3 +364,15 @@ def test_a_log_reader_that_goes_away_costs_the_run_nothing(tiny, tmp_path):
     assert proc.wait(timeout=CLI_TIMEOUT) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2
     assert checkpoint.load(tmp_path / "last.pt")["epoch"] == 2
+
+
+def test_a_backend_that_cannot_run_here_is_one_line_naming_the_alternatives(tiny, tmp_path):
+    """--backend dali where DALI does not import (hidden, as on the bare GPU machine): one line with
+    the reason and the backends that can run, no traceback, no run folder files."""
+    hide = str(ROOT / "tools" / "hide-dali")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [hide, os.environ.get("PYTHONPATH")]))}
+    r = run_cli("fasttin.train", "--data", tiny, "--out", tmp_path / "run", "--recipe", "seed-64-scratch", "--res",
+                "32", "--epochs", "1", "--batch-size", "10", "--device", "cpu", "--backend", "dali", env=env)
+    line = error_line(r.stderr, "backend='dali' cannot run here", "backend='resident' or 'pil'", alone=False)
+    assert r.returncode != 0 and "not importable" in line and "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()

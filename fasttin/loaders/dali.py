@@ -15,7 +15,7 @@ import torch
 
 from fasttin.loaders.augment import IMAGENET_MEAN, IMAGENET_STD, SIZE
 from fasttin.loaders.base import Loader
-from fasttin.loaders.errors import DataError
+from fasttin.loaders.errors import DataError, Unavailable
 from fasttin.machine import usable_cores
 
 
@@ -96,7 +96,7 @@ class DaliLoader(Loader):
         super().__init__(ds, sampler, **kw)
         why = available()
         if why:
-            raise RuntimeError(f"backend='dali': {why}; use backend='resident' or 'pil'")
+            raise Unavailable(f"backend='dali' cannot run here: {why}; use backend='resident' or 'pil'")
         self.threads = threads or usable_cores()
         self.in_flight: deque = deque()
         self.feeding_epoch = 0
