@@ -39,6 +39,15 @@ def res_problem(res) -> str | None:
     return None
 
 
+INT_LIMIT = 2**53  # whole-number settings stay below it: exact as floats, where the schedule's arithmetic goes
+
+
+def shown_number(text) -> str:
+    """A number's text as an error line shows it: at most 24 characters of it."""
+    text = str(text)
+    return text if len(text) <= 24 else f"{text[:10]}...{text[-6:]} ({len(text)} characters)"
+
+
 class SettingError(UserError):
     """A value a setting refuses (argparse turns it into a one-line usage error)."""
 
@@ -112,7 +121,10 @@ class Setting:
         try:
             v = self.kind(text)
         except ValueError:
-            raise SettingError(f"{text!r} is not {'an integer' if self.kind is int else 'a number'}") from None
+            raise SettingError(f"{shown_number(text)!r} is not {'an integer' if self.kind is int else 'a number'}") \
+                from None
+        if self.kind is int and abs(v) >= INT_LIMIT:  # before any arithmetic: float() of it overflows
+            raise SettingError(f"{shown_number(text)}: must be below 2**53")
         if not math.isfinite(v) or (self.kind is float and self.float32 and abs(v) > FLOAT32_MAX):
             raise SettingError(f"{text}: must be a finite number" + (" within float32's range (3.4e38)"
                                                                      if math.isfinite(v) else ""))

@@ -44,7 +44,7 @@ from fasttin.fileio import (
     write_json_atomic,
 )
 from fasttin.info import environment
-from fasttin.recipes import AMPS, AUTO, BASE
+from fasttin.recipes import AMPS, AUTO, BASE, INT_LIMIT
 
 # what a run writes: any of them means "a run is here", and --overwrite moves them all aside
 RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "curves.png", "progress.json")
@@ -188,7 +188,7 @@ def inherit(cfg: dict, out: Path, omitted) -> None:
     was = recorded(out)
     epochs = was.get("epochs")
     if "epochs" in omitted and was:  # an unreadable config.json: _check_resume names it
-        if type(epochs) is not int or epochs < 1:  # never the recipe's default instead: it may extend a finished run
+        if type(epochs) is not int or not 1 <= epochs < INT_LIMIT:  # never the recipe's default: it may extend a run
             raise RunDirError(f"{Path(out) / 'config.json'}: its epochs is {repr(epochs)[:40]}, not a number of "
                               "epochs; give --epochs N to resume")
         cfg["epochs"] = epochs

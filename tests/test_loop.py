@@ -201,6 +201,16 @@ def test_number_flags_refuse_nan_and_inf(s, bad, capsys):
     assert e.value.code == 2 and len(err) == 1 and s.flag in err[0] and "finite" in err[0]
 
 
+@pytest.mark.parametrize("s", [s for s in SETTINGS if s.kind is int], ids=lambda s: s.name)
+def test_whole_number_flags_beyond_a_float_are_one_line_before_any_arithmetic(s, capsys):
+    """--epochs 10**400 was an OverflowError traceback: every whole-number setting stays below 2**53,
+    and the line shows the number cut short."""
+    with pytest.raises(SystemExit) as e:
+        parser().parse_args([s.flag, "1" + "0" * 400])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and s.flag in err[0] and "401 characters" in err[0]
+
+
 def test_ema_averages_every_float_tensor_with_a_warmed_up_decay_and_round_trips():
     model = build_model(10, "imagenet")
     ema = EMA(model, decay=0.99, every=2)

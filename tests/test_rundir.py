@@ -201,6 +201,7 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
     (3, set(), 10),                          # given: the command line's
     ("3", {"epochs"}, None), (0, {"epochs"}, None), (True, {"epochs"}, None), (2.0, {"epochs"}, None),
     (None, {"epochs"}, None),                # damaged: refused, never replaced by the recipe's default
+    (10**400, {"epochs"}, None), (2**53, {"epochs"}, None),  # beyond what the schedule's floats hold
     ("3", set(), 10),                        # damaged but given: the command line's
 ])
 def test_a_resume_inherits_only_omitted_settings_and_only_sound_values(tmp_path, recorded, omitted, want):
