@@ -93,16 +93,6 @@ def snapshot(obj):
     return obj
 
 
-def _on_cuda(obj) -> bool:
-    if isinstance(obj, torch.Tensor):
-        return obj.device.type == "cuda"
-    if isinstance(obj, dict):
-        return any(_on_cuda(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_on_cuda(v) for v in obj)
-    return False
-
-
 class Saver:
     """Checkpoints off the training clock: `submit` snapshots the states (`snapshot`) and returns;
     a background thread waits for the copies, then serialises, writes and fsyncs each file in turn
@@ -125,7 +115,7 @@ class Saver:
         start = time.perf_counter()
         copies = [(Path(path), snapshot(state)) for path, state in writes]
         done = None
-        if any(_on_cuda(state) for _, state in writes):
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the copies of CUDA tensors, queued
             done = torch.cuda.Event()
             done.record()
         if not self.background:
